@@ -1,0 +1,181 @@
+"""Apply hard permutations exactly: parameters, buffers (BatchNorm statistics) and optimizer state.
+
+A permutation of group ``g`` is a LongTensor ``perm`` of length ``spec.sizes[g]``; it maps every axis the
+group acts on by ``new = old.index_select(axis, perm)`` (Git Re-Basin's ``take`` convention). As a matrix,
+``P[i, perm[i]] = 1`` and ``new = P @ old`` along that axis.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import TypeVar, overload
+
+import torch
+from torch import Tensor, nn
+
+from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+
+__all__ = [
+    "permute",
+    "permute_state_dict",
+    "random_permutations",
+    "identity_permutations",
+    "invert_permutation",
+    "perm_to_matrix",
+]
+
+Perms = Mapping[str, Tensor]
+M = TypeVar("M", bound=nn.Module)
+
+
+def random_permutations(
+    spec: PermutationSpec, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """One uniformly random permutation per group (on the CPU; pass a seeded ``generator`` to repeat)."""
+    _require_sizes(spec)
+    return {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}
+
+
+def identity_permutations(spec: PermutationSpec) -> dict[str, Tensor]:
+    """The identity permutation for every group."""
+    _require_sizes(spec)
+    return {g: torch.arange(n) for g, n in spec.sizes.items()}
+
+
+def invert_permutation(perm: Tensor) -> Tensor:
+    """``inv`` with ``inv[perm[i]] = i``."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+def perm_to_matrix(perm: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The permutation matrix with ``P[i, perm[i]] = 1``."""
+    n = perm.numel()
+    P = torch.zeros(n, n, dtype=dtype, device=perm.device)
+    P[torch.arange(n, device=perm.device), perm] = 1
+    return P
+
+
+def _require_sizes(spec: PermutationSpec) -> None:
+    if set(spec.sizes) != set(spec.perm_to_axes):
+        missing = sorted(set(spec.perm_to_axes) - set(spec.sizes))
+        raise SpecMismatchError(
+            f"spec has no size for groups {missing[:5]}; build it with PermutationSpec.from_axes(axes, state_dict)"
+        )
+
+
+def _check_perms(spec: PermutationSpec, perms: Perms) -> None:
+    unknown = set(perms) - set(spec.perm_to_axes)
+    if unknown:
+        raise SpecMismatchError(f"perms name groups the spec does not have: {sorted(unknown)[:5]}")
+    for g, p in perms.items():
+        n = spec.sizes.get(g)
+        if p.ndim != 1 or (n is not None and p.numel() != n):
+            raise SpecMismatchError(f"perm for group {g!r} has shape {tuple(p.shape)}, expected ({n},)")
+        if p.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"perm for group {g!r} must be an integer tensor, got {p.dtype}")
+        if not torch.equal(torch.sort(p.cpu()).values, torch.arange(p.numel())):
+            raise ValueError(f"perm for group {g!r} is not a permutation of 0..{p.numel() - 1}")
+
+
+def _permute_tensor(value: Tensor, axes: tuple[str | None, ...], perms: Perms) -> Tensor:
+    for axis, group in enumerate(axes):
+        if group is not None and group in perms:
+            value = value.index_select(axis, perms[group].to(value.device))
+    return value
+
+
+def permute_state_dict(
+    state_dict: Mapping[str, Tensor], spec: PermutationSpec, perms: Perms
+) -> dict[str, Tensor]:
+    """A new state dict with every entry the spec names permuted; other entries are shared, not copied."""
+    _check_perms(spec, perms)
+    out = dict(state_dict)
+    for key, axes in spec.axes_to_perm.items():
+        if key not in out:
+            raise SpecMismatchError(f"spec names {key!r} but the state dict has no such entry")
+        value = out[key]
+        if value.ndim != len(axes):
+            raise SpecMismatchError(
+                f"{key!r} has shape {tuple(value.shape)} but the spec gives {len(axes)} axes: {axes}"
+            )
+        out[key] = _permute_tensor(value, axes, perms)
+    return out
+
+
+@overload
+def permute(
+    model: M, spec: PermutationSpec, perms: Perms, *, optimizer: torch.optim.Optimizer | None = ..., inplace: bool = ...
+) -> M: ...
+@overload
+def permute(
+    model: Mapping[str, Tensor],
+    spec: PermutationSpec,
+    perms: Perms,
+    *,
+    optimizer: torch.optim.Optimizer | None = ...,
+    inplace: bool = ...,
+) -> dict[str, Tensor]: ...
+def permute(model, spec, perms, *, optimizer=None, inplace=False):
+    """Apply hard permutations to a model or a state dict, exactly (``index_select``).
+
+    Args:
+        model: an ``nn.Module`` or a state dict.
+        spec: which axes each group acts on.
+        perms: ``{group: LongTensor}``; groups left out stay as they are.
+        optimizer: with ``inplace=True``, its per-parameter state (Adam moments, SGD momentum, ...) is
+            permuted the same way, so training continues exactly as it would have.
+        inplace: permute the module's own tensors (parameter identity is kept, so optimizers and hooks
+            that hold them still work). Otherwise a permuted deep copy is returned.
+
+    Returns:
+        The permuted module (the same object when ``inplace``) or a new state dict.
+
+    Example:
+        >>> import torch
+        >>> from rebasin_callbacks import permute, random_permutations, trace_spec
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+        >>> spec = trace_spec(mlp, torch.randn(3, 2))
+        >>> x = torch.randn(5, 2)
+        >>> permuted = permute(mlp, spec, random_permutations(spec))
+        >>> bool(torch.allclose(permuted(x), mlp(x), atol=1e-6))
+        True
+    """
+    if optimizer is not None and not inplace:
+        raise ValueError("optimizer=... only makes sense with inplace=True (the optimizer holds the original tensors)")
+    if not isinstance(model, nn.Module):
+        if inplace:
+            raise ValueError("inplace=True needs an nn.Module, not a state dict")
+        return permute_state_dict(model, spec, perms)
+
+    target = model if inplace else copy.deepcopy(model)
+    state = target.state_dict(keep_vars=True)
+    _check_perms(spec, perms)
+    new_values = permute_state_dict({k: v.detach() for k, v in state.items()}, spec, perms)
+    with torch.no_grad():
+        for key in spec.axes_to_perm:
+            state[key].copy_(new_values[key])
+    if optimizer is not None:
+        _permute_optimizer_state(optimizer, state, spec, perms)
+    return target
+
+
+def _permute_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: Mapping[str, Tensor], spec: PermutationSpec, perms: Perms
+) -> None:
+    by_id = {id(t): key for key, t in state.items()}
+    for param, param_state in optimizer.state.items():
+        key = by_id.get(id(param))
+        if key is None or key not in spec.axes_to_perm:
+            continue
+        axes = spec.axes_to_perm[key]
+        for name, value in param_state.items():
+            if isinstance(value, Tensor) and value.shape == param.shape and value.ndim > 0:
+                value.copy_(_permute_tensor(value, axes, perms))
+            elif isinstance(value, Tensor) and value.ndim > 0 and value.numel() > 1:
+                raise SpecMismatchError(
+                    f"optimizer state {name!r} of {key!r} has shape {tuple(value.shape)}, not the parameter's "
+                    f"{tuple(param.shape)}; cannot permute it (factored optimizers are not supported)"
+                )

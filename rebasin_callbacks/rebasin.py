@@ -1,0 +1,212 @@
+"""Learnable permutations: the ReBasin module and its functional view of the permuted model.
+
+``ReBasin(model, spec)`` holds one score matrix per permutation group (groups of equal size share one
+``[k, n, n]`` parameter so they go through one batched Sinkhorn call). Calling it returns a
+:class:`PermutedView`: the wrapped model's structure with permuted tensors, evaluated through
+``torch.func.functional_call``; the wrapped model itself is never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from rebasin_callbacks.permute import permute_state_dict
+from rebasin_callbacks.sinkhorn import sinkhorn
+from rebasin_callbacks.spec import PermutationSpec
+
+__all__ = ["ReBasin", "PermutedView", "apply_soft_permutations", "assignment"]
+
+
+class PermutedView:
+    """A model's structure evaluated with other tensors (``functional_call``); callable like the model.
+
+    Attributes:
+        model: the module whose structure is used (never modified).
+        state: the full state dict (parameters and buffers) to evaluate it with.
+    """
+
+    def __init__(self, model: nn.Module, state: Mapping[str, Tensor]):
+        self.model = model
+        self.state = dict(state)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.model, self.state, args, kwargs, tie_weights=True, strict=False)
+
+    def parameters(self) -> dict[str, Tensor]:
+        """The floating-point entries that are parameters of the model (not buffers)."""
+        names = {n for n, _ in self.model.named_parameters()}
+        return {k: v for k, v in self.state.items() if k in names}
+
+
+def assignment(scores: Tensor) -> Tensor:
+    """The permutation maximising ``sum_i scores[i, perm[i]]`` (scipy's linear_sum_assignment)."""
+    cost = scores.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(cost).all():
+        raise ValueError("assignment scores contain NaN or inf")
+    _, cols = linear_sum_assignment(cost, maximize=True)
+    return torch.as_tensor(cols, dtype=torch.long)
+
+
+def _apply_matrix(value: Tensor, P: Tensor, axis: int) -> Tensor:
+    # new = P @ old along `axis`: exactly the permutation-times-weight product, nothing more.
+    moved = value.movedim(axis, 0)
+    out = (P.to(value.dtype) @ moved.reshape(moved.shape[0], -1)).reshape(moved.shape)
+    return out.movedim(0, axis)
+
+
+def apply_soft_permutations(
+    state: Mapping[str, Tensor], spec: PermutationSpec, matrices: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """A new state dict with ``P_g`` applied along every axis of group ``g`` (soft or hard matrices)."""
+    out = dict(state)
+    for key, axes in spec.axes_to_perm.items():
+        value = out[key]
+        if not value.is_floating_point():
+            continue
+        for axis, group in enumerate(axes):
+            if group is not None and group in matrices:
+                value = _apply_matrix(value, matrices[group], axis)
+        out[key] = value
+    return out
+
+
+class ReBasin(nn.Module):
+    """Learnable permutations of a model's hidden units, relaxed through Sinkhorn.
+
+    Args:
+        model: the model to permute (not modified; not registered as a submodule, so its
+            parameters are not trained by an optimizer over ``rebasin.parameters()``).
+        spec: the permutation spec; traced from ``example_inputs`` when omitted.
+        example_inputs: inputs for :func:`~rebasin_callbacks.trace_spec` when ``spec`` is omitted.
+        tau: Sinkhorn temperature.
+        n_iters / tol: Sinkhorn iteration budget and marginal tolerance.
+        init: ``"identity"`` (scores ``init_scale * I`` plus ``noise`` Gaussian jitter), ``"random"``,
+            or a dict ``{group: LongTensor}`` of hard permutations to start from (e.g. weight matching).
+        init_scale / noise: magnitude of the initial scores and of their jitter.
+        backward: Sinkhorn gradient, ``"implicit"`` or ``"unrolled"``.
+        generator: random generator for the initial jitter.
+
+    Example:
+        >>> import torch
+        >>> from rebasin_callbacks import ReBasin
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> rb = ReBasin(mlp, example_inputs=torch.randn(4, 2))
+        >>> view = rb()                      # soft permutations (training mode)
+        >>> view(torch.randn(3, 2)).shape
+        torch.Size([3, 1])
+        >>> perms = rb.project()             # hard permutations {group: LongTensor}
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: PermutationSpec | None = None,
+        example_inputs: Any = None,
+        *,
+        tau: float = 1.0,
+        n_iters: int = 20,
+        tol: float = 1e-5,
+        init: Literal["identity", "random"] | Mapping[str, Tensor] = "identity",
+        init_scale: float = 1.0,
+        noise: float = 0.1,
+        backward: Literal["implicit", "unrolled"] = "implicit",
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if spec is None:
+            if example_inputs is None:
+                raise ValueError("ReBasin needs a spec or example_inputs to trace one from")
+            from rebasin_callbacks.trace import trace_spec
+
+            spec = trace_spec(model, example_inputs)
+        if len(spec) == 0:
+            raise ValueError(f"the spec of {type(model).__name__} has no permutation groups: nothing to learn")
+        state = model.state_dict()
+        spec.validate(state, name=type(model).__name__)
+        if not spec.sizes:
+            spec.sizes = spec._infer_sizes(state)
+        self.spec = spec
+        self._model = [model]  # a list keeps it out of the submodules (and out of .parameters())
+        self.tau, self.n_iters, self.tol, self.backward = tau, n_iters, tol, backward
+
+        ref = next(iter(state.values()))
+        buckets: dict[int, list[str]] = {}
+        for g in spec.groups:
+            buckets.setdefault(spec.sizes[g], []).append(g)
+        self._where: dict[str, tuple[str, int]] = {}
+        self.scores = nn.ParameterDict()
+        for n, groups in buckets.items():
+            init_scores = torch.zeros(len(groups), n, n, dtype=torch.float32)
+            for i, g in enumerate(groups):
+                self._where[g] = (str(n), i)
+                init_scores[i] = _initial_scores(n, init, g, init_scale, noise, generator)
+            self.scores[str(n)] = nn.Parameter(init_scores.to(ref.device))
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model[0]
+
+    def _bucket_matrices(self, soft: bool) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for n, scores in self.scores.items():
+            P = sinkhorn(scores, tau=self.tau, n_iters=self.n_iters, tol=self.tol, backward=self.backward)
+            out[n] = P
+        return out
+
+    def soft_permutations(self) -> dict[str, Tensor]:
+        """``{group: doubly-stochastic [n, n] matrix}`` (differentiable w.r.t. the scores)."""
+        mats = self._bucket_matrices(soft=True)
+        return {g: mats[b][i] for g, (b, i) in self._where.items()}
+
+    def project(self) -> dict[str, Tensor]:
+        """Hard permutations ``{group: LongTensor}`` by linear assignment on the current scores."""
+        return {g: assignment(self.scores[b][i]) for g, (b, i) in self._where.items()}
+
+    def base_state(self) -> dict[str, Tensor]:
+        """The wrapped model's state (detached: gradients flow only to the scores)."""
+        return {k: v.detach() for k, v in self.model.state_dict(keep_vars=True).items()}
+
+    def permuted_state(self, perms: Mapping[str, Tensor] | None = None, *, soft: bool | None = None) -> dict[str, Tensor]:
+        """The model's state dict permuted by ``perms`` (hard), or by the current soft/hard permutations."""
+        state = self.base_state()
+        if perms is not None:
+            return permute_state_dict(state, self.spec, perms)
+        if soft is None:
+            soft = self.training
+        if soft:
+            return apply_soft_permutations(state, self.spec, self.soft_permutations())
+        return permute_state_dict(state, self.spec, self.project())
+
+    def forward(self) -> PermutedView:
+        """The permuted model as a callable view (soft in training mode, hard in eval mode)."""
+        return PermutedView(self.model, self.permuted_state())
+
+
+def _initial_scores(
+    n: int,
+    init: Literal["identity", "random"] | Mapping[str, Tensor],
+    group: str,
+    scale: float,
+    noise: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    jitter = noise * torch.randn(n, n, generator=generator)
+    if isinstance(init, Mapping):
+        if group not in init:
+            return scale * torch.eye(n) + jitter
+        perm = init[group].cpu()
+        scores = torch.zeros(n, n)
+        scores[torch.arange(n), perm] = scale
+        return scores + jitter
+    if init == "identity":
+        return scale * torch.eye(n) + jitter
+    if init == "random":
+        return torch.randn(n, n, generator=generator)
+    raise ValueError(f"init must be 'identity', 'random' or a dict of permutations, got {init!r}")
