@@ -23,6 +23,7 @@ __all__ = [
     "identity_permutations",
     "invert_permutation",
     "perm_to_matrix",
+    "axis_index",
 ]
 
 Perms = Mapping[str, Tensor]
@@ -80,10 +81,26 @@ def _check_perms(spec: PermutationSpec, perms: Perms) -> None:
             raise ValueError(f"perm for group {g!r} is not a permutation of 0..{p.numel() - 1}")
 
 
-def _permute_tensor(value: Tensor, axes: tuple[str | None, ...], perms: Perms) -> Tensor:
-    for axis, group in enumerate(axes):
-        if group is not None and group in perms:
-            value = value.index_select(axis, perms[group].to(value.device))
+def axis_index(spec: PermutationSpec, key: str, axis: int, perms: Perms, device: torch.device) -> Tensor | None:
+    """The index that permutes ``axis`` of ``key`` (``None`` when no given permutation touches it).
+
+    A plain axis uses its group's permutation; a block axis concatenates each block's permutation shifted
+    by the block's offset (identity for fixed blocks and for groups not in ``perms``)."""
+    blocks = spec.axis_blocks(key, axis)
+    if not any(g in perms for g, _, _ in blocks):
+        return None
+    parts = [
+        perms[g].to(device) + start if g in perms else torch.arange(start, stop, device=device)
+        for g, start, stop in blocks
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _permute_tensor(value: Tensor, spec: PermutationSpec, key: str, perms: Perms) -> Tensor:
+    for axis in range(value.ndim):
+        index = axis_index(spec, key, axis, perms, value.device)
+        if index is not None:
+            value = value.index_select(axis, index)
     return value
 
 
@@ -101,7 +118,7 @@ def permute_state_dict(
             raise SpecMismatchError(
                 f"{key!r} has shape {tuple(value.shape)} but the spec gives {len(axes)} axes: {axes}"
             )
-        out[key] = _permute_tensor(value, axes, perms)
+        out[key] = _permute_tensor(value, spec, key, perms)
     return out
 
 
@@ -170,10 +187,9 @@ def _permute_optimizer_state(
         key = by_id.get(id(param))
         if key is None or key not in spec.axes_to_perm:
             continue
-        axes = spec.axes_to_perm[key]
         for name, value in param_state.items():
             if isinstance(value, Tensor) and value.shape == param.shape and value.ndim > 0:
-                value.copy_(_permute_tensor(value, axes, perms))
+                value.copy_(_permute_tensor(value, spec, key, perms))
             elif isinstance(value, Tensor) and value.ndim > 0 and value.numel() > 1:
                 raise SpecMismatchError(
                     f"optimizer state {name!r} of {key!r} has shape {tuple(value.shape)}, not the parameter's "

@@ -64,15 +64,26 @@ def _apply_matrix(value: Tensor, P: Tensor, axis: int) -> Tensor:
 def apply_soft_permutations(
     state: Mapping[str, Tensor], spec: PermutationSpec, matrices: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
-    """A new state dict with ``P_g`` applied along every axis of group ``g`` (soft or hard matrices)."""
+    """A new state dict with ``P_g`` applied along every axis of group ``g`` (soft or hard matrices).
+
+    Block axes get the block-diagonal matrix of their blocks (identity for fixed blocks)."""
     out = dict(state)
     for key, axes in spec.axes_to_perm.items():
         value = out[key]
         if not value.is_floating_point():
             continue
-        for axis, group in enumerate(axes):
-            if group is not None and group in matrices:
-                value = _apply_matrix(value, matrices[group], axis)
+        for axis in range(len(axes)):
+            blocks = spec.axis_blocks(key, axis)
+            if not any(g in matrices for g, _, _ in blocks):
+                continue
+            if len(blocks) == 1:
+                P = matrices[blocks[0][0]]  # type: ignore[index]
+            else:
+                eye = torch.eye(value.shape[axis], dtype=value.dtype, device=value.device)
+                P = torch.block_diag(
+                    *[matrices[g] if g in matrices else eye[: stop - start, : stop - start] for g, start, stop in blocks]
+                )
+            value = _apply_matrix(value, P, axis)
         out[key] = value
     return out
 

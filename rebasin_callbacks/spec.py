@@ -9,6 +9,11 @@ A :class:`PermutationSpec` says which axes of which state_dict entries are permu
 
 Both dicts are kept consistent by construction (:meth:`PermutationSpec.from_axes`). Specs are plain data:
 write them by hand, derive them with :func:`~rebasin_callbacks.trace_spec`, save them as JSON.
+
+One extension to Git Re-Basin's format: an axis entry may be a tuple of blocks, each a group name or an int
+(the length of a block that no permutation touches). The axis is then the concatenation of those blocks and
+each group permutes inside its own block(s). This expresses ``torch.cat`` outputs and fused attention weights
+(``qkv``: the query, key and value blocks of every head, where a head's query and key blocks share a group).
 """
 
 from __future__ import annotations
@@ -17,11 +22,16 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["PermutationSpec", "SpecMismatchError"]
+__all__ = ["PermutationSpec", "SpecMismatchError", "AxisEntry"]
+
+#: One axis of one state_dict entry: ``None`` (not permuted), a group name, or a tuple of blocks (group
+#: names, or ints for fixed blocks of that length) concatenated along the axis.
+AxisEntry = Union[str, None, tuple[Union[str, int], ...]]
 
 
 class SpecMismatchError(ValueError):
@@ -45,51 +55,85 @@ class PermutationSpec:
     """
 
     perm_to_axes: dict[str, list[tuple[str, int]]]
-    axes_to_perm: dict[str, tuple[str | None, ...]]
+    axes_to_perm: dict[str, tuple[AxisEntry, ...]]
     sizes: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_axes(
         cls,
-        axes_to_perm: Mapping[str, tuple[str | None, ...] | list[str | None]],
+        axes_to_perm: Mapping[str, tuple[AxisEntry, ...] | list],
         shapes: Mapping[str, Tensor | torch.Size | tuple[int, ...]] | None = None,
+        sizes: Mapping[str, int] | None = None,
     ) -> PermutationSpec:
-        """Build a spec from ``axes_to_perm``; with ``shapes`` (a state_dict or key -> shape) the group
-        sizes are filled in and every axis is checked to have its group's size."""
-        a2p = {k: tuple(v) for k, v in axes_to_perm.items()}
+        """Build a spec from ``axes_to_perm``.
+
+        With ``shapes`` (a state_dict, or key -> shape) the group sizes are inferred and every axis is
+        checked against them. ``sizes`` gives sizes that cannot be inferred (e.g. of groups that only
+        appear inside blocks alongside other unknown groups).
+        """
+        a2p = {k: tuple(_as_entry(e) for e in v) for k, v in axes_to_perm.items()}
         p2a: dict[str, list[tuple[str, int]]] = {}
         for key, axes in a2p.items():
-            for axis, group in enumerate(axes):
-                if group is not None:
+            for axis, entry in enumerate(axes):
+                for group in dict.fromkeys(_entry_groups(entry)):
                     p2a.setdefault(group, []).append((key, axis))
-        spec = cls(perm_to_axes=p2a, axes_to_perm=a2p)
+        spec = cls(perm_to_axes=p2a, axes_to_perm=a2p, sizes=dict(sizes or {}))
         if shapes is not None:
             spec.sizes = spec._infer_sizes(shapes)
         return spec
 
     def _infer_sizes(self, shapes: Mapping[str, Tensor | torch.Size | tuple[int, ...]]) -> dict[str, int]:
-        sizes: dict[str, int] = {}
-        first: dict[str, tuple[str, int]] = {}
-        for group, axes in self.perm_to_axes.items():
-            for key, axis in axes:
-                if key not in shapes:
-                    raise SpecMismatchError(f"spec names {key!r} (group {group!r}) but the model has no such entry")
-                shape = tuple(_shape(shapes[key]))
-                if len(shape) != len(self.axes_to_perm[key]):
-                    raise SpecMismatchError(
-                        f"{key!r} has shape {shape} ({len(shape)} axes) but the spec gives "
-                        f"{len(self.axes_to_perm[key])} axes: {self.axes_to_perm[key]}"
-                    )
-                if group not in sizes:
-                    sizes[group], first[group] = shape[axis], (key, axis)
-                elif shape[axis] != sizes[group]:
-                    k0, a0 = first[group]
-                    raise SpecMismatchError(
-                        f"group {group!r}: axis {axis} of {key!r} has size {shape[axis]} but axis {a0} of "
-                        f"{k0!r} has size {sizes[group]}"
-                    )
-        return sizes
+        sizes: dict[str, int] = {g: n for g, n in self.sizes.items() if g in self.perm_to_axes}
+        first: dict[str, str] = {g: "the spec's sizes" for g in sizes}
+
+        def settle(group: str, size: int, where: str) -> None:
+            if group not in sizes:
+                sizes[group], first[group] = size, where
+            elif sizes[group] != size:
+                raise SpecMismatchError(
+                    f"group {group!r}: {where} has size {size} but {first[group]} has size {sizes[group]}"
+                )
+
+        block_axes: list[tuple[str, int, tuple[str | int, ...], int]] = []
+        for key, axes in self.axes_to_perm.items():
+            if key not in shapes:
+                raise SpecMismatchError(f"spec names {key!r} but the model has no such entry")
+            shape = _shape(shapes[key])
+            if len(shape) != len(axes):
+                raise SpecMismatchError(
+                    f"{key!r} has shape {shape} ({len(shape)} axes) but the spec gives {len(axes)} axes: {axes}"
+                )
+            for axis, entry in enumerate(axes):
+                if isinstance(entry, str):
+                    settle(entry, shape[axis], f"axis {axis} of {key!r}")
+                elif isinstance(entry, tuple):
+                    block_axes.append((key, axis, entry, shape[axis]))
+        # A group known only from blocks gets its size from an axis where it is the one unknown.
+        changed = True
+        while changed:
+            changed = False
+            for key, axis, entry, length in block_axes:
+                unknown = [b for b in entry if isinstance(b, str) and b not in sizes]
+                if unknown and len(set(unknown)) == 1:
+                    known = sum(b if isinstance(b, int) else sizes[b] for b in entry if b not in unknown)
+                    size, rem = divmod(length - known, len(unknown))
+                    if rem or size <= 0:
+                        raise SpecMismatchError(
+                            f"axis {axis} of {key!r} (length {length}) cannot hold the blocks {entry}"
+                        )
+                    settle(unknown[0], size, f"a block of axis {axis} of {key!r}")
+                    changed = True
+        for key, axis, entry, length in block_axes:
+            missing = [b for b in entry if isinstance(b, str) and b not in sizes]
+            if missing:
+                raise SpecMismatchError(f"cannot infer the sizes of groups {missing} in axis {axis} of {key!r}")
+            total = sum(b if isinstance(b, int) else sizes[b] for b in entry)
+            if total != length:
+                raise SpecMismatchError(
+                    f"axis {axis} of {key!r} has length {length} but its blocks {entry} add up to {total}"
+                )
+        return {g: sizes[g] for g in self.perm_to_axes}
 
     # ------------------------------------------------------------------ queries
     @property
@@ -100,16 +144,28 @@ class PermutationSpec:
     def __len__(self) -> int:
         return len(self.perm_to_axes)
 
+    def axis_blocks(self, key: str, axis: int) -> list[tuple[str | None, int, int]]:
+        """``[(group or None, start, stop), ...]`` along ``axis`` of ``key``; ``[]`` when it is not permuted."""
+        entry = self.axes_to_perm[key][axis]
+        if entry is None:
+            return []
+        if isinstance(entry, str):
+            return [(entry, 0, self.sizes[entry])]
+        out: list[tuple[str | None, int, int]] = []
+        start = 0
+        for block in entry:
+            length = block if isinstance(block, int) else self.sizes[block]
+            out.append((None if isinstance(block, int) else block, start, start + length))
+            start += length
+        return out
+
     def validate(self, state_dict: Mapping[str, Tensor], *, name: str = "model") -> None:
-        """Raise :class:`SpecMismatchError` if ``state_dict`` does not fit this spec."""
-        sizes = self._infer_sizes({k: v for k, v in state_dict.items() if isinstance(v, Tensor)})
-        for group, size in self.sizes.items():
-            if group in sizes and sizes[group] != size:
-                key, axis = self.perm_to_axes[group][0]
-                raise SpecMismatchError(
-                    f"{name}: group {group!r} has size {size} in the spec but axis {axis} of {key!r} has "
-                    f"size {sizes[group]}"
-                )
+        """Raise :class:`SpecMismatchError` if ``state_dict`` does not fit this spec (names the first
+        offending key, axis and sizes)."""
+        try:
+            self._infer_sizes({k: v for k, v in state_dict.items() if isinstance(v, Tensor)})
+        except SpecMismatchError as err:
+            raise SpecMismatchError(f"{name}: {err}") from None
 
     def coverage(self, state_dict: Mapping[str, Tensor]) -> float:
         """Fraction of floating-point parameter elements that lie on at least one permuted axis."""
@@ -118,22 +174,25 @@ class PermutationSpec:
             if not (isinstance(value, Tensor) and value.is_floating_point()):
                 continue
             total += value.numel()
-            if any(g is not None for g in self.axes_to_perm.get(key, ())):
+            if any(_entry_groups(e) for e in self.axes_to_perm.get(key, ())):
                 covered += value.numel()
         return covered / total if total else 0.0
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
         return {
-            "axes_to_perm": {k: list(v) for k, v in self.axes_to_perm.items()},
+            "axes_to_perm": {
+                k: [list(e) if isinstance(e, tuple) else e for e in v] for k, v in self.axes_to_perm.items()
+            },
             "sizes": dict(self.sizes),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping) -> PermutationSpec:
-        spec = cls.from_axes({k: tuple(v) for k, v in data["axes_to_perm"].items()})
-        spec.sizes = {k: int(v) for k, v in data.get("sizes", {}).items()}
-        return spec
+        return cls.from_axes(
+            {k: tuple(v) for k, v in data["axes_to_perm"].items()},
+            sizes={k: int(v) for k, v in data.get("sizes", {}).items()},
+        )
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialise to a JSON string (and write it to ``path`` when given)."""
@@ -145,14 +204,31 @@ class PermutationSpec:
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> PermutationSpec:
         """Load a spec from a JSON string or a path to a JSON file."""
-        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
-        text = p.read_text() if p is not None else str(text_or_path)
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
         return cls.from_dict(json.loads(text))
 
     def __repr__(self) -> str:
         groups = ", ".join(f"{g}({self.sizes.get(g, '?')})" for g in list(self.perm_to_axes)[:8])
         more = f", ... {len(self) - 8} more" if len(self) > 8 else ""
         return f"PermutationSpec({len(self)} groups: {groups}{more}; {len(self.axes_to_perm)} keys)"
+
+
+def _entry_groups(entry: AxisEntry) -> list[str]:
+    if entry is None:
+        return []
+    if isinstance(entry, str):
+        return [entry]
+    return [b for b in entry if isinstance(b, str)]
+
+
+def _as_entry(entry: object) -> AxisEntry:
+    if entry is None or isinstance(entry, str):
+        return entry
+    if isinstance(entry, (list, tuple)) and all(isinstance(b, (str, int)) for b in entry):
+        return tuple(entry)
+    raise TypeError(f"an axis entry must be None, a group name or a tuple of blocks, got {entry!r}")
 
 
 def _shape(value: Tensor | torch.Size | tuple[int, ...]) -> tuple[int, ...]:
