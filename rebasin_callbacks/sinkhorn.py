@@ -8,8 +8,8 @@
   log-domain step whenever the scalings leave a safe range (Schmitzer's absorption trick);
 * the implicit backward (:func:`implicit_grad`): differentiates the fixed point
   ``P 1 = 1, P^T 1 = 1`` (Eisenberger et al., CVPR 2022) through an ``n x n`` Schur complement instead of
-  the dense ``(2n-1) x (2n-1)`` system, so it costs one ``n x n`` product and one Cholesky per matrix and
-  its memory does not depend on the number of iterations;
+  the dense ``(2n-1) x (2n-1)`` system, solved by conjugate gradients (matrix-vector products only) with a
+  direct Cholesky fallback; its memory does not depend on the number of iterations;
 * the unrolled reference (``backward="unrolled"``): plain autograd through log-domain iterations.
 """
 
@@ -24,6 +24,9 @@ from torch import Tensor
 __all__ = ["sinkhorn", "implicit_grad", "dense_implicit_grad", "marginal_error"]
 
 Backward = Literal["implicit", "unrolled"]
+Solver = Literal["auto", "cg", "cholesky"]
+# Most CG iterations before the direct solve takes over: ~64 n^2-matvecs cost about one n^3 product.
+_CG_CAP = 64
 
 
 def _check_inputs(log_alpha: Tensor, tau: float, n_iters: int, tol: float, backward: str) -> None:
@@ -121,34 +124,82 @@ def _log_sinkhorn_unrolled(S: Tensor, n_iters: int, tol: float) -> Tensor:
     return log_p.exp()
 
 
-def implicit_grad(P: Tensor, grad_P: Tensor) -> Tensor:
+def implicit_grad(P: Tensor, grad_P: Tensor, *, solver: Solver = "auto") -> Tensor:
     """Gradient w.r.t. the scores ``S`` of a loss with gradient ``grad_P`` at the fixed point ``P``.
 
     With ``P = exp(S + u 1^T + 1 v^T)`` and unit marginals, differentiating the constraints gives
     ``dL/dS = P * (G - a 1^T - 1 b^T)`` where ``[[I, P], [P^T, I]] [a; b] = [(G*P) 1; (G*P)^T 1]``.
-    Eliminating ``a`` leaves ``(I - P^T P) b = (G*P)^T 1 - P^T (G*P) 1``; its null space is the
-    constant vector (the gauge ``u + c, v - c``), fixed by adding ``1 1^T / n``, which keeps the system
-    symmetric positive definite for Cholesky.
+    Eliminating ``a`` leaves the ``n x n`` Schur complement ``(I - P^T P) b = (G*P)^T 1 - P^T (G*P) 1``,
+    whose null space is the constant vector (the gauge ``u + c, v - c``), fixed by adding ``1 1^T / n``:
+    the system is symmetric positive definite.
+
+    Args:
+        solver: ``"cg"`` conjugate gradients with matrix-vector products only (``O(n^2)`` memory and time
+            per iteration; fast when P is far from a hard permutation); ``"cholesky"`` a direct solve
+            (one ``n x n`` product and one Cholesky); ``"auto"`` (default) CG with an iteration cap,
+            then the direct solve for whatever did not converge.
     """
-    n = P.shape[-1]
-    GP = grad_P * P
-    gu = GP.sum(-1)
-    gv = GP.sum(-2)
-    del GP
+    if solver not in ("auto", "cg", "cholesky"):
+        raise ValueError(f"solver must be 'auto', 'cg' or 'cholesky', got {solver!r}")
+    # Row and column sums of G*P without an n x n temporary.
+    gu = torch.linalg.vecdot(grad_P, P, dim=-1)
+    gv = torch.linalg.vecdot(grad_P, P, dim=-2)
     rhs = gv - torch.matmul(gu.unsqueeze(-2), P).squeeze(-2)
-    # M = I + 11^T/n - P^T P, built in one fused call.
-    M = torch.full_like(P, 1.0 / n)
+    b = None
+    if solver != "cholesky":
+        n = P.shape[-1]
+        max_iter = 10 * n if solver == "cg" else min(n, _CG_CAP)
+        b, converged = _schur_cg(P, rhs, max_iter=max_iter)
+        if not converged and solver == "auto":
+            b = None
+    if b is None:
+        b = _schur_direct(P, rhs)
+    a = gu - torch.matmul(P, b.unsqueeze(-1)).squeeze(-1)
+    out = torch.sub(grad_P, a.unsqueeze(-1))
+    return out.sub_(b.unsqueeze(-2)).mul_(P)
+
+
+def _schur_matvec(P: Tensor, x: Tensor) -> Tensor:
+    n = P.shape[-1]
+    PtPx = torch.matmul(torch.matmul(x.unsqueeze(-2), P.transpose(-1, -2)), P).squeeze(-2)
+    return x - PtPx + x.sum(-1, keepdim=True) / n
+
+
+def _schur_cg(P: Tensor, rhs: Tensor, *, max_iter: int) -> tuple[Tensor, bool]:
+    """Batched conjugate gradients on the Schur complement; stops when every relative residual is small."""
+    rtol = 1e-6 if P.dtype == torch.float32 else 1e-12
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    p = r.clone()
+    rs = (r * r).sum(-1, keepdim=True)
+    stop = (rtol**2) * rs.clamp_min(torch.finfo(P.dtype).tiny)
+    for it in range(1, max_iter + 1):
+        Ap = _schur_matvec(P, p)
+        alpha = rs / (p * Ap).sum(-1, keepdim=True).clamp_min(torch.finfo(P.dtype).tiny)
+        x.add_(alpha * p)
+        r.sub_(alpha * Ap)
+        rs_new = (r * r).sum(-1, keepdim=True)
+        if it % 4 == 0 or it == max_iter:  # a host sync every few iterations, not every one
+            if bool((rs_new <= stop).all()):
+                return x, True
+            if not bool(torch.isfinite(rs_new).all()):
+                return x, False
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x, False
+
+
+def _schur_direct(P: Tensor, rhs: Tensor) -> Tensor:
+    n = P.shape[-1]
+    # M = I + 11^T/n - P^T P in one n x n buffer; Cholesky adds the only other one.
+    M = torch.matmul(P.transpose(-1, -2), P).neg_().add_(1.0 / n)
     M.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    M = torch.baddbmm(M.reshape(-1, n, n), P.reshape(-1, n, n).transpose(-1, -2), P.reshape(-1, n, n), alpha=-1)
-    M = M.reshape(P.shape)
     L, info = torch.linalg.cholesky_ex(M)
     if bool((info == 0).all()):
-        b = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-    else:  # numerically semi-definite (P almost a hard permutation): fall back to least squares
-        b = torch.linalg.lstsq(M, rhs.unsqueeze(-1)).solution.squeeze(-1)
-    del L, M
-    a = gu - torch.matmul(P, b.unsqueeze(-1)).squeeze(-1)
-    return P * (grad_P - a.unsqueeze(-1) - b.unsqueeze(-2))
+        del M
+        return torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+    del L  # numerically semi-definite (P almost a hard permutation): least squares instead
+    return torch.linalg.lstsq(M, rhs.unsqueeze(-1)).solution.squeeze(-1)
 
 
 def dense_implicit_grad(P: Tensor, grad_P: Tensor) -> Tensor:

@@ -1,0 +1,163 @@
+"""The Sinkhorn core: marginals, stability, and gradients (implicit == unrolled == finite differences)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rebasin_callbacks import sinkhorn
+from rebasin_callbacks.sinkhorn import dense_implicit_grad, implicit_grad, marginal_error
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_gradcheck_float64(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randn(2, n, n, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda s: sinkhorn(s, tau=0.7, n_iters=5000, tol=1e-13), (scores,), eps=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_implicit_matches_unrolled_once_converged(tau: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 12, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    weights = torch.randn(3, 12, 12, dtype=torch.float64, generator=g)
+    grads = {}
+    for backward in ("implicit", "unrolled"):
+        P = sinkhorn(scores, tau=tau, n_iters=10_000, tol=1e-13, backward=backward)
+        (grads[backward],) = torch.autograd.grad((P * weights).sum(), scores)
+    scale = grads["unrolled"].abs().max()
+    assert scale > 1e-3  # the comparison below must be able to fail
+    assert (grads["implicit"] - grads["unrolled"]).abs().max() <= 1e-8 * max(1.0, float(scale))
+
+
+def test_unrolled_differs_before_convergence() -> None:
+    # With 2 iterations the unrolled gradient is not the fixed point's: the test above is informative.
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(10, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    weights = torch.randn(10, 10, dtype=torch.float64, generator=g)
+    P_i = sinkhorn(scores, tau=0.2, n_iters=10_000, tol=1e-13)
+    P_u = sinkhorn(scores, tau=0.2, n_iters=2, tol=0, backward="unrolled")
+    (g_i,) = torch.autograd.grad((P_i * weights).sum(), scores)
+    (g_u,) = torch.autograd.grad((P_u * weights).sum(), scores)
+    assert (g_i - g_u).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("solver", ["auto", "cg", "cholesky"])
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+@pytest.mark.parametrize("n", [3, 17, 64])
+def test_schur_complement_equals_dense_system(n: int, tau: float, solver: str) -> None:
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randn(4, n, n, dtype=torch.float64, generator=g)
+    P = sinkhorn(scores, tau=tau, n_iters=20_000, tol=1e-12)
+    assert float(marginal_error(P)) < 1e-11  # both formulations are exact only at the fixed point
+    grad_P = torch.randn(4, n, n, dtype=torch.float64, generator=g)
+    ours = implicit_grad(P, grad_P, solver=solver)  # type: ignore[arg-type]
+    dense = dense_implicit_grad(P, grad_P)
+    assert float(dense.abs().max()) > 1e-3
+    assert float((ours - dense).abs().max()) <= 1e-7 * float(dense.abs().max())
+
+
+def test_auto_solver_falls_back_when_cg_cannot_converge() -> None:
+    # A very sharp P makes the Schur complement nearly singular: CG hits its cap, the direct solve answers.
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(96, 96, dtype=torch.float64, generator=g)
+    P = sinkhorn(scores, tau=0.02, n_iters=2_000, tol=1e-12)
+    grad_P = torch.randn(96, 96, dtype=torch.float64, generator=g)
+    auto = implicit_grad(P, grad_P, solver="auto")
+    direct = implicit_grad(P, grad_P, solver="cholesky")
+    assert torch.allclose(auto, direct, atol=1e-10)
+    assert bool(torch.isfinite(auto).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(8, 8), (3, 8, 8), (2, 3, 16, 16)])
+def test_marginals_within_tol_any_batch(device: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(*shape, dtype=dtype, generator=g).to(device)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    P = sinkhorn(scores, tau=0.5, n_iters=10_000, tol=tol)
+    assert P.shape == scores.shape and P.dtype == dtype and P.device.type == device
+    assert float(marginal_error(P)) <= 2 * tol
+    assert bool((P >= 0).all())
+
+
+def test_batch_elements_are_independent() -> None:
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(5, 9, 9, dtype=torch.float64, generator=g)
+    batched = sinkhorn(scores, tau=0.4, n_iters=10_000, tol=1e-12)
+    single = torch.stack([sinkhorn(s, tau=0.4, n_iters=10_000, tol=1e-12) for s in scores])
+    assert torch.allclose(batched, single, atol=1e-9)
+
+
+def test_small_temperature_large_scores_stay_finite() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = 1e3 * torch.randn(4, 32, 32, generator=g)
+    scores.requires_grad_(True)
+    P = sinkhorn(scores, tau=1e-3)
+    assert bool(torch.isfinite(P).all())
+    (P * torch.randn_like(P)).sum().backward()
+    assert scores.grad is not None and bool(torch.isfinite(scores.grad).all())
+
+
+def test_converges_to_the_permutation_of_a_dominant_assignment() -> None:
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    scores = torch.zeros(20, 20)
+    scores[torch.arange(20), perm] = 5.0
+    P = sinkhorn(scores, tau=0.05)
+    assert torch.equal(P.argmax(-1), perm)
+    assert float(P.max(-1).values.min()) > 0.99
+
+
+def test_half_precision_input_is_computed_in_float32() -> None:
+    scores = torch.randn(6, 6).to(torch.bfloat16)
+    P = sinkhorn(scores, tau=0.5)
+    assert P.dtype == torch.float32
+    assert float(marginal_error(P)) < 1e-4
+
+
+def test_implicit_memory_does_not_keep_iterations() -> None:
+    # The autograd graph of the implicit version holds one saved tensor (P), whatever n_iters is.
+    scores = torch.randn(16, 16, requires_grad=True)
+    P = sinkhorn(scores, tau=0.1, n_iters=500, tol=0)
+    saved = P.grad_fn.saved_tensors  # type: ignore[union-attr]
+    assert len(saved) == 1 and saved[0].shape == (16, 16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"log_alpha": torch.zeros(3, 4)}, "square"),
+        ({"log_alpha": torch.zeros(4)}, "square"),
+        ({"log_alpha": torch.tensor([[0.0, float("nan")], [0.0, 0.0]])}, "NaN or inf"),
+        ({"log_alpha": torch.tensor([[0.0, float("inf")], [0.0, 0.0]])}, "NaN or inf"),
+        ({"log_alpha": torch.zeros(3, 3), "tau": 0.0}, "tau"),
+        ({"log_alpha": torch.zeros(3, 3), "tau": -1.0}, "tau"),
+        ({"log_alpha": torch.zeros(3, 3), "n_iters": 0}, "n_iters"),
+        ({"log_alpha": torch.zeros(3, 3), "backward": "magic"}, "backward"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs: dict, match: str) -> None:
+    log_alpha = kwargs.pop("log_alpha")
+    with pytest.raises(ValueError, match=match):
+        sinkhorn(log_alpha, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 64, 64, dtype=torch.float64, generator=g)
+    weights = torch.randn(3, 64, 64, dtype=torch.float64, generator=g)
+    results = []
+    for device in ("cpu", "cuda"):
+        s = scores.to(device).requires_grad_(True)
+        P = sinkhorn(s, tau=0.3, n_iters=10_000, tol=1e-12)
+        (grad,) = torch.autograd.grad((P * weights.to(device)).sum(), s)
+        results.append((P.cpu(), grad.cpu()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-9)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-7)
