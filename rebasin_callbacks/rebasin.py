@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from rebasin_callbacks.permute import permute_state_dict
 from rebasin_callbacks.sinkhorn import sinkhorn
 from rebasin_callbacks.spec import PermutationSpec
 
-__all__ = ["ReBasin", "PermutedView", "apply_soft_permutations", "assignment"]
+__all__ = ["ReBasin", "PermutedView", "apply_soft_permutations", "assignment", "auto_scale"]
 
 
 class PermutedView:
@@ -46,8 +47,16 @@ class PermutedView:
 
 
 def assignment(scores: Tensor) -> Tensor:
-    """The permutation maximising ``sum_i scores[i, perm[i]]`` (scipy's linear_sum_assignment)."""
-    cost = scores.detach().to("cpu", torch.float64).numpy()
+    """The permutation maximising ``sum_i scores[i, perm[i]]`` (scipy's linear_sum_assignment).
+
+    When every row's maximum sits in a different column, that argmax is optimal (each term is as
+    large as it can be) and the solver is skipped: the common case once scores are near a permutation.
+    """
+    scores = scores.detach()
+    best = scores.argmax(-1).cpu()
+    if torch.bincount(best, minlength=scores.shape[-1]).max() == 1 and bool(torch.isfinite(scores).all()):
+        return best
+    cost = scores.to("cpu", torch.float64).numpy()
     if not np.isfinite(cost).all():
         raise ValueError("assignment scores contain NaN or inf")
     _, cols = linear_sum_assignment(cost, maximize=True)
@@ -66,24 +75,31 @@ def apply_soft_permutations(
 ) -> dict[str, Tensor]:
     """A new state dict with ``P_g`` applied along every axis of group ``g`` (soft or hard matrices).
 
-    Block axes get the block-diagonal matrix of their blocks (identity for fixed blocks)."""
+    An axis made of several groups' blocks (``spec.axis_blocks``) gets each block multiplied by its
+    group's matrix."""
+    blocks_of = getattr(spec, "axis_blocks", None)
     out = dict(state)
     for key, axes in spec.axes_to_perm.items():
         value = out[key]
         if not value.is_floating_point():
             continue
-        for axis in range(len(axes)):
-            blocks = spec.axis_blocks(key, axis)
-            if not any(g in matrices for g, _, _ in blocks):
+        for axis, group in enumerate(axes):
+            if group is None:
                 continue
-            if len(blocks) == 1:
-                P = matrices[blocks[0][0]]  # type: ignore[index]
-            else:
-                eye = torch.eye(value.shape[axis], dtype=value.dtype, device=value.device)
-                P = torch.block_diag(
-                    *[matrices[g] if g in matrices else eye[: stop - start, : stop - start] for g, start, stop in blocks]
+            if isinstance(group, str):
+                if group in matrices:
+                    value = _apply_matrix(value, matrices[group], axis)
+                continue
+            blocks = blocks_of(key, axis) if blocks_of is not None else []
+            if not any(g is not None and g in matrices for g, _, _ in blocks):
+                continue
+            parts = []
+            for g, start, stop in blocks:
+                part = value.narrow(axis, start, stop - start)
+                parts.append(
+                    _apply_matrix(part, matrices[g], axis) if g is not None and g in matrices else part
                 )
-            value = _apply_matrix(value, P, axis)
+            value = torch.cat(parts, dim=axis)
         out[key] = value
     return out
 
@@ -100,7 +116,9 @@ class ReBasin(nn.Module):
         n_iters / tol: Sinkhorn iteration budget and marginal tolerance.
         init: ``"identity"`` (scores ``init_scale * I`` plus ``noise`` Gaussian jitter), ``"random"``,
             or a dict ``{group: LongTensor}`` of hard permutations to start from (e.g. weight matching).
-        init_scale / noise: magnitude of the initial scores and of their jitter.
+        init_scale / noise: magnitude of the initial scores and of their jitter. ``init_scale="auto"``
+            adapts it to each group size ``n`` (:func:`auto_scale`: the initial permutation holds about
+            half of each row's mass whatever ``n``; a fixed scale leaves wide layers almost uniform).
         backward: Sinkhorn gradient, ``"implicit"`` or ``"unrolled"``.
         generator: random generator for the initial jitter.
 
@@ -125,7 +143,7 @@ class ReBasin(nn.Module):
         n_iters: int = 20,
         tol: float = 1e-5,
         init: Literal["identity", "random"] | Mapping[str, Tensor] = "identity",
-        init_scale: float = 1.0,
+        init_scale: float | Literal["auto"] = 1.0,
         noise: float = 0.1,
         backward: Literal["implicit", "unrolled"] = "implicit",
         generator: torch.Generator | None = None,
@@ -138,7 +156,9 @@ class ReBasin(nn.Module):
 
             spec = trace_spec(model, example_inputs)
         if len(spec) == 0:
-            raise ValueError(f"the spec of {type(model).__name__} has no permutation groups: nothing to learn")
+            raise ValueError(
+                f"the spec of {type(model).__name__} has no permutation groups: nothing to learn"
+            )
         state = model.state_dict()
         spec.validate(state, name=type(model).__name__)
         if not spec.sizes:
@@ -153,11 +173,15 @@ class ReBasin(nn.Module):
             buckets.setdefault(spec.sizes[g], []).append(g)
         self._where: dict[str, tuple[str, int]] = {}
         self.scores = nn.ParameterDict()
+        # bucket -> scale of its initial scores (an optimizer may scale its learning rate alike)
+        self.scales: dict[str, float] = {}
         for n, groups in buckets.items():
+            scale = auto_scale(n) if init_scale == "auto" else float(init_scale)
+            self.scales[str(n)] = scale
             init_scores = torch.zeros(len(groups), n, n, dtype=torch.float32)
             for i, g in enumerate(groups):
                 self._where[g] = (str(n), i)
-                init_scores[i] = _initial_scores(n, init, g, init_scale, noise, generator)
+                init_scores[i] = _initial_scores(n, init, g, scale, noise, generator)
             self.scores[str(n)] = nn.Parameter(init_scores.to(ref.device))
 
     @property
@@ -184,7 +208,9 @@ class ReBasin(nn.Module):
         """The wrapped model's state (detached: gradients flow only to the scores)."""
         return {k: v.detach() for k, v in self.model.state_dict(keep_vars=True).items()}
 
-    def permuted_state(self, perms: Mapping[str, Tensor] | None = None, *, soft: bool | None = None) -> dict[str, Tensor]:
+    def permuted_state(
+        self, perms: Mapping[str, Tensor] | None = None, *, soft: bool | None = None
+    ) -> dict[str, Tensor]:
         """The model's state dict permuted by ``perms`` (hard), or by the current soft/hard permutations."""
         state = self.base_state()
         if perms is not None:
@@ -198,6 +224,12 @@ class ReBasin(nn.Module):
     def forward(self) -> PermutedView:
         """The permuted model as a callable view (soft in training mode, hard in eval mode)."""
         return PermutedView(self.model, self.permuted_state())
+
+
+def auto_scale(n: int) -> float:
+    """Score margin that gives the initial permutation about half of each row's Sinkhorn mass:
+    ``e^s / (e^s + n - 1) = 1/2``, i.e. ``s = log(n - 1)`` (at least 1)."""
+    return max(1.0, math.log(max(n - 1, 1)))
 
 
 def _initial_scores(

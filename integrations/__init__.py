@@ -1,0 +1,1 @@
+"""End-to-end suites inside real frameworks and model zoos."""

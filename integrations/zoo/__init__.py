@@ -1,0 +1,1 @@
+"""Automatic permutation specs across the timm and torchvision model zoos."""

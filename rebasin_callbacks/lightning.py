@@ -1,0 +1,649 @@
+"""Lightning callbacks: align a model to a reference during training, and monitor linear mode connectivity.
+
+* :class:`ReBasinAlign` permutes the trained model's hidden units (and the optimizer state) so that its
+  weights sit in the reference's basin, every ``n`` epochs and/or when fitting ends.
+* :class:`LMCMonitor` measures the loss/accuracy barrier and AUC along the straight line between the
+  current model and the reference, naive and re-based, and logs them with the curve figure.
+
+Both take the reference as an ``nn.Module``, a ``LightningModule``, a state dict or a checkpoint path
+(a plain ``torch.save``'d state dict or a Lightning ``.ckpt``), and are configurable from a LightningCLI
+YAML file. They are thin: the work is done by :func:`~rebasin_callbacks.align`,
+:func:`~rebasin_callbacks.permute` and :func:`~rebasin_callbacks.lmc_curve`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+
+from rebasin_callbacks.permute import _permute_optimizer_state, permute, permute_state_dict
+from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+
+__all__ = ["ReBasinAlign", "LMCMonitor", "Evaluator", "load_reference_state", "match_reference"]
+
+#: What a reference can be: a module, a state dict, or a path to a checkpoint file.
+ReferenceLike = Union[str, os.PathLike, nn.Module, Mapping[str, Tensor]]
+
+
+# --------------------------------------------------------------------------- reference loading
+def load_reference_state(reference: ReferenceLike, *, parameter: str = "reference") -> dict[str, Tensor]:
+    """The reference's state dict: from a module, a state dict, or a checkpoint file.
+
+    Files are read with ``torch.load(..., weights_only=True)``. A Lightning checkpoint's ``"state_dict"``
+    entry is used as is (its keys keep the LightningModule's attribute prefix; see :func:`match_reference`).
+
+    Example:
+        >>> import torch
+        >>> sd = load_reference_state(torch.nn.Linear(2, 3))
+        >>> sorted(sd)
+        ['bias', 'weight']
+    """
+    source = f"{parameter}={reference!r}" if isinstance(reference, (str, os.PathLike)) else parameter
+    if isinstance(reference, nn.Module):
+        return {k: v.detach() for k, v in reference.state_dict().items()}
+    if isinstance(reference, Mapping):
+        obj: Any = reference
+    elif isinstance(reference, (str, os.PathLike)):
+        path = Path(reference)
+        if not path.is_file():
+            raise FileNotFoundError(f"{source}: no such checkpoint file")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling errors have many types
+            raise ValueError(f"{source}: torch.load(weights_only=True) cannot read it: {exc}") from exc
+    else:
+        raise TypeError(
+            f"{parameter} must be an nn.Module, a state dict or a checkpoint path, got {type(reference).__name__}"
+        )
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # Lightning checkpoint
+    if not isinstance(obj, Mapping) or not obj:
+        raise ValueError(f"{source}: not a state dict (got {type(obj).__name__})")
+    bad = next((k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))), None)
+    if bad is not None:
+        raise ValueError(f"{source}: not a state dict: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor")
+    return dict(obj)
+
+
+def match_reference(
+    reference: Mapping[str, Tensor], model: nn.Module, *, prefix_hint: str | None = None, parameter: str = "reference"
+) -> dict[str, Tensor]:
+    """``reference`` re-keyed to ``model``'s state_dict names, checked entry by entry.
+
+    The reference may carry a prefix on every key (a Lightning checkpoint of the whole LightningModule
+    when only its ``model`` submodule is aligned: ``"model.0.weight"`` for ``"0.weight"``); the prefix is
+    found automatically. Raises :class:`SpecMismatchError` naming the first missing key or differing shape.
+    """
+    target = model.state_dict()
+    keys = list(target)
+    # key maps: reference = prefix + key (checkpoint of a wrapper), or key = prefix + reference (the
+    # whole LightningModule aligned to a bare copy of its only child)
+    maps = [lambda k: k] + ([lambda k, p=prefix_hint + ".": p + k] if prefix_hint else [])
+    if keys:
+        maps += [lambda k, p=r[: -len(keys[0])]: p + k for r in reference if r.endswith("." + keys[0])]
+        maps += [lambda k, n=len(keys[0]) - len(r): k[n:] for r in reference if keys[0].endswith("." + r)]
+    key_map = next((f for f in maps if all(f(k) in reference for k in keys)), None)
+    if key_map is None:
+        best = max(maps, key=lambda f: sum(f(k) in reference for k in keys))
+        missing = next(k for k in keys if best(k) not in reference)
+        raise SpecMismatchError(
+            f"{parameter} does not match {type(model).__name__}: it has no entry {best(missing)!r} "
+            f"(the model's {missing!r} has shape {tuple(target[missing].shape)}); reference keys look like "
+            f"{list(reference)[:3]}"
+        )
+    out = {}
+    for k in keys:
+        ref, own = reference[key_map(k)], target[k]
+        if tuple(ref.shape) != tuple(own.shape):
+            raise SpecMismatchError(
+                f"{parameter} does not match {type(model).__name__}: {key_map(k)!r} has shape "
+                f"{tuple(ref.shape)} in the reference but {k!r} has shape {tuple(own.shape)} in the model"
+            )
+        out[k] = ref
+    return out
+
+
+def _reference_module(reference: ReferenceLike, model: nn.Module, submodule: str | None) -> nn.Module:
+    """A frozen copy of ``model``'s architecture holding the reference's weights (on ``model``'s device)."""
+    state = match_reference(load_reference_state(reference), model, prefix_hint=submodule)
+    ref = copy.deepcopy(model)  # LightningModule.__getstate__ drops the trainer, so this copies weights only
+    ref.load_state_dict(state)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def _target(pl_module: pl.LightningModule, submodule: str | None) -> nn.Module:
+    if submodule is None:
+        return pl_module
+    try:
+        return pl_module.get_submodule(submodule)
+    except AttributeError:
+        names = [n for n, _ in pl_module.named_children()]
+        raise AttributeError(
+            f"submodule={submodule!r}: {type(pl_module).__name__} has no such submodule (children: {names})"
+        ) from None
+
+
+def _check_every_n_epochs(every_n_epochs: int) -> None:
+    if not isinstance(every_n_epochs, int) or every_n_epochs < 0:
+        raise ValueError(f"every_n_epochs must be an int >= 0 (0 = never at epoch end), got {every_n_epochs!r}")
+
+
+@contextlib.contextmanager
+def _isolated(pl_module: nn.Module) -> Iterator[None]:
+    """Keep the training run untouched: random state (data order, dropout) and train/eval modes."""
+    modes = {m: m.training for m in pl_module.modules()}
+    device = next(pl_module.parameters(), torch.empty(0)).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            for m, training in modes.items():
+                m.training = training
+
+
+def _first_input(batch: Any) -> Any:
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in ("x", "input", "inputs", "image", "images", "pixel_values"):
+            if key in batch:
+                return batch[key]
+    return batch
+
+
+class _SpecSource:
+    """Finds the permutation spec once: given, or traced from example inputs (the LightningModule's
+    ``example_input_array`` or the first training batch)."""
+
+    def __init__(self, spec: PermutationSpec | str | None, example_inputs: Any):
+        self.spec = PermutationSpec.from_json(spec) if isinstance(spec, (str, os.PathLike)) else spec
+        self.example_inputs = example_inputs
+
+    def observe(self, batch: Any) -> None:
+        if self.spec is None and self.example_inputs is None:
+            x = _first_input(batch)
+            self.example_inputs = x[:2].detach().clone() if isinstance(x, Tensor) else x
+
+    def get(self, model: nn.Module, pl_module: pl.LightningModule) -> PermutationSpec:
+        if self.spec is None:
+            from rebasin_callbacks.trace import trace_spec
+
+            example = self.example_inputs if self.example_inputs is not None else pl_module.example_input_array
+            if example is None:
+                raise ValueError(
+                    "no permutation spec: pass spec=..., example_inputs=..., or set the LightningModule's "
+                    "example_input_array"
+                )
+            device = next(model.parameters()).device
+            example = example.to(device) if isinstance(example, Tensor) else example
+            self.spec = trace_spec(model, example)
+        return self.spec
+
+
+def _log(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], in_loop: bool) -> None:
+    """Log on rank zero only: through ``pl_module.log`` inside the loop, straight to the loggers after it."""
+    if in_loop:
+        for name, value in metrics.items():
+            pl_module.log(name, float(value), rank_zero_only=True, on_epoch=True, on_step=False)
+    elif trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _l2_distance(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:
+    total = 0.0
+    for k, v in state.items():
+        if v.is_floating_point():
+            total += float((v.detach().float() - reference[k].float()).pow(2).sum())
+    return total**0.5
+
+
+def _compute_perms(
+    trainer: pl.Trainer, model: nn.Module, reference: nn.Module, spec: PermutationSpec, cost: Any, kwargs: dict
+) -> tuple[dict[str, Tensor], float, float]:
+    """Permutations aligning ``model`` to ``reference`` and the weight distance before/after them.
+
+    Computed on rank 0 and broadcast, so that every rank applies exactly the same permutations. With the
+    data-free ``"l2"`` cost the distance is the objective itself: permutations that would increase it
+    (a local optimum worse than the current one) are replaced by the identity."""
+    payload = None
+    if trainer.is_global_zero:
+        from rebasin_callbacks.align import align
+
+        kwargs = {"progress": False, **kwargs}
+        result = align(model, reference, spec=spec, cost=cost, **kwargs)
+        perms = {g: p.detach().cpu() for g, p in result.perms.items()}
+        state, ref_state = model.state_dict(), reference.state_dict()
+        before = _l2_distance(state, ref_state)
+        after = _l2_distance(permute_state_dict(state, spec, perms), ref_state)
+        if cost == "l2" and after > before:
+            perms, after = {g: torch.arange(n) for g, n in spec.sizes.items()}, before
+        payload = (perms, before, after)
+    return trainer.strategy.broadcast(payload, src=0)
+
+
+# --------------------------------------------------------------------------- ReBasinAlign
+class ReBasinAlign(Callback):
+    r"""Align the model being trained to a reference model by permuting its hidden units.
+
+    Every ``every_n_epochs`` training epochs (after validation) and/or when fitting ends, the permutations
+    that bring the LightningModule (or its ``submodule``) closest to ``reference`` are found with
+    :func:`~rebasin_callbacks.align` (Sinkhorn re-basin; data-free L2 cost by default). A permutation of
+    hidden units never changes what the network computes, so:
+
+    * ``mode="inplace"`` permutes the trained weights, the buffers (BatchNorm statistics) and the optimizer
+      state (Adam moments, momentum) in place: training goes on exactly as it would have without the
+      callback, but the weights now live in the reference's basin (checkpoints saved afterwards too).
+    * ``mode="copy"`` leaves the training untouched and keeps the aligned copy in :attr:`aligned_model`
+      (saved in the callback's checkpoint state; ``torch.save(cb.aligned_model.state_dict(), path)``).
+
+    Logged on rank zero: ``rebasin/l2_before``, ``rebasin/l2_after`` (weight distance to the reference)
+    and ``rebasin/align_seconds``. Under DDP the permutations are computed on rank 0 and broadcast, so every
+    rank ends with identical weights. Configuration errors (missing checkpoint, different architecture,
+    unknown submodule) are raised at ``setup``, before any training time is spent.
+
+    Args:
+        reference: the model to align to: an ``nn.Module`` / ``LightningModule`` of the same architecture,
+            a state dict, or a checkpoint path (``torch.save``'d state dict or Lightning ``.ckpt``; keys
+            prefixed by the LightningModule's attribute name are matched automatically).
+        every_n_epochs: align after every ``n``-th training epoch; ``0`` = never at epoch end.
+        cost: :func:`~rebasin_callbacks.align`'s cost (``"l2"``, ``"mid"``, ``"rnd"``, ``"cosine"``).
+        mode: ``"inplace"`` or ``"copy"`` (see above).
+        submodule: name of the submodule to align (e.g. ``"model"``); ``None`` = the whole LightningModule.
+        at_fit_end: also align when fitting ends.
+        align_kwargs: further keyword arguments for :func:`~rebasin_callbacks.align` (``steps``, ``lr``,
+            ``init``, ``seed``, ...).
+        spec: a :class:`~rebasin_callbacks.PermutationSpec` (or a path to its JSON); traced by default from
+            ``example_inputs``, the LightningModule's ``example_input_array`` or the first training batch.
+        example_inputs: inputs to trace the spec with.
+
+    Example::
+
+        import torch
+        from lightning.pytorch import Trainer
+        from lightning.pytorch.demos.boring_classes import BoringModel
+        from rebasin_callbacks.lightning import ReBasinAlign
+
+        reference = BoringModel()                      # or "reference.ckpt"
+        align = ReBasinAlign(reference, every_n_epochs=1, align_kwargs={"steps": 50})
+        trainer = Trainer(max_epochs=2, callbacks=[align], logger=False, enable_checkpointing=False)
+        trainer.fit(BoringModel())
+    """
+
+    def __init__(
+        self,
+        reference: ReferenceLike,
+        *,
+        every_n_epochs: int = 1,
+        cost: str = "l2",
+        mode: Literal["inplace", "copy"] = "inplace",
+        submodule: str | None = None,
+        at_fit_end: bool = False,
+        align_kwargs: dict[str, Any] | None = None,
+        spec: PermutationSpec | str | None = None,
+        example_inputs: Any = None,
+    ) -> None:
+        _check_every_n_epochs(every_n_epochs)
+        if mode not in ("inplace", "copy"):
+            raise ValueError(f"mode must be 'inplace' or 'copy', got {mode!r}")
+        if every_n_epochs == 0 and not at_fit_end:
+            raise ValueError("every_n_epochs=0 and at_fit_end=False: the callback would never align")
+        self.reference = reference
+        self.every_n_epochs = every_n_epochs
+        self.cost = cost
+        self.mode = mode
+        self.submodule = submodule
+        self.at_fit_end = at_fit_end
+        self.align_kwargs = dict(align_kwargs or {})
+        self._spec = _SpecSource(spec, example_inputs)
+        self._reference: nn.Module | None = None
+        self.aligned_model: nn.Module | None = None
+        #: permutations of the last alignment ``{group: LongTensor}`` (relative to the weights before it)
+        self.last_perms: dict[str, Tensor] | None = None
+        #: one entry per alignment: epoch, global step, distances before/after, seconds
+        self.history: list[dict[str, float]] = []
+        self._last_epoch = -1
+        self._pending_aligned_state: dict[str, Tensor] | None = None
+
+    @property
+    def spec(self) -> PermutationSpec | None:
+        """The permutation spec in use (``None`` until known)."""
+        return self._spec.spec
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        target = _target(pl_module, self.submodule)
+        self._reference = _reference_module(self.reference, target, self.submodule)
+        if self._spec.spec is not None:
+            self._spec.spec.validate(target.state_dict(), name=type(target).__name__)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._spec.observe(batch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and epoch > self._last_epoch:
+            self._align(trainer, pl_module, in_loop=True)
+            self._last_epoch = epoch
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_fit_end and not (self._last_epoch == trainer.current_epoch and self.history):
+            self._align(trainer, pl_module, in_loop=False)
+
+    def _align(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
+        assert self._reference is not None, "setup() was not called"
+        target = _target(pl_module, self.submodule)
+        reference = self._reference.to(next(target.parameters()).device)
+        start = time.perf_counter()
+        with _isolated(pl_module):
+            spec = self._spec.get(target, pl_module)
+            perms, before, after = _compute_perms(trainer, target, reference, spec, self.cost, self.align_kwargs)
+            if self.mode == "inplace":
+                optimizers = list(trainer.optimizers)
+                permute(target, spec, perms, optimizer=optimizers[0] if optimizers else None, inplace=True)
+                state = target.state_dict(keep_vars=True)
+                for opt in optimizers[1:]:  # further optimizers: their state only (the weights are done)
+                    _permute_optimizer_state(opt, state, spec, perms)
+            else:
+                self.aligned_model = permute(target, spec, perms)
+                self.aligned_model.requires_grad_(False)
+        seconds = time.perf_counter() - start
+        self.last_perms = perms
+        record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "l2_before": before}
+        record.update(l2_after=after, seconds=seconds)
+        self.history.append(record)
+        _log(trainer, pl_module, {"rebasin/l2_before": before, "rebasin/l2_after": after}, in_loop)
+        _log(trainer, pl_module, {"rebasin/align_seconds": seconds}, in_loop)
+        rank_zero_info(
+            f"ReBasinAlign: epoch {trainer.current_epoch}: L2 distance to the reference {before:.4g} -> "
+            f"{after:.4g} ({seconds:.2f} s)"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "last_epoch": self._last_epoch,
+            "history": [dict(h) for h in self.history],
+            "last_perms": self.last_perms,
+            "spec": self.spec.to_dict() if self.spec is not None else None,
+        }
+        if self.mode == "copy" and self.aligned_model is not None:
+            state["aligned_state_dict"] = {k: v.detach().cpu() for k, v in self.aligned_model.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_epoch = int(state_dict["last_epoch"])
+        self.history = [dict(h) for h in state_dict["history"]]
+        self.last_perms = state_dict.get("last_perms")
+        if state_dict.get("spec") is not None and self._spec.spec is None:
+            self._spec.spec = PermutationSpec.from_dict(state_dict["spec"])
+        self._pending_aligned_state = state_dict.get("aligned_state_dict")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the checkpoint's callback state is loaded after setup: rebuild the aligned copy from it
+        if self._pending_aligned_state is not None:
+            model = copy.deepcopy(_target(pl_module, self.submodule))
+            model.load_state_dict(self._pending_aligned_state)
+            self.aligned_model = model.requires_grad_(False)
+            self._pending_aligned_state = None
+
+
+# --------------------------------------------------------------------------- LMCMonitor
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Evaluator:
+    """``model -> {"loss": mean loss, "accuracy": fraction}`` over ``(inputs, targets)`` batches.
+
+    ``reduce`` (e.g. ``trainer.strategy.reduce``) sums the totals over DDP ranks, each holding a shard.
+
+    Example:
+        >>> import torch
+        >>> batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+        >>> metrics = Evaluator(batches)(torch.nn.Linear(4, 3))
+        >>> sorted(metrics)
+        ['accuracy', 'loss']
+    """
+
+    def __init__(
+        self,
+        loader: Any,
+        loss_fn: LossFn | None = None,
+        max_batches: int | None = None,
+        reduce: Callable[..., Tensor] | None = None,
+    ):
+        self.loader, self.loss_fn, self.max_batches = loader, loss_fn or F.cross_entropy, max_batches
+        self.reduce = reduce
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(self.loader):
+                if self.max_batches is not None and i >= self.max_batches:
+                    break
+                if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+                    raise TypeError(
+                        "LMCMonitor expects (inputs, targets) batches; got "
+                        f"{type(batch).__name__}. Pass dataloader=... yielding (x, y) pairs"
+                    )
+                x, y = batch[0].to(device), batch[1].to(device)
+                out = model(x)
+                loss = self.loss_fn(out, y)
+                totals[0] += loss.double() * y.shape[0]
+                if out.ndim == 2 and y.ndim == 1:
+                    totals[1] += (out.argmax(1) == y).sum().double()
+                totals[2] += y.shape[0]
+        model.train(was_training)
+        if self.reduce is not None:
+            totals = self.reduce(totals, reduce_op="sum")
+        n = float(totals[2].clamp_min(1))
+        return {"loss": float(totals[0]) / n, "accuracy": float(totals[1]) / n}
+
+
+class LMCMonitor(Callback):
+    r"""Log linear mode connectivity between the model being trained and a reference.
+
+    Every ``every_n_epochs`` training epochs (after validation), evaluates loss and accuracy at
+    ``n_points`` evenly spaced points of the segment ``(1 - lam) * model + lam * reference`` with
+    :func:`~rebasin_callbacks.lmc_curve`, once as is (``naive``) and once after aligning the model to the
+    reference (``rebasin``, when ``align=True``), and logs to every logger of the Trainer (rank zero):
+
+    * ``lmc/{naive,rebasin}_barrier`` and ``lmc/{naive,rebasin}_auc`` (loss; supplement Eq. 2 and 3),
+      ``lmc/{naive,rebasin}_acc_barrier`` and ``..._acc_auc`` (accuracy);
+    * the curve figure: ``add_figure("lmc", ...)`` on a TensorBoard logger, otherwise a PNG
+      ``lmc_epoch{N}.png`` in ``save_dir`` (default: the Trainer's log dir).
+
+    The model being trained is never modified (copies are evaluated; train/eval modes and the random
+    state are restored), so training and validation metrics are the same as without the callback. Under
+    DDP every rank evaluates its shard of the dataloader and the sums are reduced.
+
+    Args:
+        reference: like :class:`ReBasinAlign`'s.
+        every_n_epochs: evaluate after every ``n``-th training epoch; ``0`` = only when fitting ends.
+        n_points: points on the segment, endpoints included.
+        align: also evaluate the re-based curve.
+        dataloader: ``"val"`` (the Trainer's first validation dataloader), ``"train"``, or any iterable of
+            ``(inputs, targets)`` batches.
+        reset_bn / repair: passed to :func:`~rebasin_callbacks.lmc_curve` (BatchNorm statistics are reset
+            on the training dataloader).
+        save_dir: where PNG figures go when the logger cannot take a figure.
+        submodule: name of the submodule that is compared (``None`` = the LightningModule).
+        cost / align_kwargs / spec / example_inputs: alignment settings, as in :class:`ReBasinAlign`.
+        loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
+        max_batches: evaluate at most this many batches per point.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from rebasin_callbacks.lightning import LMCMonitor
+
+        monitor = LMCMonitor("reference.ckpt", n_points=11, submodule="model")
+        Trainer(max_epochs=5, callbacks=[monitor]).fit(model, datamodule=dm)
+        monitor.results[-1]["rebasin"].barrier
+    """
+
+    def __init__(
+        self,
+        reference: ReferenceLike,
+        *,
+        every_n_epochs: int = 1,
+        n_points: int = 11,
+        align: bool = True,
+        dataloader: Any = "val",
+        reset_bn: bool = False,
+        repair: bool = False,
+        save_dir: str | None = None,
+        submodule: str | None = None,
+        cost: str = "l2",
+        align_kwargs: dict[str, Any] | None = None,
+        spec: PermutationSpec | str | None = None,
+        example_inputs: Any = None,
+        loss_fn: LossFn | None = None,
+        max_batches: int | None = None,
+    ) -> None:
+        _check_every_n_epochs(every_n_epochs)
+        if not isinstance(n_points, int) or n_points < 2:
+            raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
+        if isinstance(dataloader, str) and dataloader not in ("val", "train"):
+            raise ValueError(f"dataloader must be 'val', 'train' or an iterable of batches, got {dataloader!r}")
+        self.reference = reference
+        self.every_n_epochs = every_n_epochs
+        self.n_points = n_points
+        self.align = align
+        self.dataloader = dataloader
+        self.reset_bn = reset_bn
+        self.repair = repair
+        self.save_dir = save_dir
+        self.submodule = submodule
+        self.cost = cost
+        self.align_kwargs = dict(align_kwargs or {})
+        self.loss_fn: LossFn = loss_fn or F.cross_entropy
+        self.max_batches = max_batches
+        self._spec = _SpecSource(spec, example_inputs)
+        self._reference: nn.Module | None = None
+        #: one entry per evaluation: ``{"epoch": int, "naive": LMCResult, "rebasin": LMCResult}``
+        self.results: list[dict[str, Any]] = []
+        #: the logged scalars of every evaluation (what ``state_dict`` saves)
+        self.history: list[dict[str, float]] = []
+        self._last_epoch = -1
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        target = _target(pl_module, self.submodule)
+        self._reference = _reference_module(self.reference, target, self.submodule)
+        if self._spec.spec is not None:
+            self._spec.spec.validate(target.state_dict(), name=type(target).__name__)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._spec.observe(batch)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and epoch > self._last_epoch:
+            self.evaluate(trainer, pl_module, in_loop=True)
+            self._last_epoch = epoch
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs == 0:
+            self.evaluate(trainer, pl_module, in_loop=False)
+
+    def _loader(self, trainer: pl.Trainer) -> Any:
+        if not isinstance(self.dataloader, str):
+            return self.dataloader
+        loader = trainer.val_dataloaders if self.dataloader == "val" else trainer.train_dataloader
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        if isinstance(loader, Mapping):
+            loader = next(iter(loader.values()), None)
+        if loader is None:
+            raise RuntimeError(
+                f"LMCMonitor(dataloader={self.dataloader!r}): the Trainer has no such dataloader; pass one"
+            )
+        return loader
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool = False) -> dict:
+        """Evaluate (and log) the curves now; returns ``{"epoch", "naive", "rebasin"}``."""
+        from rebasin_callbacks.lmc import lmc_curve
+
+        assert self._reference is not None, "setup() was not called"
+        target = _target(pl_module, self.submodule)
+        reference = self._reference.to(next(target.parameters()).device)
+        evaluate = Evaluator(self._loader(trainer), self.loss_fn, self.max_batches, trainer.strategy.reduce)
+        kwargs: dict[str, Any] = {"n_points": self.n_points, "reset_bn": self.reset_bn, "repair": self.repair}
+        if self.reset_bn or self.repair:
+            kwargs["train_data"] = trainer.train_dataloader
+        out: dict[str, Any] = {"epoch": trainer.current_epoch}
+        with _isolated(pl_module):
+            model = copy.deepcopy(target).eval()
+            out["naive"] = lmc_curve(model, reference, evaluate, progress=False, label="naive", **kwargs)
+            if self.align:
+                spec = self._spec.get(model, pl_module)
+                perms, _, _ = _compute_perms(trainer, model, reference, spec, self.cost, self.align_kwargs)
+                model = permute(model, spec, perms)
+                out["rebasin"] = lmc_curve(model, reference, evaluate, progress=False, label="re-based", **kwargs)
+        metrics: dict[str, float] = {}
+        for name in ("naive", "rebasin"):
+            if name in out:
+                metrics.update(_curve_metrics(f"lmc/{name}", out[name]))
+        self.results.append(out)
+        self.history.append({"epoch": float(trainer.current_epoch), **metrics})
+        _log(trainer, pl_module, metrics, in_loop)
+        self._log_figure(trainer, out)
+        return out
+
+    def _log_figure(self, trainer: pl.Trainer, out: dict[str, Any]) -> None:
+        if not trainer.is_global_zero:
+            return
+        from rebasin_callbacks.lmc import plot_lmc
+
+        curves = [out[k] for k in ("naive", "rebasin") if k in out]
+        fig = plot_lmc(curves, title=f"epoch {out['epoch']}")  # a pyplot-free Figure: nothing to close
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                experiment.add_figure("lmc", fig, global_step=trainer.global_step, close=False)
+                return
+        save_dir = self.save_dir or trainer.log_dir or trainer.default_root_dir
+        path = Path(save_dir) / f"lmc_epoch{out['epoch']}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        out["figure_path"] = str(path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self._last_epoch, "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_epoch = int(state_dict["last_epoch"])
+        self.history = [dict(h) for h in state_dict["history"]]
+
+
+def _curve_metrics(prefix: str, result: Any) -> dict[str, float]:
+    metrics = {f"{prefix}_barrier": float(result.barrier), f"{prefix}_auc": float(result.auc)}
+    barriers = getattr(result, "barriers", None) or {}
+    aucs = getattr(result, "aucs", None) or {}
+    if "accuracy" in barriers:
+        metrics[f"{prefix}_acc_barrier"] = float(barriers["accuracy"])
+    if "accuracy" in aucs:
+        metrics[f"{prefix}_acc_auc"] = float(aucs["accuracy"])
+    return metrics

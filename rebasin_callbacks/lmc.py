@@ -1,0 +1,815 @@
+"""Linear mode connectivity: interpolation, loss/accuracy barrier and AUC, BN-statistics reset, REPAIR.
+
+The straight line between two models with the same architecture is
+``theta(lam) = (1 - lam) * theta_A + lam * theta_B``. For a cost ``C`` (a loss: lower is better) the
+barrier and area under the curve of the supplement of Peña et al. (CVPR 2023) are
+
+* Eq. 2: ``B = sup_lam  C(theta(lam)) - [(1 - lam) C(theta_A) + lam C(theta_B)]``
+* Eq. 3: ``AUC = integral_0^1  C(theta(lam)) - [(1 - lam) C(theta_A) + lam C(theta_B)] dlam``
+
+measured on a grid of ``lam`` (the AUC by the trapezoid rule). For a metric where higher is better
+(accuracy) the gap is taken the other way round, ``chord - value``, so a positive barrier is always a drop
+in quality. The gap is zero at both ends, so a barrier is never negative; an AUC can be.
+
+Interpolating two networks collapses the variance of their hidden activations (Jordan et al., 2022,
+"REPAIR: REnormalizing Permuted Activations for Interpolation Repair"). :func:`reset_bn_stats` recomputes
+BatchNorm running statistics of an interpolated network and :func:`repair` rescales each unit so its
+pre-activation mean and standard deviation are the interpolation of the endpoints'.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> result = lmc_curve(a, b, [(x, y)], n_points=5, progress=False, label="naive")
+    >>> len(result.values["loss"]), result.barrier >= 0
+    (5, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from rebasin_callbacks.plotting import plot_lmc
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+
+__all__ = [
+    "interpolate",
+    "interpolate_state_dict",
+    "LMCResult",
+    "lmc_curve",
+    "barrier_and_auc",
+    "evaluate_model",
+    "reset_bn_stats",
+    "repair",
+    "plot_lmc",
+]
+
+#: Metric names for which higher is better (their barrier is the drop below the chord).
+HIGHER_IS_BETTER: tuple[str, ...] = ("accuracy", "acc", "top1", "top5", "top1_accuracy", "top5_accuracy")
+
+Evaluate = (
+    Callable[[nn.Module], Any] | tuple[Iterable[Any], Callable[[Tensor, Tensor], Tensor]] | Iterable[Any]
+)
+
+
+# --------------------------------------------------------------------------------------------- interpolation
+def _check_compatible(sa: Mapping[str, Tensor], sb: Mapping[str, Tensor]) -> None:
+    missing_b = [k for k in sa if k not in sb]
+    missing_a = [k for k in sb if k not in sa]
+    if missing_a or missing_b:
+        first = (missing_b or missing_a)[0]
+        where = "model_b" if missing_b else "model_a"
+        raise ValueError(
+            f"interpolate: the models have different architectures: {first!r} is missing from {where} "
+            f"({len(missing_b)} keys only in model_a, {len(missing_a)} only in model_b)"
+        )
+    for key, ta in sa.items():
+        tb = sb[key]
+        if ta.shape != tb.shape:
+            raise ValueError(
+                f"interpolate: shape mismatch at {key!r}: model_a {tuple(ta.shape)} vs model_b {tuple(tb.shape)}"
+            )
+        if ta.device != tb.device:
+            raise ValueError(
+                f"interpolate: device mismatch at {key!r}: model_a on {ta.device}, model_b on {tb.device}"
+            )
+        if ta.dtype != tb.dtype:
+            raise ValueError(
+                f"interpolate: dtype mismatch at {key!r}: model_a {ta.dtype} vs model_b {tb.dtype}"
+            )
+
+
+def _lerp(ta: Tensor, tb: Tensor, lam: float) -> Tensor:
+    if not ta.is_floating_point() and not ta.is_complex():
+        return ta.clone()  # counters such as num_batches_tracked: keep model_a's
+    work = ta.float() if ta.dtype in (torch.float16, torch.bfloat16) else ta
+    other = tb.to(work.dtype)
+    # (1 - lam) * a + lam * b (not a + lam * (b - a)) so lam = 0 and lam = 1 give a and b exactly
+    return ((1.0 - lam) * work + lam * other).to(ta.dtype)
+
+
+def interpolate_state_dict(
+    state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], lam: float
+) -> dict[str, Tensor]:
+    """``(1 - lam) * a + lam * b`` for every floating-point entry; integer entries are taken from ``a``.
+
+    Example:
+        >>> import torch
+        >>> interpolate_state_dict({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)["w"].tolist()
+        [0.25, 0.25]
+    """
+    lam = _check_lambda(lam)
+    _check_compatible(state_a, state_b)
+    return {k: _lerp(v.detach(), state_b[k].detach(), lam) for k, v in state_a.items()}
+
+
+def _check_lambda(lam: float) -> float:
+    try:
+        value = float(lam)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"lam must be a number, got {type(lam).__name__}") from exc
+    if not math.isfinite(value):
+        raise ValueError(f"lam must be finite, got {lam}")
+    return value
+
+
+def interpolate(model_a: nn.Module, model_b: nn.Module, lam: float) -> nn.Module:
+    """A new model (a deep copy of ``model_a``) with weights ``(1 - lam) * a + lam * b``.
+
+    Parameters and floating-point buffers (BatchNorm running statistics) are interpolated; integer buffers
+    such as ``num_batches_tracked`` are copied from ``model_a``. Neither input is modified. ``lam`` outside
+    ``[0, 1]`` extrapolates. The models must have the same state-dict keys, shapes, dtypes and devices; the
+    first mismatch is named in the error.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+        >>> mid = interpolate(a, b, 0.5)
+        >>> torch.allclose(mid.weight, (a.weight + b.weight) / 2)
+        True
+    """
+    for name, m in (("model_a", model_a), ("model_b", model_b)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"interpolate: {name} must be an nn.Module, got {type(m).__name__}")
+    if type(model_a) is not type(model_b):
+        raise ValueError(
+            f"interpolate: the models have different classes: {type(model_a).__name__} vs {type(model_b).__name__}"
+        )
+    state = interpolate_state_dict(model_a.state_dict(), model_b.state_dict(), lam)
+    out = copy.deepcopy(model_a)
+    with torch.no_grad():
+        for key, value in out.state_dict().items():
+            value.copy_(state[key])  # state_dict tensors share storage with the module's
+    return out
+
+
+# --------------------------------------------------------------------------------------------- barrier / AUC
+def _gap(lambdas: Sequence[float], values: Sequence[float], higher_is_better: bool) -> list[float]:
+    v0, v1 = values[0], values[-1]
+    l0, l1 = lambdas[0], lambdas[-1]
+    out = []
+    for lam, v in zip(lambdas, values):
+        t = (lam - l0) / (l1 - l0)
+        chord = (1.0 - t) * v0 + t * v1
+        out.append(chord - v if higher_is_better else v - chord)
+    return out
+
+
+def barrier_and_auc(
+    lambdas: Sequence[float], values: Sequence[float], *, higher_is_better: bool = False
+) -> tuple[float, float]:
+    """Barrier (Eq. 2: largest gap above the chord of the endpoints) and AUC (Eq. 3: trapezoid of the gap).
+
+    ``lambdas`` must be increasing and start and end at the endpoints (usually 0 and 1). With
+    ``higher_is_better`` (accuracy) the gap is ``chord - value``. A non-finite value gives NaN for both.
+
+    Example:
+        >>> barrier_and_auc([0.0, 0.5, 1.0], [1.0, 3.0, 1.0])
+        (2.0, 1.0)
+        >>> [round(v, 6) for v in barrier_and_auc([0.0, 0.5, 1.0], [0.9, 0.5, 0.9], higher_is_better=True)]
+        [0.4, 0.2]
+    """
+    lam = [float(x) for x in lambdas]
+    val = [float(x) for x in values]
+    if len(lam) != len(val):
+        raise ValueError(f"lambdas and values differ in length: {len(lam)} vs {len(val)}")
+    if len(lam) < 2:
+        raise ValueError(f"need at least 2 points on the curve, got {len(lam)}")
+    if any(b <= a for a, b in zip(lam, lam[1:])):
+        raise ValueError(f"lambdas must be strictly increasing, got {lam}")
+    if not all(math.isfinite(v) for v in val):
+        return math.nan, math.nan
+    gap = _gap(lam, val, higher_is_better)
+    barrier = max(gap)
+    auc = sum(0.5 * (g0 + g1) * (l1 - l0) for g0, g1, l0, l1 in zip(gap, gap[1:], lam, lam[1:]))
+    return barrier, auc
+
+
+@dataclass
+class LMCResult:
+    """Loss / accuracy along the line between two models and their barriers and AUCs.
+
+    Attributes:
+        lambdas: interpolation coefficients (0 is model A, 1 is model B).
+        values: metric name -> value at each lambda (``"loss"``, and ``"accuracy"`` when available).
+        barrier: barrier (Eq. 2) of ``"loss"`` (or of the first metric when there is no loss).
+        auc: AUC (Eq. 3) of the same metric.
+        barriers: barrier of every metric; for accuracy it is the drop below the chord (positive = worse).
+        aucs: AUC of every metric, same sign convention.
+        label: a name for tables and plot legends (e.g. ``"naive"``, ``"sinkhorn l2"``).
+        nonfinite: metric -> lambdas at which the evaluation returned NaN or inf (their barrier is NaN).
+    """
+
+    lambdas: list[float]
+    values: dict[str, list[float]]
+    barrier: float
+    auc: float
+    barriers: dict[str, float]
+    aucs: dict[str, float]
+    label: str = ""
+    nonfinite: dict[str, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_values(
+        cls,
+        lambdas: Sequence[float],
+        values: Mapping[str, Sequence[float]],
+        *,
+        label: str = "",
+        higher_is_better: Iterable[str] = HIGHER_IS_BETTER,
+    ) -> LMCResult:
+        """Build a result (barriers and AUCs included) from measured values."""
+        if not values:
+            raise ValueError("LMCResult needs at least one metric")
+        better = set(higher_is_better)
+        lam = [float(x) for x in lambdas]
+        vals = {k: [float(x) for x in v] for k, v in values.items()}
+        barriers, aucs, nonfinite = {}, {}, {}
+        for name, v in vals.items():
+            barriers[name], aucs[name] = barrier_and_auc(lam, v, higher_is_better=name in better)
+            bad = [lm for lm, x in zip(lam, v) if not math.isfinite(x)]
+            if bad:
+                nonfinite[name] = bad
+        main = "loss" if "loss" in vals else next(iter(vals))
+        return cls(lam, vals, barriers[main], aucs[main], barriers, aucs, label, nonfinite)
+
+    def summary(self) -> str:
+        """One line: ``label: loss barrier ..., AUC ...; accuracy barrier ...``."""
+        parts = [f"{k} barrier {self.barriers[k]:.4g}, AUC {self.aucs[k]:.4g}" for k in self.values]
+        bad = f" (non-finite at {self.nonfinite})" if self.nonfinite else ""
+        return f"{self.label or 'lmc'}: " + "; ".join(parts) + bad
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (for JSON / loggers)."""
+        return {
+            "label": self.label,
+            "lambdas": list(self.lambdas),
+            "values": {k: list(v) for k, v in self.values.items()},
+            "barrier": self.barrier,
+            "auc": self.auc,
+            "barriers": dict(self.barriers),
+            "aucs": dict(self.aucs),
+            "nonfinite": {k: list(v) for k, v in self.nonfinite.items()},
+        }
+
+    def plot(self, ax: Axes | None = None, metric: str = "loss", **kwargs: Any) -> Axes:
+        """Draw ``metric`` against lambda on ``ax`` (a new figure's axes when None)."""
+        from rebasin_callbacks.plotting import plot_curve
+
+        return plot_curve(self, ax=ax, metric=metric, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def _device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch: a tensor (no targets) or a (inputs, targets, ...) sequence."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and len(batch) >= 1:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(
+        f"a batch must be a tensor or an (inputs, targets) tuple/list, got {type(batch).__name__}; "
+        "pass a callable evaluate for other batch formats"
+    )
+
+
+def _take_batches(data: Iterable[Any], n_batches: int | None, device: torch.device, what: str) -> list[Any]:
+    if isinstance(data, Tensor):
+        data = [data]
+    if n_batches is not None and n_batches < 1:
+        raise ValueError(f"{what}: n_batches must be >= 1 or None, got {n_batches}")
+    out = []
+    for i, batch in enumerate(data):
+        if n_batches is not None and i >= n_batches:
+            break
+        out.append(_to(batch, device))
+    if not out:
+        raise ValueError(f"{what}: the data yielded no batches")
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    data: Iterable[Any],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    *,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Mean loss (and accuracy for ``[N, C]`` logits with integer targets) of ``model`` over ``data``.
+
+    ``data`` yields ``(inputs, targets)`` batches; ``loss_fn`` (default cross-entropy) must return the batch
+    mean, and batches are weighted by their size. The model is evaluated in eval mode and its mode is
+    restored.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> m = nn.Linear(3, 2)
+        >>> sorted(evaluate_model(m, [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]))
+        ['accuracy', 'loss']
+    """
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    total_loss, n_loss, correct, n_acc = 0.0, 0, 0, 0
+    try:
+        for i, batch in enumerate(data):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = _split_batch(_to(batch, device))
+            if y is None:
+                raise ValueError("evaluate_model: batches must be (inputs, targets) pairs")
+            out = model(x)
+            n = y.shape[0] if y.dim() > 0 else 1
+            total_loss += float(loss_fn(out, y)) * n
+            n_loss += n
+            if out.dim() == 2 and out.is_floating_point() and not y.is_floating_point() and y.dim() == 1:
+                correct += int((out.argmax(dim=1) == y).sum())
+                n_acc += n
+    finally:
+        model.train(was_training)
+    if n_loss == 0:
+        raise ValueError("evaluate_model: the data yielded no batches")
+    result = {"loss": total_loss / n_loss}
+    if n_acc == n_loss:
+        result["accuracy"] = correct / n_acc
+    return result
+
+
+def _as_metrics(value: Any) -> dict[str, float]:
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            out[str(k)] = float(v.detach().float().item() if isinstance(v, Tensor) else v)
+        if not out:
+            raise ValueError("evaluate returned an empty mapping")
+        return out
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"evaluate returned a tensor of shape {tuple(value.shape)}; expected a scalar")
+        return {"loss": float(value.detach().float().item())}
+    if isinstance(value, (int, float)):
+        return {"loss": float(value)}
+    raise TypeError(
+        f"evaluate must return a float or a mapping of metric -> float, got {type(value).__name__}"
+    )
+
+
+def _make_evaluator(
+    evaluate: Evaluate,
+) -> tuple[Callable[[nn.Module], dict[str, float]], Iterable[Any] | None]:
+    """The evaluation function and, when there is one, its data (the fallback data for reset_bn / repair)."""
+    if (
+        isinstance(evaluate, tuple)
+        and len(evaluate) == 2
+        and callable(evaluate[1])
+        and not callable(evaluate[0])
+    ):
+        data, loss_fn = evaluate
+        return (lambda m: evaluate_model(m, data, loss_fn)), data
+    if callable(evaluate) and not isinstance(evaluate, nn.Module):
+        fn = evaluate
+        return (lambda m: _as_metrics(fn(m))), None
+    if isinstance(evaluate, Iterable) and not isinstance(evaluate, (str, bytes, nn.Module)):
+        data = evaluate
+        return (lambda m: evaluate_model(m, data)), data
+    raise TypeError(
+        "evaluate must be a callable model -> loss or dict, a (dataloader, loss_fn) pair or a dataloader, "
+        f"got {type(evaluate).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- BN statistics
+def _bn_modules(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def _reset_bn_on(model: nn.Module, batches: Sequence[Any]) -> nn.Module:
+    bns = _bn_modules(model)
+    if not bns:
+        return model
+    modes = {m: m.training for m in model.modules()}
+    momenta = {bn: bn.momentum for bn in bns}
+    try:
+        model.eval()  # dropout & co stay off; only BatchNorm layers collect statistics
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average: every batch counts equally
+            bn.train()
+        for batch in batches:
+            x, _ = _split_batch(batch)
+            model(x)
+    finally:
+        for bn, mom in momenta.items():
+            bn.momentum = mom
+        for m, mode in modes.items():
+            m.training = mode
+    return model
+
+
+def reset_bn_stats(
+    model: nn.Module, data: Iterable[Any] | Tensor, *, n_batches: int | None = 10
+) -> nn.Module:
+    """Recompute every BatchNorm layer's running mean and variance on a few training batches (in place).
+
+    Statistics are reset and re-estimated as the plain average over ``n_batches`` batches of ``data``
+    (``momentum=None``); only BatchNorm layers run in train mode (dropout stays off), and every module's mode
+    and momentum are restored. Needed after interpolation: the interpolated running statistics are not the
+    statistics of the interpolated network. Returns ``model``; a model without BatchNorm is unchanged.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> _ = reset_bn_stats(m, [torch.randn(16, 3) for _ in range(2)])
+        >>> int(m[1].num_batches_tracked)
+        2
+    """
+    return _reset_bn_on(model, _take_batches(data, n_batches, _device(model), "reset_bn_stats"))
+
+
+# --------------------------------------------------------------------------------------------- REPAIR
+class _StopForward(Exception):
+    """Raised from a hook to skip the rest of a forward pass once the needed statistics are collected."""
+
+
+def _channels_last(y: Tensor, kind: str) -> Tensor:
+    # Linear: features are the last dim; conv and BatchNorm: channels are dim 1
+    flat = y if kind == "linear" else y.movedim(1, -1)
+    return flat.reshape(-1, flat.shape[-1]).double()
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.sum: Tensor | None = None
+        self.sumsq: Tensor | None = None
+        self.n = 0
+
+    def add(self, y: Tensor) -> None:
+        s, s2 = y.sum(0), (y * y).sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sumsq = s2 if self.sumsq is None else self.sumsq + s2
+        self.n += y.shape[0]
+
+    def mean_std(self) -> tuple[Tensor, Tensor]:
+        assert self.sum is not None and self.sumsq is not None
+        mean = self.sum / self.n
+        var = (self.sumsq / self.n - mean * mean).clamp_min(0.0)
+        return mean, var.sqrt()
+
+
+@dataclass
+class _Point:
+    name: str  # module whose output is renormalised
+    kind: Literal["linear", "conv", "bn"]
+
+
+def _repair_points(model: nn.Module, example: Any) -> list[_Point]:
+    """Repairable modules in execution order: each conv/linear, or the BatchNorm that directly follows it.
+
+    A BatchNorm counts as following a layer when its input is that layer's output tensor (object identity),
+    which is robust to module registration order. Layers whose output is the model's output (the
+    classifier) and modules called more than once are left alone.
+    """
+    named = dict(model.named_modules())
+    calls: list[tuple[str, str]] = []
+    outputs: dict[str, Tensor] = {}
+    bn_input: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+
+    def layer_hook(name: str, kind: str) -> Callable[..., None]:
+        def hook(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+            counts[name] = counts.get(name, 0) + 1
+            if isinstance(out, Tensor):
+                calls.append((name, kind))
+                outputs[name] = out
+                if kind == "bn" and inp and isinstance(inp[0], Tensor):
+                    bn_input[name] = inp[0]
+
+        return hook
+
+    for name, m in named.items():
+        if isinstance(m, nn.Linear):
+            kind = "linear"
+        elif isinstance(m, _ConvNd) and not m.transposed:
+            kind = "conv"
+        elif isinstance(m, _BatchNorm):
+            kind = "bn"
+        else:
+            continue
+        handles.append(m.register_forward_hook(layer_hook(name, kind)))
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            final = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in was_training.items():
+            m.training = mode
+
+    followed_by: dict[str, str] = {}
+    for bn, x in bn_input.items():
+        for name, kind in calls:
+            if kind != "bn" and outputs.get(name) is x:
+                followed_by[name] = bn
+    points: list[_Point] = []
+    seen: set[str] = set()
+    for name, kind in calls:
+        if kind == "bn" or name in seen or counts.get(name, 0) != 1:
+            continue
+        seen.add(name)
+        target = followed_by.get(name)
+        out = outputs[target] if target is not None else outputs[name]
+        if isinstance(final, Tensor) and out is final:
+            continue
+        if target is not None and counts.get(target, 0) == 1:
+            points.append(_Point(target, "bn"))
+        elif target is None:
+            points.append(_Point(name, kind))  # type: ignore[arg-type]
+    return points
+
+
+@torch.no_grad()
+def _collect(
+    model: nn.Module, points: Sequence[_Point], batches: Sequence[Any], *, stop_after: str | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-channel mean and std of each point's output over ``batches`` (eval mode)."""
+    named = dict(model.named_modules())
+    stats = {p.name: _Stats() for p in points}
+    handles = []
+
+    def make_hook(p: _Point) -> Callable[..., None]:
+        def hook(mod: nn.Module, inp: tuple[Any, ...], out: Tensor) -> None:
+            stats[p.name].add(_channels_last(out, p.kind))
+            if p.name == stop_after:
+                raise _StopForward
+
+        return hook
+
+    for p in points:
+        handles.append(named[p.name].register_forward_hook(make_hook(p)))
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        for batch in batches:
+            x, _ = _split_batch(batch)
+            try:
+                model(x)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in was_training.items():
+            m.training = mode
+    return {name: s.mean_std() for name, s in stats.items()}
+
+
+@torch.no_grad()
+def _renormalise(
+    module: nn.Module,
+    point: _Point,
+    mean: Tensor,
+    std: Tensor,
+    goal_mean: Tensor,
+    goal_std: Tensor,
+    eps: float,
+) -> None:
+    """Turn the point's output ``y`` into ``scale * (y - mean) + goal_mean`` with ``scale = goal_std / std``."""
+    scale = torch.where(std > eps, goal_std / std.clamp_min(eps), torch.ones_like(std))
+    if point.kind == "bn":
+        if module.weight is None or module.bias is None:
+            warnings.warn(
+                f"repair: BatchNorm {point.name!r} has no affine parameters; it is left as is",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+    weight, bias = module.weight, module.bias
+    w_shape = [-1] + [1] * (weight.dim() - 1)
+    weight.mul_(scale.to(weight.dtype).view(w_shape))
+    if bias is not None:
+        bias.copy_(((bias.double() - mean) * scale + goal_mean).to(bias.dtype))
+    else:
+        warnings.warn(
+            f"repair: {point.name!r} has no bias, so only its standard deviation is repaired (not its mean)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _repair_with_stats(
+    interpolated: nn.Module,
+    lam: float,
+    points: Sequence[_Point],
+    stats_a: Mapping[str, tuple[Tensor, Tensor]],
+    stats_b: Mapping[str, tuple[Tensor, Tensor]],
+    batches: Sequence[Any],
+    eps: float,
+) -> nn.Module:
+    named = dict(interpolated.named_modules())
+    # one point at a time, in execution order: repairing a layer changes the statistics of every later one
+    for p in points:
+        mean, std = _collect(interpolated, [p], batches, stop_after=p.name)[p.name]
+        (ma, sa), (mb, sb) = stats_a[p.name], stats_b[p.name]
+        goal_mean = (1.0 - lam) * ma + lam * mb
+        goal_std = (1.0 - lam) * sa + lam * sb
+        _renormalise(named[p.name], p, mean, std, goal_mean, goal_std, eps)
+    return interpolated
+
+
+def repair(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    interpolated: nn.Module,
+    lam: float,
+    data: Iterable[Any] | Tensor,
+    *,
+    n_batches: int | None = 10,
+    eps: float = 1e-6,
+) -> nn.Module:
+    """REPAIR (Jordan et al., 2022): give every interpolated unit the interpolated endpoint statistics.
+
+    For each convolution / linear layer (the classifier excepted), the pre-activation of every unit (the
+    output of the BatchNorm right after the layer when there is one, else the layer's output) gets mean
+    ``(1 - lam) * mu_A + lam * mu_B`` and standard deviation ``(1 - lam) * sigma_A + lam * sigma_B``
+    over ``n_batches`` batches of ``data``, by rescaling and shifting the layer's weight and bias (or the
+    BatchNorm's affine parameters). Layers are repaired in execution order, each measured after the earlier
+    ones are fixed, so the match is exact on the data used. ``interpolated`` is modified in place and
+    returned; statistics are taken in eval mode.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> b = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> mid = repair(a, b, interpolate(a, b, 0.5), 0.5, [torch.randn(64, 4)])
+        >>> isinstance(mid, nn.Sequential)
+        True
+    """
+    lam = _check_lambda(lam)
+    batches = _take_batches(data, n_batches, _device(interpolated), "repair")
+    _check_compatible(model_a.state_dict(), interpolated.state_dict())
+    _check_compatible(model_b.state_dict(), interpolated.state_dict())
+    points = _repair_points(interpolated, _split_batch(batches[0])[0])
+    stats_a = _collect(model_a, points, batches)
+    stats_b = _collect(model_b, points, batches)
+    return _repair_with_stats(interpolated, lam, points, stats_a, stats_b, batches, eps)
+
+
+# --------------------------------------------------------------------------------------------- the curve
+def _progress(items: Sequence[float], enabled: bool, label: str) -> Iterable[float]:
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return items
+    return tqdm(items, desc=f"LMC {label}".strip(), leave=False)
+
+
+def lmc_curve(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    evaluate: Evaluate,
+    *,
+    n_points: int = 11,
+    lambdas: Sequence[float] | None = None,
+    reset_bn: bool = False,
+    repair: bool = False,
+    train_data: Iterable[Any] | None = None,
+    n_batches: int | None = 10,
+    progress: bool = True,
+    label: str = "",
+    on_nan: Literal["warn", "raise", "ignore"] = "warn",
+    higher_is_better: Iterable[str] = HIGHER_IS_BETTER,
+) -> LMCResult:
+    """Evaluate the models on the straight line between ``model_a`` and ``model_b``; barrier and AUC.
+
+    Args:
+        model_a, model_b: same architecture, same device (neither is modified).
+        evaluate: a callable ``model -> loss`` or ``model -> {"loss": ..., "accuracy": ...}``; or a
+            ``(dataloader, loss_fn)`` pair or a bare dataloader (cross-entropy), then accuracy is reported
+            for ``[N, C]`` logits. The model it receives is in eval mode.
+        n_points: evenly spaced lambdas in ``[0, 1]`` (ignored when ``lambdas`` is given).
+        lambdas: explicit increasing interpolation coefficients (first and last are the endpoints of the
+            chord in Eq. 2 / 3).
+        reset_bn: recompute BatchNorm statistics of every point's model on ``train_data``
+            (:func:`reset_bn_stats`); endpoints included, so the chord is that of the reset endpoints.
+        repair: apply :func:`repair` at every lambda (after ``reset_bn`` when both are set).
+        train_data: batches for ``reset_bn`` / ``repair``; defaults to the evaluation dataloader.
+        n_batches: how many batches of ``train_data`` those use.
+        progress: show a tqdm bar over the points (when tqdm is installed).
+        label: stored on the result (tables, legends).
+        on_nan: a NaN or inf from ``evaluate`` is recorded in ``result.nonfinite`` and makes that metric's
+            barrier and AUC NaN; ``"warn"`` also warns, ``"raise"`` raises a ValueError at once.
+        higher_is_better: metric names whose barrier is the drop below the chord.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+        >>> res = lmc_curve(a, b, lambda m: float(m.weight.norm()), n_points=3, progress=False)
+        >>> res.lambdas
+        [0.0, 0.5, 1.0]
+    """
+    if on_nan not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_nan must be 'warn', 'raise' or 'ignore', got {on_nan!r}")
+    if lambdas is None:
+        if n_points < 2:
+            raise ValueError(f"n_points must be >= 2, got {n_points}")
+        lams = [i / (n_points - 1) for i in range(n_points)]
+    else:
+        lams = [_check_lambda(x) for x in lambdas]
+        if len(lams) < 2 or any(b <= a for a, b in zip(lams, lams[1:])):
+            raise ValueError(f"lambdas must be at least 2 strictly increasing values, got {lams}")
+    evaluator, eval_data = _make_evaluator(evaluate)
+    _check_compatible(model_a.state_dict(), model_b.state_dict())
+
+    batches: list[Any] = []
+    if reset_bn or repair:
+        source = train_data if train_data is not None else eval_data
+        if source is None:
+            what = "reset_bn=True" if reset_bn else "repair=True"
+            raise ValueError(
+                f"lmc_curve: {what} needs train_data (evaluate is a callable, so it has no data)"
+            )
+        batches = _take_batches(source, n_batches, _device(model_a), "lmc_curve")
+        if reset_bn and not _bn_modules(model_a):
+            warnings.warn(
+                "lmc_curve: reset_bn=True but the model has no BatchNorm layer", RuntimeWarning, stacklevel=2
+            )
+    if repair:
+        points = _repair_points(model_a, _split_batch(batches[0])[0])
+        stats_a = _collect(model_a, points, batches)
+        stats_b = _collect(model_b, points, batches)
+
+    values: dict[str, list[float]] = {}
+    for i, lam in enumerate(_progress(lams, progress, label)):
+        model = interpolate(model_a, model_b, lam)
+        if reset_bn:
+            _reset_bn_on(model, batches)
+        if repair:
+            _repair_with_stats(model, lam, points, stats_a, stats_b, batches, 1e-6)
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluator(model)
+        if i == 0:
+            values = {k: [] for k in metrics}
+        elif set(metrics) != set(values):
+            raise ValueError(
+                f"evaluate returned metrics {sorted(metrics)} at lam={lam} but {sorted(values)} before"
+            )
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad and on_nan == "raise":
+            raise ValueError(f"lmc_curve: evaluate returned non-finite {bad} at lam={lam} ({label or 'lmc'})")
+        for k, v in metrics.items():
+            values[k].append(v)
+
+    result = LMCResult.from_values(lams, values, label=label, higher_is_better=higher_is_better)
+    if result.nonfinite and on_nan == "warn":
+        warnings.warn(
+            f"lmc_curve ({label or 'lmc'}): evaluate returned NaN/inf for {result.nonfinite}; "
+            "their barriers and AUCs are NaN",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return result

@@ -1,0 +1,1463 @@
+"""Derive a :class:`PermutationSpec` from a model's computation graph, and verify any spec.
+
+:func:`trace_spec` traces the model with ``torch.fx``, records every intermediate shape on the example
+inputs, then walks the graph once, giving each tensor dimension a *channel-space* label:
+
+* every Linear / Conv output (and every parameter axis) starts a new space;
+* ops that act elementwise, reduce, pool or normalise per channel carry spaces through;
+* ops that combine tensors (``+``, ``*`` with broadcasting, ``@``, attention) merge the spaces they align
+  (union-find); ``torch.cat`` makes a *block* space (the concatenation of its inputs' spaces);
+* the model's inputs and outputs are *fixed* (no permutation may act on them), and whatever the tracer does
+  not understand (an unknown call, a reshape that splits or merges a channel, a grouped convolution, an
+  untraceable submodule) fixes every space it touches: a boundary. All boundaries are reported in ONE
+  warning that names the nodes.
+
+Every space that ends up free and touches a parameter or buffer axis becomes a permutation group. The spec is
+then verified by :func:`check_spec` (random permutations must not change what the model computes, in eval
+mode, with randomised BatchNorm statistics); groups that fail are dropped with a warning, so ``trace_spec``
+never returns a spec that changes the function.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_leaves
+
+from rebasin_callbacks.permute import permute_state_dict
+from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+
+__all__ = ["trace_spec", "check_spec", "check_compatible", "SpecCheckError", "UntraceableModelError"]
+
+
+class SpecCheckError(AssertionError):
+    """A spec changes what the model computes. ``failing`` maps each culprit group to its relative error."""
+
+    def __init__(self, message: str, failing: Mapping[str, float]):
+        super().__init__(message)
+        self.failing = dict(failing)
+
+
+class UntraceableModelError(RuntimeError):
+    """``torch.fx`` cannot trace the model's own ``forward`` (e.g. data-dependent control flow)."""
+
+
+# ====================================================================================== channel spaces
+@dataclass(frozen=True)
+class _Blocks:
+    """A dimension that is the concatenation of blocks ``(space or None, size)`` (from ``torch.cat``)."""
+
+    parts: tuple[tuple[int | None, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(n for _, n in self.parts)
+
+
+DimLabel = int | _Blocks | None  # a space id, a concatenation of spaces, or None (fixed / not a channel)
+
+
+class _Spaces:
+    """Union-find over channel spaces. The root of a class is its earliest space (it gives the name)."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.name: list[str] = []
+        self.fixed: list[bool] = []
+        self.blocks: dict[int, _Blocks] = {}  # root -> the concatenation this space was found to be
+
+    def new(self, size: int, name: str) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(int(size))
+        self.name.append(name)
+        self.fixed.append(size <= 1)  # a single channel has nothing to permute
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def resolve(self, label: DimLabel) -> DimLabel:
+        """Canonical form: fixed spaces become None, refined spaces become their blocks."""
+        if label is None:
+            return None
+        if isinstance(label, int):
+            r = self.find(label)
+            if self.fixed[r]:
+                return None
+            if r in self.blocks:
+                return self.resolve(self.blocks[r])
+            return r
+        parts: list[tuple[int | None, int]] = []
+        for space, n in label.parts:
+            sub = self.resolve(space)
+            if isinstance(sub, _Blocks):
+                parts.extend(sub.parts)
+            else:
+                parts.append((sub, n))
+        if all(s is None for s, _ in parts):
+            return None
+        return _Blocks(tuple(parts))
+
+    def fix(self, label: Any) -> None:
+        """Fix every space inside ``label`` (a dim label, or nested lists / tuples / dicts of them)."""
+        if label is None:
+            return
+        if isinstance(label, int):
+            r = self.find(label)
+            self.fixed[r] = True
+            if r in self.blocks:
+                self.fix(self.blocks[r])
+        elif isinstance(label, _Blocks):
+            for space, _ in label.parts:
+                self.fix(space)
+        elif isinstance(label, Mapping):
+            for v in label.values():
+                self.fix(v)
+        elif isinstance(label, (list, tuple)):
+            for v in label:
+                self.fix(v)
+
+    def label_size(self, label: DimLabel) -> int | None:
+        if isinstance(label, int):
+            return self.size[label]
+        if isinstance(label, _Blocks):
+            return label.size
+        return None
+
+    def merge(self, a: DimLabel, b: DimLabel) -> DimLabel:
+        """Two dimensions that must be permuted alike; returns the merged label."""
+        a, b = self.resolve(a), self.resolve(b)
+        if a is None or b is None:
+            self.fix(a)
+            self.fix(b)
+            return None
+        if isinstance(a, int) and isinstance(b, int):
+            if a == b:
+                return a
+            if self.size[a] != self.size[b]:
+                self.fix(a)
+                self.fix(b)
+                return None
+            lo, hi = min(a, b), max(a, b)
+            self.parent[hi] = lo
+            return lo
+        if isinstance(a, _Blocks) and isinstance(b, int):
+            a, b = b, a
+        if isinstance(a, int) and isinstance(b, _Blocks):
+            # a free space equal to a concatenation: refine it (a block-diagonal permutation is still valid).
+            if self.size[a] != b.size or any(s == a for s, _ in b.parts):
+                self.fix(a)
+                self.fix(b)
+                return None
+            self.blocks[a] = b
+            return b
+        assert isinstance(a, _Blocks) and isinstance(b, _Blocks)
+        if [n for _, n in a.parts] != [n for _, n in b.parts]:
+            self.fix(a)
+            self.fix(b)
+            return None
+        merged = tuple((self.merge(sa, sb), n) for (sa, n), (sb, _) in zip(a.parts, b.parts))
+        return self.resolve(
+            _Blocks(tuple((s if isinstance(s, int) or s is None else None, n) for s, n in merged))
+        )
+
+
+# ====================================================================================== tracing
+class _Untraceable(Exception):
+    def __init__(self, qualname: str, error: BaseException):
+        super().__init__(f"{qualname}: {error}")
+        self.qualname, self.error = qualname, error
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that treats known attention modules and user-chosen modules as leaves, and reports the
+    innermost submodule whose forward cannot be traced."""
+
+    def __init__(self, leaf_names: set[str], leaf_types: tuple[type, ...], autowrap: tuple[Callable, ...]):
+        super().__init__(autowrap_functions=autowrap)
+        self.leaf_names, self.leaf_types = leaf_names, leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if _pattern_of(m) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except _Untraceable:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure inside a submodule makes it a leaf candidate
+            raise _Untraceable(self.path_of_module(m), e) from e
+
+
+def _normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        f"example_inputs must be a Tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def _concrete_args(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Arguments the caller does not pass are traced with their defaults (so `if mask is None` works)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out: dict[str, Any] = {}
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if i >= len(args) and p.name not in kwargs and p.default is not inspect.Parameter.empty:
+            out[p.name] = p.default
+    return out
+
+
+def _user_frame(error: BaseException) -> str:
+    """The innermost traceback line outside torch (where the untraceable construct is)."""
+    frames = [
+        f for f in traceback.extract_tb(error.__traceback__) if "/torch/" not in f.filename.replace("\\", "/")
+    ]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno} in {f.name}(): `{(f.line or '').strip()}`"
+
+
+def _build_graph(
+    model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Iterable[type | str] | None
+) -> tuple[fx.GraphModule, list[str]]:
+    """Trace ``model``; submodules that cannot be traced become leaves (returned as the second item)."""
+    leaf_names = {m for m in (leaf_modules or ()) if isinstance(m, str)}
+    leaf_types = tuple(m for m in (leaf_modules or ()) if isinstance(m, type))
+    autowrap: tuple[Callable, ...] = ()
+    if "timm" in sys.modules:  # timm registers functions that must not be traced through
+        try:
+            from timm.layers import _fx as timm_fx
+
+            autowrap = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+        except Exception:  # noqa: BLE001 - an older timm without the registry
+            autowrap = ()
+    concrete = _concrete_args(model, args, kwargs)
+    added: list[str] = []
+    for _ in range(64):
+        tracer = _Tracer(leaf_names, leaf_types, autowrap)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+        except _Untraceable as e:
+            if e.qualname in leaf_names or not e.qualname:
+                raise _untraceable_error(model, e.error) from e.error
+            leaf_names.add(e.qualname)
+            added.append(f"{e.qualname} ({type(e.error).__name__}: {str(e.error).splitlines()[0][:120]})")
+            continue
+        except Exception as e:  # noqa: BLE001 - the model's own forward cannot be traced
+            raise _untraceable_error(model, e) from e
+        return fx.GraphModule(tracer.root, graph, type(model).__name__), added
+    raise UntraceableModelError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
+
+
+def _untraceable_error(model: nn.Module, error: BaseException) -> UntraceableModelError:
+    return UntraceableModelError(
+        f"cannot trace {type(model).__name__}.forward with torch.fx: {type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}{_user_frame(error)}. Data-dependent control flow "
+        "(an `if` or loop on tensor values) cannot be traced symbolically. Either move the construct into a "
+        "submodule and pass it in leaf_modules=[...] (it becomes a boundary), or write the spec by hand: "
+        "PermutationSpec.from_axes({'fc1.weight': ('P0', None), 'fc1.bias': ('P0',), 'fc2.weight': (None, 'P0'), "
+        "...}, model.state_dict())."
+    )
+
+
+def _structure(value: Any) -> Any:
+    """Shapes of the tensors inside a value (torch.Size for a tensor, nested lists/dicts, None otherwise)."""
+    if isinstance(value, Tensor):
+        return value.shape
+    if isinstance(value, (list, tuple)):
+        return [_structure(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _structure(v) for k, v in value.items()}
+    return None
+
+
+def _placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+    """Positional values for the graph's placeholders, from the caller's positional and keyword inputs."""
+    values: list[Any] = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        name = str(node.target).lstrip("*")
+        if i < len(args):
+            values.append(args[i])
+        elif name in kwargs:
+            values.append(kwargs[name])
+        elif node.args:  # the default recorded by the tracer
+            values.append(node.args[0])
+        else:
+            values.append(None)
+    return values
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.shapes[n] = _structure(out)
+        return out
+
+
+# ====================================================================================== op tables
+_ELEMENTWISE_FUNCS: set[Any] = {
+    torch.relu, torch.relu_, F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.leaky_relu,
+    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid, F.sigmoid,
+    F.tanh, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
+    torch.square, torch.erf, torch.sin, torch.cos, torch.clamp, torch.clip, torch.nan_to_num, torch.sign,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    operator.neg, operator.pos, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+    torch.clone, torch.contiguous_format, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
+    F.normalize, F.threshold, torch.reciprocal, torch.floor, torch.ceil, torch.round,
+}  # fmt: skip
+_ELEMENTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "neg", "sqrt", "rsqrt",
+    "square", "erf", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "contiguous", "clone", "detach",
+    "float", "half", "double", "bfloat16", "to", "type", "type_as", "softmax", "log_softmax", "reciprocal",
+    "sign", "floor", "ceil", "round", "requires_grad_", "zero_", "fill_", "nan_to_num", "cpu", "cuda",
+}  # fmt: skip
+_BINARY = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul,
+    torch.div, torch.true_divide, torch.maximum, torch.minimum, torch.pow, torch.where, torch.lerp,
+    torch.addcmul, torch.addcdiv, torch.masked_fill, torch.subtract, torch.multiply,
+}  # fmt: skip
+_BINARY_METHODS = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "pow", "pow_", "maximum",
+    "minimum", "masked_fill", "masked_fill_", "lerp", "addcmul", "addcmul_", "addcdiv", "where", "copy_",
+}  # fmt: skip
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
+               torch.prod, torch.norm, torch.linalg.vector_norm}  # fmt: skip
+_REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod", "norm", "nansum"}
+_META_METHODS = {"size", "dim", "numel", "item", "is_floating_point", "is_contiguous", "nelement", "ndimension",
+                 "get_device", "element_size"}  # fmt: skip
+_RESHAPES = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.ravel, torch.unflatten}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+                    "unflatten", "ravel", "squeeze_", "unsqueeze_"}  # fmt: skip
+_EXPAND_METHODS = {"expand", "expand_as", "repeat"}  # repeat: only size-1 dims can be repeated safely
+_SPATIAL_FUNCS = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3, F.lp_pool2d: 2, F.lp_pool1d: 1,
+    torch.max_pool2d: 2, torch.avg_pool1d: 1, torch.adaptive_avg_pool1d: 1,
+}  # fmt: skip
+_ELEMENTWISE_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.Softmax, nn.LogSoftmax, nn.Softmax2d, nn.Threshold,
+)  # fmt: skip
+_SPATIAL_MODULES: dict[type, int] = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.LPPool1d: 1, nn.LPPool2d: 2,
+}  # fmt: skip
+# stochastic depth / drop path multiply by a per-sample mask: equivariant along channels
+_DROP_PATH_NAMES = {"stochastic_depth", "drop_path"}
+
+
+def _pattern_of(m: nn.Module) -> str | None:
+    """Attention modules handled as one unit (their per-head reshapes cannot be followed generically)."""
+    cls = type(m)
+    if (
+        cls.__name__ == "Attention"
+        and cls.__module__.startswith("timm.")
+        and isinstance(getattr(m, "qkv", None), nn.Linear)
+        and isinstance(getattr(m, "proj", None), nn.Linear)
+        and getattr(m, "gate", None) is None
+        and isinstance(getattr(m, "num_heads", None), int)
+        and all(
+            isinstance(getattr(m, n, nn.Identity()), (nn.Identity, nn.LayerNorm))
+            for n in ("q_norm", "k_norm", "norm")
+        )
+    ):
+        return "timm_attention"
+    return None
+
+
+# ====================================================================================== the walk
+class _Walker:
+    """Assigns channel-space labels to every value of the graph and binds parameter axes to them."""
+
+    def __init__(self, gm: fx.GraphModule, shapes: Mapping[fx.Node, Any], state: Mapping[str, Tensor]):
+        self.gm, self.shapes = gm, shapes
+        self.sp = _Spaces()
+        self.labels: dict[fx.Node, Any] = {}
+        self.bindings: dict[str, list[DimLabel]] = {}
+        self.boundaries: list[str] = []
+        self.modules = dict(gm.named_modules())
+        # tied tensors (one tensor under several names) must get one permutation: bind them to one key
+        self.alias: dict[str, str] = {}
+        first: dict[tuple[int, tuple[int, ...]], str] = {}
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                ident = (id(value), tuple(value.shape))
+                self.alias[key] = first.setdefault(ident, key)
+        self.state = state
+
+    # ------------------------------------------------------------------ helpers
+    def lab(self, a: Any) -> Any:
+        """The label of an argument (a node, or nested lists of nodes); None for constants."""
+        if isinstance(a, fx.Node):
+            return self.labels.get(a)
+        if isinstance(a, (list, tuple)):
+            return [self.lab(x) for x in a]
+        if isinstance(a, Mapping):
+            return {k: self.lab(v) for k, v in a.items()}
+        return None
+
+    def shape(self, a: Any) -> tuple[int, ...] | None:
+        s = self.shapes.get(a) if isinstance(a, fx.Node) else None
+        return tuple(s) if isinstance(s, torch.Size) else None
+
+    def is_tensor(self, a: Any) -> bool:
+        return self.shape(a) is not None
+
+    def param(self, key: str) -> list[DimLabel] | None:
+        """The labels bound to a state_dict entry's axes (fresh spaces the first time)."""
+        key = self.alias.get(key, key)
+        if key not in self.state:
+            return None
+        if key not in self.bindings:
+            base = key.rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key
+            shape = tuple(self.state[key].shape)
+            self.bindings[key] = [
+                self.sp.new(n, f"P_{base}" if ax == 0 else f"P_{key}:{ax}") for ax, n in enumerate(shape)
+            ]
+        return self.bindings[key]
+
+    def bind(self, key: str, axis: int, label: DimLabel) -> DimLabel:
+        labels = self.param(key)
+        if labels is None:
+            self.sp.fix(label)
+            return None
+        labels[axis] = self.sp.merge(labels[axis], label)
+        return labels[axis]
+
+    def fix_param(self, key: str) -> None:
+        labels = self.param(key)
+        if labels is not None:
+            self.sp.fix(labels)
+
+    def none_like(self, structure: Any) -> Any:
+        if isinstance(structure, torch.Size):
+            return tuple([None] * len(structure))
+        if isinstance(structure, list):
+            return [self.none_like(s) for s in structure]
+        if isinstance(structure, Mapping):
+            return {k: self.none_like(v) for k, v in structure.items()}
+        return None
+
+    def boundary(self, node: fx.Node, why: str) -> Any:
+        """Fix every space the node touches; its outputs are fixed too."""
+        touched = [self.lab(a) for a in list(node.args) + list(node.kwargs.values())]
+        if node.op == "call_module":
+            for key in self._module_keys(node.target):
+                self.fix_param(key)
+        if any(self._has_space(t) for t in touched) or node.op == "call_module":
+            self.boundaries.append(f"{node.name} ({why})")
+        self.sp.fix(touched)
+        return self.none_like(self.shapes.get(node))
+
+    def cut(self, node: fx.Node, label: Any, why: str) -> None:
+        """Fix ``label``; a boundary worth reporting when it carried a free space."""
+        if self._has_space(label):
+            self.boundaries.append(f"{node.name} ({why})")
+        self.sp.fix(label)
+
+    def _has_space(self, label: Any) -> bool:
+        if isinstance(label, (list, tuple)):
+            return any(self._has_space(x) for x in label)
+        if isinstance(label, Mapping):
+            return any(self._has_space(x) for x in label.values())
+        return self.sp.resolve(label) is not None if isinstance(label, (int, _Blocks)) else False
+
+    def _module_keys(self, target: str) -> list[str]:
+        m = self.modules[target]
+        prefix = f"{target}." if target else ""
+        names = [prefix + n for n, _ in m.named_parameters()] + [prefix + n for n, _ in m.named_buffers()]
+        return [k for k in names if k in self.state]
+
+    # ------------------------------------------------------------------ generic label algebra
+    def broadcast(self, node: fx.Node, operands: Sequence[Any]) -> Any:
+        out_shape = self.shape(node)
+        if out_shape is None:
+            return self.none_like(self.shapes.get(node))
+        nd = len(out_shape)
+        out: list[DimLabel] = []
+        for i in range(nd):
+            cur: Any = ...
+            for a in operands:
+                shape = self.shape(a)
+                if shape is None:
+                    continue
+                j = len(shape) - nd + i
+                if j < 0 or (shape[j] == 1 and out_shape[i] != 1):
+                    continue
+                lab = self.labels[a][j]
+                cur = lab if cur is ... else self.sp.merge(cur, lab)
+            out.append(None if cur is ... else cur)
+        return tuple(out)
+
+    def reshape(self, node: fx.Node, x: Any) -> tuple:
+        """Dims that map one-to-one keep their label; dims that are split or merged are fixed."""
+        labels, in_shape, out_shape = self.lab(x), self.shape(x), self.shape(node)
+        if labels is None or in_shape is None or out_shape is None:
+            return self.boundary(node, "reshape of a non-tensor")
+        out: list[DimLabel] = [None] * len(out_shape)
+        ins = [i for i, n in enumerate(in_shape) if n != 1]
+        outs = [j for j, n in enumerate(out_shape) if n != 1]
+        if math.prod(in_shape) != math.prod(out_shape) or 0 in in_shape:
+            self.cut(node, list(labels), "reshape")
+            return tuple(out)
+        i = j = 0
+        while i < len(ins) and j < len(outs):
+            gi, gj = [ins[i]], [outs[j]]
+            pi, pj = in_shape[ins[i]], out_shape[outs[j]]
+            i, j = i + 1, j + 1
+            while pi != pj:
+                if pi < pj and i < len(ins):
+                    gi.append(ins[i])
+                    pi *= in_shape[ins[i]]
+                    i += 1
+                elif j < len(outs):
+                    gj.append(outs[j])
+                    pj *= out_shape[outs[j]]
+                    j += 1
+                else:
+                    break
+            if len(gi) == 1 and len(gj) == 1:
+                out[gj[0]] = labels[gi[0]]
+            else:
+                self.cut(
+                    node,
+                    [labels[k] for k in gi],
+                    f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits or merges a channel dim",
+                )
+        return tuple(out)
+
+    def reduce(self, node: fx.Node, x: fx.Node, dims: Any) -> Any:
+        labels, in_shape, out_shape = self.labels[x], self.shape(x), self.shape(node)
+        if out_shape is None or in_shape is None:
+            return self.none_like(self.shapes.get(node))
+        nd = len(in_shape)
+        if dims is None or dims == ():
+            red = set(range(nd))
+        else:
+            red = {d % nd for d in ((dims,) if isinstance(dims, int) else dims)} if nd else set()
+        # reducing over a permuted dim is invariant: nothing to fix
+        if list(out_shape) == [1 if k in red else in_shape[k] for k in range(nd)]:
+            return tuple(None if k in red else labels[k] for k in range(nd))
+        if list(out_shape) == [in_shape[k] for k in range(nd) if k not in red]:
+            return tuple(labels[k] for k in range(nd) if k not in red)
+        return self.boundary(node, "reduction with unexpected shape")
+
+    def spatial(self, node: fx.Node, x: Any, k: int) -> Any:
+        labels = self.labels.get(x) if isinstance(x, fx.Node) else None
+        out_shape = self.shape(node)
+        if labels is None or out_shape is None or len(out_shape) != len(labels) or len(labels) < k:
+            return self.boundary(node, "pooling with unexpected shapes")
+        self.cut(
+            node, list(labels[-k:]), "pooling over a channel dim"
+        )  # pooling mixes positions: those dims cannot be permuted
+        return tuple(labels[:-k]) + (None,) * k
+
+    def matmul(self, node: fx.Node, a: Any, b: Any) -> Any:
+        la, lb, sa, sb = self.lab(a), self.lab(b), self.shape(a), self.shape(b)
+        if la is None or lb is None or sa is None or sb is None or not sa or not sb:
+            return self.boundary(node, "matmul with a non-tensor")
+        if len(sb) == 1:
+            self.sp.merge(la[-1], lb[0])
+            return tuple(la[:-1])
+        if len(sa) == 1:
+            self.sp.merge(la[0], lb[-2])
+            return tuple(lb[:-2]) + (lb[-1],)
+        self.sp.merge(la[-1], lb[-2])  # the contracted dim: a sum over it is invariant to a shared perm
+        out_shape = self.shape(node)
+        assert out_shape is not None
+        nb = len(out_shape) - 2
+        batch: list[DimLabel] = []
+        for i in range(nb):
+            cur: Any = ...
+            for lab, shp in ((la, sa), (lb, sb)):
+                j = len(shp) - 2 - nb + i
+                if j < 0 or (shp[j] == 1 and out_shape[i] != 1):
+                    continue
+                cur = lab[j] if cur is ... else self.sp.merge(cur, lab[j])
+            batch.append(None if cur is ... else cur)
+        return tuple(batch) + (la[-2], lb[-1])
+
+    # ------------------------------------------------------------------ layers (shared by modules and F.*)
+    def linear(
+        self, x: Any, w: Sequence[DimLabel] | None, b: Sequence[DimLabel] | None, out: DimLabel
+    ) -> Any:
+        lx = self.lab(x)
+        if w is not None:
+            self.sp.merge(w[1], lx[-1])
+            out = self.sp.merge(w[0], out) if out is not None else w[0]
+        if b is not None:
+            out = self.sp.merge(b[0], out)
+        return tuple(lx[:-1]) + (out,)
+
+    def conv(self, node: fx.Node, x: Any, w: Any, b: Any, groups: int, transposed: bool = False) -> Any:
+        """``w`` / ``b``: a state_dict key (module) or a graph value (functional call)."""
+        lx, sx = self.lab(x), self.shape(x)
+        sw = tuple(self.state[w].shape) if isinstance(w, str) else self.shape(w)
+        w = self.param(w) if isinstance(w, str) else self.lab(w)
+        b = self.param(b) if isinstance(b, str) else self.lab(b)
+        if lx is None or sx is None or sw is None or w is None or len(sx) < 2 or len(sw) != len(sx):
+            return self.boundary(node, "convolution on an unexpected input")
+        c_in = sx[1]
+        self.sp.fix(list(w[2:]))  # kernel positions are not permutable
+        if transposed:
+            w_in, w_out = w[0], w[1]
+        else:
+            w_out, w_in = w[0], w[1]
+        if groups == 1:
+            self.sp.merge(w_in, lx[1])
+            out = w_out
+        elif not transposed and groups == c_in and sw[0] == c_in and sw[1] == 1:
+            # depthwise: output channel c only reads input channel c, so both share one permutation
+            self.sp.fix(w_in)
+            out = self.sp.merge(w_out, lx[1])
+        else:
+            self.boundaries.append(f"{node.name} (grouped convolution, groups={groups})")
+            self.sp.fix([w_in, w_out, lx[1]])
+            out = None
+        if b is not None:
+            out = self.sp.merge(b[0], out)
+        return (lx[0], out) + (None,) * (len(sx) - 2)
+
+    def per_channel(self, x: Any, tensors: Sequence[Sequence[DimLabel] | None], channel_dim: int = 1) -> Any:
+        lx = list(self.lab(x))
+        for t in tensors:
+            if t is not None:
+                lx[channel_dim] = self.sp.merge(lx[channel_dim], t[0])
+        return tuple(lx)
+
+    def layer_norm(self, x: Any, k: int, tensors: Sequence[Sequence[DimLabel] | None]) -> Any:
+        lx = list(self.lab(x))
+        for t in tensors:
+            if t is not None:
+                for i in range(k):
+                    lx[len(lx) - k + i] = self.sp.merge(lx[len(lx) - k + i], t[i])
+        return tuple(lx)
+
+    def group_norm(
+        self, node: fx.Node, x: Any, groups: int, tensors: Sequence[Sequence[DimLabel] | None]
+    ) -> Any:
+        sx = self.shape(x)
+        if sx is None or len(sx) < 2:
+            return self.boundary(node, "group norm on an unexpected input")
+        if groups in (1, sx[1]):  # statistics over all channels or per channel: any permutation is fine
+            return self.per_channel(x, tensors)
+        self.boundaries.append(f"{node.name} (GroupNorm with {groups} groups of {sx[1] // groups} channels)")
+        lx = list(self.lab(x))
+        self.sp.fix([lx[1]] + [t for t in tensors if t is not None])
+        lx[1] = None
+        return tuple(lx)
+
+    def sdpa(self, q: Any, k: Any, v: Any, mask: Any) -> Any:
+        lq, lk, lv = self.lab(q), self.lab(k), self.lab(v)
+        self.sp.merge(lq[-1], lk[-1])  # q.k^T sums over the head dim
+        self.sp.merge(lk[-2], lv[-2])  # attn @ v sums over the keys
+        batch = [self.sp.merge(a, b) for a, b in zip(lq[:-2], lv[:-2])]
+        if mask is not None and isinstance(mask, fx.Node) and self.is_tensor(mask):
+            lm, sm = self.lab(mask), self.shape(mask)
+            assert sm is not None
+            for dim_label, j in ((lq[-2], -2), (lk[-2], -1)):
+                if len(sm) >= -j and sm[j] != 1:
+                    self.sp.merge(dim_label, lm[j])
+        return tuple(batch) + (lq[-2], lv[-1])
+
+    # ------------------------------------------------------------------ attention units
+    def heads(self, name: str, num_heads: int, head_dim: int) -> tuple[list[int], list[int]]:
+        qk = [self.sp.new(head_dim, f"P_{name}.qk{h}") for h in range(num_heads)]
+        v = [self.sp.new(head_dim, f"P_{name}.v{h}") for h in range(num_heads)]
+        return qk, v
+
+    def timm_attention(self, node: fx.Node, m: nn.Module) -> Any:
+        x = node.args[0] if node.args else node.kwargs.get("x")
+        lx, t = self.lab(x), node.target
+        num_heads, head_dim = m.num_heads, m.head_dim
+        qk, v = self.heads(t, num_heads, head_dim)
+        for norm in ("q_norm", "k_norm"):
+            for p in ("weight", "bias"):
+                labels = self.param(f"{t}.{norm}.{p}")
+                if labels is not None:  # one norm shared by all heads: the head perms must agree
+                    for s in qk:
+                        self.bind(f"{t}.{norm}.{p}", 0, s)
+        qkv_out = _Blocks(tuple((s, head_dim) for s in qk + qk + v))
+        v_blocks = _Blocks(tuple((s, head_dim) for s in v))
+        self.bind(f"{t}.qkv.weight", 1, lx[-1])
+        self.bind(f"{t}.qkv.weight", 0, qkv_out)
+        if f"{t}.qkv.bias" in self.state:
+            self.bind(f"{t}.qkv.bias", 0, qkv_out)
+        for p in ("weight", "bias"):
+            if f"{t}.norm.{p}" in self.state:
+                self.bind(f"{t}.norm.{p}", 0, v_blocks)
+        self.bind(f"{t}.proj.weight", 1, v_blocks)
+        out = self.param(f"{t}.proj.weight")[0]  # type: ignore[index]
+        if f"{t}.proj.bias" in self.state:
+            out = self.bind(f"{t}.proj.bias", 0, out)
+        mask = node.args[1] if len(node.args) > 1 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            self.sp.fix(self.lab(mask))
+        return tuple(lx[:-1]) + (out,)
+
+    def multihead_attention(self, node: fx.Node, m: nn.MultiheadAttention) -> Any:
+        t = node.target
+        names = ["query", "key", "value"]
+        q, k, v = (node.args[i] if len(node.args) > i else node.kwargs.get(names[i]) for i in range(3))
+        lq, lk, lv = self.lab(q), self.lab(k), self.lab(v)
+        for other in list(node.args[3:]) + [a for n, a in node.kwargs.items() if n not in names]:
+            self.sp.fix(self.lab(other))  # masks
+        for lab in (lq, lk, lv):
+            self.cut(node, list(lab[:-1]), "attention over a channel dim")  # sequence and batch positions
+        qk, vh = self.heads(t, m.num_heads, m.head_dim)
+        qk_b = _Blocks(tuple((s, m.head_dim) for s in qk))
+        v_b = _Blocks(tuple((s, m.head_dim) for s in vh))
+        if m._qkv_same_embed_dim:
+            for lab in (lq, lk, lv):
+                self.bind(f"{t}.in_proj_weight", 1, lab[-1])
+            self.bind(f"{t}.in_proj_weight", 0, _Blocks(qk_b.parts + qk_b.parts + v_b.parts))
+        else:
+            for p, lab, blocks in (("q", lq, qk_b), ("k", lk, qk_b), ("v", lv, v_b)):
+                self.bind(f"{t}.{p}_proj_weight", 1, lab[-1])
+                self.bind(f"{t}.{p}_proj_weight", 0, blocks)
+        if m.in_proj_bias is not None:
+            self.bind(f"{t}.in_proj_bias", 0, _Blocks(qk_b.parts + qk_b.parts + v_b.parts))
+        if m.bias_k is not None:
+            self.bind(f"{t}.bias_k", 2, qk_b)
+            self.bind(f"{t}.bias_v", 2, v_b)
+        self.bind(f"{t}.out_proj.weight", 1, v_b)
+        out = self.param(f"{t}.out_proj.weight")[0]  # type: ignore[index]
+        if f"{t}.out_proj.bias" in self.state:
+            out = self.bind(f"{t}.out_proj.bias", 0, out)
+        structure = self.shapes.get(node)
+        weights = self.none_like(structure[1]) if isinstance(structure, list) else None
+        return [(None,) * (len(lq) - 1) + (out,), weights]
+
+    # ------------------------------------------------------------------ dispatch
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            label = self.visit(node)
+            structure = self.shapes.get(node)
+            if isinstance(structure, torch.Size) and not self._fits(label, structure):
+                # a safety net: a handler produced labels that do not match the recorded shape
+                label = self.boundary(node, "unexpected result shape")
+            self.labels[node] = label
+
+    def _fits(self, label: Any, shape: torch.Size) -> bool:
+        if not isinstance(label, tuple) or len(label) != len(shape):
+            return False
+        return all(self.sp.label_size(d) in (None, n) for d, n in zip(label, shape))
+
+    def visit(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            return self.none_like(self.shapes.get(node))  # inputs are fixed
+        if node.op == "output":
+            self.sp.fix(self.lab(node.args[0]))  # outputs are fixed
+            return None
+        if node.op == "get_attr":
+            structure = self.shapes.get(node)
+            labels = self.param(str(node.target)) if isinstance(structure, torch.Size) else None
+            return tuple(labels) if labels is not None else self.none_like(structure)
+        if node.op == "call_module":
+            return self.visit_module(node, self.modules[str(node.target)])
+        if node.op == "call_method":
+            return self.visit_method(node, str(node.target))
+        return self.visit_function(node, node.target)
+
+    def arg(self, node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+        if len(node.args) > i:
+            return node.args[i]
+        return node.kwargs.get(name, default)
+
+    def visit_module(self, node: fx.Node, m: nn.Module) -> Any:
+        t = str(node.target)
+        x = self.arg(node, 0, "input")
+        if isinstance(m, _ELEMENTWISE_MODULES) and self.is_tensor(x):
+            return self.lab(x)
+        if not self.is_tensor(x) and not isinstance(m, nn.MultiheadAttention):
+            return self.boundary(node, f"module {type(m).__name__} on a non-tensor input")
+        if _pattern_of(m) == "timm_attention":
+            return self.timm_attention(node, m)
+        if isinstance(m, nn.MultiheadAttention):
+            return self.multihead_attention(node, m)
+        p = self.param
+        if isinstance(m, nn.Linear):
+            return self.linear(x, p(f"{t}.weight"), p(f"{t}.bias") if m.bias is not None else None, None)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return self.conv(node, x, f"{t}.weight", f"{t}.bias" if m.bias is not None else None, m.groups)
+        if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and m.groups == 1:
+            return self.conv(node, x, f"{t}.weight", f"{t}.bias" if m.bias is not None else None, 1, True)
+        if isinstance(m, (nn.modules.batchnorm._NormBase)):  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+            keys = [f"{t}.{n}" for n in ("weight", "bias", "running_mean", "running_var")]
+            return self.per_channel(x, [p(k) for k in keys if k in self.state])
+        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            k = len(m.normalized_shape)
+            return self.layer_norm(
+                x, k, [p(f"{t}.{n}") for n in ("weight", "bias") if f"{t}.{n}" in self.state]
+            )
+        if isinstance(m, nn.GroupNorm):
+            return self.group_norm(
+                node, x, m.num_groups, [p(f"{t}.{n}") for n in ("weight", "bias") if f"{t}.{n}" in self.state]
+            )
+        if isinstance(m, nn.PReLU):
+            if m.num_parameters == 1:
+                return self.lab(x)
+            return self.per_channel(x, [p(f"{t}.weight")])
+        if type(m) in _SPATIAL_MODULES:
+            return self.spatial(node, x, _SPATIAL_MODULES[type(m)])
+        if isinstance(
+            m, (nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
+        ):
+            return self.spatial(node, x, 2 if self.shape(x) and len(self.shape(x)) >= 3 else 1)  # type: ignore[arg-type]
+        if isinstance(m, (nn.Flatten, nn.Unflatten)):
+            return self.reshape(node, x)
+        if isinstance(m, nn.Embedding):
+            w = p(f"{t}.weight")
+            self.sp.fix(w[0])  # type: ignore[index]
+            self.sp.fix(self.lab(x))
+            return (None,) * len(self.shape(x)) + (w[1],)  # type: ignore[arg-type,index]
+        return self.boundary(node, f"module {type(m).__name__} not understood")
+
+    def visit_method(self, node: fx.Node, name: str) -> Any:
+        x = node.args[0]
+        if not self.is_tensor(x):
+            return self.generic(node, f"method .{name}()")
+        a = node.args[1:]
+        if name in _META_METHODS:
+            return self.none_like(self.shapes.get(node))
+        if name in _ELEMENTWISE_METHODS:
+            return self.lab(x) if self.shape(node) == self.shape(x) else self.boundary(node, f".{name}()")
+        if name in _BINARY_METHODS:
+            return self.broadcast(
+                node, [x] + [v for v in list(a) + list(node.kwargs.values()) if isinstance(v, fx.Node)]
+            )
+        if name in _REDUCTION_METHODS:
+            return self.reduce(node, x, self.arg_dim(node, 2 if name == "norm" else 1))
+        if name in _RESHAPE_METHODS:
+            return self.reshape(node, x)
+        if name in ("permute", "transpose", "movedim", "swapaxes", "swapdims", "t"):
+            return self.permute_like(node, name, x, a)
+        if name in _EXPAND_METHODS:
+            return self.expand(node, x)
+        if name in ("chunk", "split", "unbind", "tensor_split", "split_with_sizes"):
+            return self.split(node, name, x)
+        if name in ("matmul", "bmm", "mm"):
+            return self.matmul(node, x, a[0])
+        if name in ("softmax", "log_softmax"):
+            return self.lab(x)
+        if name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"):
+            return self.none_like(self.shapes.get(node))
+        if name in ("max", "min") and len(a) == 0 and not node.kwargs:
+            return self.reduce(node, x, None)
+        return self.generic(node, f"method .{name}()")
+
+    def arg_dim(self, node: fx.Node, i: int) -> Any:
+        d = node.args[i] if len(node.args) > i else node.kwargs.get("dim", node.kwargs.get("axis"))
+        return tuple(d) if isinstance(d, list) else d
+
+    def permute_like(self, node: fx.Node, name: str, x: fx.Node, a: Sequence[Any]) -> Any:
+        lx = list(self.lab(x))
+        nd = len(lx)
+        if name == "permute":
+            dims = a[0] if len(a) == 1 and isinstance(a[0], (list, tuple)) else a
+            if not dims:
+                dims = node.kwargs.get("dims", ())
+            order = [int(d) % nd for d in dims]
+            return tuple(lx[d] for d in order)
+        if name == "movedim":
+            src, dst = (a[0], a[1]) if len(a) >= 2 else (node.kwargs["source"], node.kwargs["destination"])
+            src_l = [int(s) % nd for s in (src if isinstance(src, (list, tuple)) else [src])]
+            dst_l = [int(s) % nd for s in (dst if isinstance(dst, (list, tuple)) else [dst])]
+            rest = [d for d in range(nd) if d not in src_l]
+            out: list[Any] = [None] * nd
+            for s, d in zip(src_l, dst_l):
+                out[d] = lx[s]
+            free = [i for i in range(nd) if i not in dst_l]
+            for i, d in zip(free, rest):
+                out[i] = lx[d]
+            return tuple(out)
+        if name == "t" or (name == "transpose" and not a):
+            return tuple(reversed(lx))
+        d0, d1 = (a[0], a[1]) if len(a) >= 2 else (node.kwargs.get("dim0"), node.kwargs.get("dim1"))
+        d0, d1 = int(d0) % nd, int(d1) % nd
+        lx[d0], lx[d1] = lx[d1], lx[d0]
+        return tuple(lx)
+
+    def expand(self, node: fx.Node, x: fx.Node) -> Any:
+        lx, sx, so = self.lab(x), self.shape(x), self.shape(node)
+        if sx is None or so is None:
+            return self.boundary(node, "expand")
+        off = len(so) - len(sx)
+        out: list[DimLabel] = [None] * len(so)
+        for i, n in enumerate(sx):
+            if n == so[off + i]:
+                out[off + i] = lx[i]
+            elif n != 1:
+                self.cut(node, lx[i], "repeat")  # repeat of a non-singleton dim tiles it
+        return tuple(out)
+
+    def split(self, node: fx.Node, name: str, x: fx.Node) -> Any:
+        lx, sx, so = list(self.lab(x)), self.shape(x), self.shapes.get(node)
+        if sx is None or not isinstance(so, list) or not all(isinstance(s, torch.Size) for s in so):
+            return self.boundary(node, f".{name}()")
+        d = node.args[2] if name != "unbind" and len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if name == "unbind":
+            d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        d = int(d) % len(sx)
+        if name == "unbind":
+            self.cut(node, lx[d], "unbind of a channel dim")
+            return [tuple(lx[:d] + lx[d + 1 :]) for _ in so]
+        label = self.sp.resolve(lx[d])
+        sizes = [s[d] for s in so]
+        pieces: list[DimLabel] = [None] * len(so)
+        if label is not None:
+            parts = label.parts if isinstance(label, _Blocks) else ((label, self.sp.size[label]),)
+            bounds, acc = {0: 0}, 0
+            for k, (_, n) in enumerate(parts):
+                acc += n
+                bounds[acc] = k + 1
+            start = 0
+            for k, n in enumerate(sizes):
+                if start in bounds and start + n in bounds and bounds[start + n] > bounds[start]:
+                    sub = parts[bounds[start] : bounds[start + n]]
+                    pieces[k] = sub[0][0] if len(sub) == 1 else _Blocks(tuple(sub))
+                else:
+                    self.cut(node, label, "split inside a channel block")
+                    pieces = [None] * len(so)
+                    break
+                start += n
+        return [tuple(lx[:d] + [pieces[k]] + lx[d + 1 :]) for k in range(len(so))]
+
+    def getitem(self, node: fx.Node, x: Any, idx: Any) -> Any:
+        lx = self.lab(x)
+        if not self.is_tensor(x):
+            if isinstance(lx, (list, tuple)) and isinstance(idx, int):
+                return lx[idx]
+            if isinstance(lx, (list, tuple)) and isinstance(idx, slice):
+                return list(lx[idx])
+            if isinstance(lx, Mapping) and idx in lx:
+                return lx[idx]
+            return self.none_like(self.shapes.get(node))
+        items = idx if isinstance(idx, tuple) else (idx,)
+        if any(isinstance(i, (fx.Node, list, Tensor)) for i in items):
+            return self.boundary(node, "indexing with a tensor")
+        n_consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+        out: list[DimLabel] = []
+        d = 0
+        for i in items:
+            if i is Ellipsis:
+                k = len(lx) - n_consumed
+                out.extend(lx[d : d + k])
+                d += k
+            elif i is None:
+                out.append(None)
+            elif isinstance(i, slice):
+                if i == slice(None):
+                    out.append(lx[d])
+                else:
+                    self.cut(node, lx[d], "slice of a channel dim")
+                    out.append(None)
+                d += 1
+            else:  # an integer: picks one channel
+                self.cut(node, lx[d], "index into a channel dim")
+                d += 1
+        out.extend(lx[d:])
+        return tuple(out)
+
+    def generic(self, node: fx.Node, what: str) -> Any:
+        # ops on non-tensors only (shape arithmetic) need no constraint
+        touched = [self.lab(a) for a in list(node.args) + list(node.kwargs.values())]
+        if not self._has_space(touched) and not self._touches_tensor(node):
+            return self.none_like(self.shapes.get(node))
+        return self.boundary(node, f"{what} not understood")
+
+    def _touches_tensor(self, node: fx.Node) -> bool:
+        found = False
+
+        def visit(a: Any) -> None:
+            nonlocal found
+            if isinstance(a, fx.Node) and self.is_tensor(a):
+                found = True
+
+        fx.node.map_arg((node.args, node.kwargs), visit)
+        return found
+
+    def visit_function(self, node: fx.Node, fn: Any) -> Any:
+        args = node.args
+        x = args[0] if args else next(iter(node.kwargs.values()), None)
+        name = getattr(fn, "__name__", str(fn))
+        if fn is operator.getitem:
+            return self.getitem(node, args[0], args[1])
+        if fn is getattr:
+            if args[1] in ("T", "mT") and self.is_tensor(args[0]):
+                return self.permute_like(
+                    node, "t" if args[1] == "T" else "transpose", args[0], (-2, -1) if args[1] == "mT" else ()
+                )
+            return self.none_like(self.shapes.get(node))
+        if fn in (torch._assert, torch._assert_async) or name in ("_assert",):
+            return None
+        if not self._touches_tensor(node):
+            return self.none_like(self.shapes.get(node))
+        if fn in _ELEMENTWISE_FUNCS or (name in _DROP_PATH_NAMES and self.is_tensor(x)):
+            if self.is_tensor(x) and self.shape(node) == self.shape(x):
+                return self.lab(x)
+            return self.boundary(node, name)
+        if fn in _BINARY:
+            return self.broadcast(
+                node, [v for v in list(args) + list(node.kwargs.values()) if isinstance(v, fx.Node)]
+            )
+        if fn in _REDUCTIONS:
+            return self.reduce(
+                node, x, self.arg_dim(node, 2 if fn in (torch.norm, torch.linalg.vector_norm) else 1)
+            )
+        if fn in _RESHAPES:
+            return self.reshape(node, x)
+        if fn in (torch.permute, torch.transpose, torch.movedim, torch.swapaxes, torch.t):
+            return self.permute_like(
+                node, {torch.swapaxes: "transpose", torch.t: "t"}.get(fn, name), x, args[1:]
+            )
+        if fn in (torch.chunk, torch.split, torch.unbind, torch.tensor_split):
+            return self.split(node, name, x)
+        if fn in (operator.matmul, torch.matmul, torch.bmm, torch.mm):
+            return self.matmul(node, args[0], args[1])
+        if fn in (torch.cat, torch.concat, torch.concatenate):
+            return self.cat(node)
+        if fn is torch.stack:
+            return self.stack(node)
+        if fn in _SPATIAL_FUNCS:
+            return self.spatial(node, x, _SPATIAL_FUNCS[fn])
+        if fn in (F.interpolate, F.upsample, F.pad):
+            sx = self.shape(x)
+            k = len(self.arg(node, 1, "pad", ())) // 2 if fn is F.pad else (len(sx) - 2 if sx else 0)
+            return self.spatial(node, x, max(k, 1))
+        if fn is F.linear:
+            w, b = self.lab(self.arg(node, 1, "weight")), self.lab(self.arg(node, 2, "bias"))
+            return self.linear(x, w, b, None)
+        if fn in (F.conv1d, F.conv2d, F.conv3d):
+            w, b = self.arg(node, 1, "weight"), self.arg(node, 2, "bias")
+            return self.conv(node, x, w, b, int(self.arg(node, 6, "groups", 1)))
+        if fn is F.batch_norm or fn is F.instance_norm:
+            names = ["running_mean", "running_var", "weight", "bias"]
+            return self.per_channel(x, [self.lab(self.arg(node, i + 1, n)) for i, n in enumerate(names)])
+        if fn is F.layer_norm or fn is getattr(F, "rms_norm", None):
+            shape = self.arg(node, 1, "normalized_shape")
+            k = len(shape) if isinstance(shape, (list, tuple)) else 1
+            names = ["weight", "bias"] if fn is F.layer_norm else ["weight"]
+            return self.layer_norm(x, k, [self.lab(self.arg(node, i + 2, n)) for i, n in enumerate(names)])
+        if fn is F.group_norm:
+            names = ["weight", "bias"]
+            return self.group_norm(
+                node,
+                x,
+                int(self.arg(node, 1, "num_groups")),
+                [self.lab(self.arg(node, i + 2, n)) for i, n in enumerate(names)],
+            )
+        if fn is F.scaled_dot_product_attention:
+            return self.sdpa(
+                args[0], self.arg(node, 1, "key"), self.arg(node, 2, "value"), self.arg(node, 3, "attn_mask")
+            )
+        if fn is torch.einsum:
+            return self.einsum(node)
+        if fn is F.embedding:
+            w = self.lab(self.arg(node, 1, "weight"))
+            self.sp.fix([self.lab(x), w[0]])
+            return (None,) * len(self.shape(x)) + (w[1],)  # type: ignore[arg-type]
+        return self.generic(node, f"function {name}")
+
+    def cat(self, node: fx.Node) -> Any:
+        tensors = self.arg(node, 0, "tensors")
+        dim = self.arg(node, 1, "dim", 0)
+        so = self.shape(node)
+        if (
+            so is None
+            or not isinstance(tensors, (list, tuple))
+            or not all(self.is_tensor(t) for t in tensors)
+        ):
+            return self.boundary(node, "cat")
+        d = int(dim) % len(so)
+        out: list[DimLabel] = []
+        for i in range(len(so)):
+            if i == d:
+                parts = tuple((self.lab(t)[i], self.shape(t)[i]) for t in tensors if self.shape(t)[i] > 0)  # type: ignore[index]
+                out.append(
+                    self.sp.resolve(_Blocks(parts)) if len(parts) > 1 else (parts[0][0] if parts else None)
+                )
+            else:
+                cur: Any = ...
+                for t in tensors:
+                    cur = self.lab(t)[i] if cur is ... else self.sp.merge(cur, self.lab(t)[i])
+                out.append(None if cur is ... else cur)
+        return tuple(out)
+
+    def stack(self, node: fx.Node) -> Any:
+        tensors = self.arg(node, 0, "tensors")
+        so = self.shape(node)
+        if (
+            so is None
+            or not isinstance(tensors, (list, tuple))
+            or not all(self.is_tensor(t) for t in tensors)
+        ):
+            return self.boundary(node, "stack")
+        d = int(self.arg(node, 1, "dim", 0)) % len(so)
+        merged: list[DimLabel] = list(self.lab(tensors[0]))
+        for t in tensors[1:]:
+            merged = [self.sp.merge(a, b) for a, b in zip(merged, self.lab(t))]
+        return tuple(merged[:d] + [None] + merged[d:])
+
+    def einsum(self, node: fx.Node) -> Any:
+        eq = node.args[0]
+        ops = node.args[1:]
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = tuple(ops[0])
+        if not isinstance(eq, str) or "..." in eq or "->" not in eq:
+            return self.boundary(node, "einsum")
+        lhs, rhs = eq.replace(" ", "").split("->")
+        terms = lhs.split(",")
+        if len(terms) != len(ops) or not all(self.is_tensor(o) for o in ops):
+            return self.boundary(node, "einsum")
+        letters: dict[str, DimLabel] = {}
+        sizes: dict[str, int] = {}
+        for term, op in zip(terms, ops):
+            for ch, lab, n in zip(term, self.lab(op), self.shape(op)):  # type: ignore[arg-type]
+                if n == 1 and sizes.get(ch, 1) != 1:
+                    continue
+                letters[ch] = lab if ch not in letters else self.sp.merge(letters[ch], lab)
+                sizes[ch] = n
+        return tuple(letters.get(ch) for ch in rhs)
+
+
+# ====================================================================================== spec assembly
+def _assemble(walker: _Walker, state: Mapping[str, Tensor]) -> PermutationSpec:
+    sp = walker.sp
+    names: dict[int, str] = {}
+    sizes: dict[str, int] = {}
+
+    def group_of(space: int) -> str | None:
+        if sp.size[space] <= 1:
+            return None
+        if space not in names:
+            base = sp.name[space]
+            name, k = base, 2
+            while name in sizes:
+                name, k = f"{base}#{k}", k + 1
+            names[space], sizes[name] = name, sp.size[space]
+        return names[space]
+
+    axes: dict[str, tuple] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            continue
+        labels = walker.bindings.get(walker.alias.get(key, key))
+        entry: list[Any] = []
+        for ax in range(value.ndim):
+            r = sp.resolve(labels[ax]) if labels is not None else None
+            if isinstance(r, _Blocks):  # fixed blocks are written as their length
+                blocks = tuple((group_of(s) if s is not None else None) or n for s, n in r.parts)
+                entry.append(blocks if any(isinstance(b, str) for b in blocks) else None)
+            else:
+                entry.append(group_of(r) if isinstance(r, int) else None)
+        axes[key] = tuple(entry)
+    return PermutationSpec.from_axes(axes, state, sizes=sizes)
+
+
+def _drop_groups(spec: PermutationSpec, drop: Iterable[str], state: Mapping[str, Tensor]) -> PermutationSpec:
+    """The same spec with the groups in ``drop`` fixed."""
+    drop = set(drop)
+    axes: dict[str, tuple] = {}
+    for key, entry in spec.axes_to_perm.items():
+        new: list[Any] = []
+        for g in entry:
+            if isinstance(g, tuple):
+                blocks = tuple(spec.sizes[b] if isinstance(b, str) and b in drop else b for b in g)
+                new.append(blocks if any(isinstance(b, str) for b in blocks) else None)
+            else:
+                new.append(None if g in drop else g)
+        axes[key] = tuple(new)
+    kept = {g: n for g, n in spec.sizes.items() if g not in drop}
+    return PermutationSpec.from_axes(axes, state, sizes=kept)
+
+
+# ====================================================================================== public API
+def trace_spec(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    check: bool = True,
+    leaf_modules: Iterable[type | str] | None = None,
+    rtol: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> PermutationSpec:
+    """Derive the permutation spec of ``model`` from its computation graph.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace (untraceable submodules become boundaries).
+        example_inputs: a Tensor, a tuple of positional inputs or a dict of keyword inputs; used to record
+            shapes (and by the check). A small batch is enough.
+        check: verify the spec with :func:`check_spec` and drop any group that changes the outputs.
+        leaf_modules: module types or qualified names not to trace into; they become boundaries.
+        rtol: tolerance of the check, relative to the output's magnitude.
+        generator: seeds the check's random permutations and parameter perturbation.
+
+    Returns:
+        A :class:`PermutationSpec` keyed by ``model.state_dict()`` names (buffers included), with a size for
+        every group. Group names follow the first module that produces the space, e.g. ``"P_layer1.0.conv1"``.
+
+    Raises:
+        UntraceableModelError: the model's own ``forward`` cannot be traced (names the construct).
+
+    Warns:
+        UserWarning: once, listing the nodes that became boundaries and the groups dropped by the check.
+
+    Example:
+        >>> import torch
+        >>> from rebasin_callbacks import trace_spec
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> spec = trace_spec(mlp, torch.randn(4, 2))
+        >>> spec.axes_to_perm["0.weight"], spec.axes_to_perm["2.weight"]
+        (('P_0', None), (None, 'P_0'))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    args, kwargs = _normalize_inputs(example_inputs)
+    state = model.state_dict(keep_vars=True)
+    was_training = model.training
+    model.eval()  # trace the inference graph: no batch-statistics updates, dropout off
+    try:
+        gm, leaves = _build_graph(model, args, kwargs, leaf_modules)
+        recorder = _Recorder(gm)
+        with torch.no_grad():
+            recorder.run(*_placeholder_values(gm, args, kwargs))
+        walker = _Walker(gm, recorder.shapes, state)
+        walker.run()
+    finally:
+        model.train(was_training)
+    plain_state = {k: v.detach() if isinstance(v, Tensor) else v for k, v in state.items()}
+    spec = _assemble(walker, plain_state)
+    notes: list[str] = [f"untraceable submodule {leaf}" for leaf in leaves]
+    notes += walker.boundaries
+    if check and len(spec):
+        for _ in range(3):
+            try:
+                check_spec(model, spec, example_inputs, rtol=rtol, generator=generator)
+                break
+            except SpecCheckError as e:
+                notes.append(
+                    "dropped groups that changed the outputs: "
+                    + ", ".join(f"{g} (rel. error {err:.2g})" for g, err in e.failing.items())
+                )
+                spec = _drop_groups(spec, e.failing, plain_state)
+        else:
+            spec = _drop_groups(spec, spec.groups, plain_state)
+            notes.append("the check kept failing: every group dropped")
+    if notes:
+        shown = notes[:12] + ([f"... {len(notes) - 12} more"] if len(notes) > 12 else [])
+        warnings.warn(
+            f"trace_spec({type(model).__name__}): {len(notes)} boundaries (no permutation crosses them): "
+            + "; ".join(shown),
+            stacklevel=2,
+        )
+    return spec
+
+
+def _float_inputs(
+    example_inputs: Any, dtype: torch.dtype | None, device: torch.device | None
+) -> tuple[tuple, dict]:
+    args, kwargs = _normalize_inputs(example_inputs)
+
+    def cast(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            v = v.to(device) if device is not None else v
+            return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        return v
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def _perturb(state: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    """Randomised copies of every floating state entry (fresh BatchNorm stats are 0/1 and would hide
+    mistakes); other entries are shared."""
+    out = dict(state)
+    for key, v in state.items():
+        if not (isinstance(v, Tensor) and v.is_floating_point()) or v.numel() == 0:
+            continue
+        noise = torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
+        if key.endswith("running_var"):
+            out[key] = v * torch.exp(0.3 * noise)
+        else:
+            scale = float(v.float().pow(2).mean().sqrt()) or 1.0
+            out[key] = v + 0.2 * scale * noise
+    return out
+
+
+def _derangement_like(n: int, generator: torch.Generator) -> Tensor:
+    perm = torch.randperm(n, generator=generator)
+    if n > 1 and torch.equal(perm, torch.arange(n)):
+        perm = perm.roll(1)
+    return perm
+
+
+def _outputs_error(a: Any, b: Any) -> float:
+    la = [x for x in tree_leaves(a) if isinstance(x, Tensor) and x.is_floating_point()]
+    lb = [x for x in tree_leaves(b) if isinstance(x, Tensor) and x.is_floating_point()]
+    if len(la) != len(lb) or any(x.shape != y.shape for x, y in zip(la, lb)):
+        return math.inf
+    err = 0.0
+    for x, y in zip(la, lb):
+        scale = float(x.detach().abs().max()) if x.numel() else 0.0
+        diff = float((x.detach() - y.detach()).abs().max()) if x.numel() else 0.0
+        err = max(err, diff / max(scale, 1e-12))
+    return err
+
+
+def check_spec(
+    model: nn.Module,
+    spec: PermutationSpec,
+    example_inputs: Any,
+    *,
+    rtol: float = 1e-4,
+    generator: torch.Generator | None = None,
+    groups: Iterable[str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> float:
+    """Verify that permuting by ``spec`` does not change what ``model`` computes.
+
+    The model (in eval mode, evaluated with ``torch.func.functional_call`` on a perturbed copy of its state:
+    fresh BatchNorm statistics are 0 / 1 and would hide a missing buffer) is compared with its permutation
+    under one random permutation per group (never the identity). The model itself is not modified.
+
+    Args:
+        model: the model the spec is for.
+        spec: the spec to verify (sizes filled in).
+        example_inputs: a Tensor, a tuple of positional inputs or a dict of keyword inputs.
+        rtol: allowed ``max |out - out_perm| / max |out|`` over all floating outputs.
+        generator: seeds the permutations and the perturbation (default: a fixed seed).
+        groups: check only these groups (default: all).
+        dtype: compute in this dtype (float64 makes round-off negligible, but is slow on CPU); None keeps
+            the model's dtype (half precision is upcast to float32).
+
+    Returns:
+        The relative error.
+
+    Raises:
+        SpecCheckError: the error exceeds ``rtol``; groups are then checked one at a time and the message
+            (and ``.failing``) names the culprits.
+
+    Example:
+        >>> import torch
+        >>> from rebasin_callbacks import check_spec, trace_spec
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> x = torch.randn(4, 2)
+        >>> check_spec(mlp, trace_spec(mlp, x, check=False), x) < 1e-10
+        True
+    """
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    chosen = list(spec.groups if groups is None else groups)
+    unknown = [g for g in chosen if g not in spec.sizes]
+    if unknown:
+        raise SpecMismatchError(f"groups {unknown[:5]} are not in the spec (or have no size)")
+    state = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+    spec.validate(state)
+    floats = [v.dtype for v in state.values() if v.is_floating_point()]
+    work_dtype = dtype or (torch.float32 if floats and floats[0] in (torch.float16, torch.bfloat16) else None)
+    if work_dtype is not None:
+        state = {k: v.to(work_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    device = next((v.device for v in state.values()), None)
+    base_state = _perturb(state, gen)
+    args, kwargs = _float_inputs(example_inputs, work_dtype, device)
+    was_training = model.training
+    model.eval()
+
+    def run(st: Mapping[str, Tensor]) -> Any:
+        with torch.no_grad():
+            return functional_call(model, st, args, kwargs, tie_weights=False, strict=False)
+
+    perms = {g: _derangement_like(spec.sizes[g], gen) for g in chosen}
+
+    def error(subset: Iterable[str]) -> float:
+        return _outputs_error(ref, run(permute_state_dict(base_state, spec, {g: perms[g] for g in subset})))
+
+    try:
+        ref = run(base_state)
+        return _check_or_raise(model, chosen, error, rtol)
+    finally:
+        model.train(was_training)
+
+
+def _check_or_raise(
+    model: nn.Module, chosen: list[str], error: Callable[[Iterable[str]], float], rtol: float
+) -> float:
+    err = error(chosen)
+    if err <= rtol:
+        return err
+    failing = {}
+    for g in chosen:
+        e = error([g])
+        if e > rtol:
+            failing[g] = e
+    if not failing:  # only a combination fails: blame them all
+        failing = dict.fromkeys(chosen, err)
+    raise SpecCheckError(
+        f"the spec changes the outputs of {type(model).__name__} (relative error {err:.3g} > rtol={rtol:g}); "
+        f"failing groups: "
+        + ", ".join(f"{g} ({e:.3g})" for g, e in list(failing.items())[:10])
+        + (f" and {len(failing) - 10} more" if len(failing) > 10 else ""),
+        failing,
+    )
+
+
+def check_compatible(
+    model: nn.Module | Mapping[str, Tensor], reference: nn.Module | Mapping[str, Tensor]
+) -> None:
+    """Raise :class:`SpecMismatchError` naming the first entry where ``model`` and ``reference`` differ.
+
+    Example:
+        >>> import torch
+        >>> from rebasin_callbacks.trace import check_compatible
+        >>> check_compatible(torch.nn.Linear(2, 3), torch.nn.Linear(2, 3))  # same architecture: no error
+    """
+    a = model.state_dict() if isinstance(model, nn.Module) else model
+    b = reference.state_dict() if isinstance(reference, nn.Module) else reference
+    for key in a:
+        if key not in b:
+            raise SpecMismatchError(f"model has {key!r} but the reference does not")
+        sa, sb = tuple(a[key].shape), tuple(b[key].shape)
+        if sa != sb:
+            raise SpecMismatchError(f"{key!r} has shape {sa} in the model but {sb} in the reference")
+    for key in b:
+        if key not in a:
+            raise SpecMismatchError(f"reference has {key!r} but the model does not")

@@ -1,0 +1,155 @@
+import copy
+
+import pytest
+import torch
+from _align_models import cnn_spec, mlp, mlp_spec, same_state, small_cnn
+from torch import nn
+
+from rebasin_callbacks.align import AlignResult, align
+from rebasin_callbacks.costs import MidCost
+from rebasin_callbacks.permute import permute, random_permutations
+from rebasin_callbacks.spec import SpecMismatchError
+
+
+def _planted(model, spec, seed=0):
+    return permute(model, spec, random_permutations(spec, torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("widths", [[1, 10, 10, 1], [1, 10, 10, 10, 10, 1], [5, 24, 24, 3]])
+def test_l2_recovers_a_planted_permutation(widths):
+    model = mlp(widths, normal_init=True, seed=1)
+    spec = mlp_spec(model)
+    target = _planted(model, spec, seed=1)
+    result = align(model, target, spec=spec, progress=False, seed=0)
+    assert isinstance(result, AlignResult)
+    assert same_state(result.model, target)
+    assert result.cost == 0.0 and result.seconds > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pure_sinkhorn_from_the_identity_recovers_a_small_planted_permutation(seed):
+    model = mlp([1, 10, 10, 1], normal_init=True, seed=seed)
+    spec = mlp_spec(model)
+    target = _planted(model, spec, seed=seed)
+    result = align(model, target, spec=spec, init="identity", steps=300, progress=False, seed=seed)
+    assert result.steps > 0  # the identity is not the answer: Sinkhorn had to find it
+    assert same_state(result.model, target)
+    assert result.history["hard_cost"][-1] == 0.0
+
+
+def test_small_cnn_with_batchnorm_keeps_its_function():
+    model = small_cnn(seed=0)
+    spec = cnn_spec(model)
+    target = _planted(model, spec, seed=4)
+    result = align(model, target, spec=spec, init="random", steps=150, progress=False, seed=0)
+    x = torch.randn(6, 3, 8, 8)
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
+    assert same_state(result.model, target)
+
+
+def test_traced_spec_from_the_first_batch():
+    model, reference = small_cnn(seed=0), small_cnn(seed=1)
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))]
+    result = align(model, reference, data=data, steps=5, progress=False, seed=0)
+    assert set(result.perms) == set(result.spec.perm_to_axes)
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained_pair():
+    """Two tanh MLPs trained from different seeds on y = sin(3x): far apart in weight space."""
+    x = torch.linspace(-2, 2, 128).unsqueeze(1)
+    y = torch.sin(3 * x)
+    models = []
+    for seed in (0, 1):
+        model = mlp([1, 16, 16, 1], seed=seed)
+        opt = torch.optim.Adam(model.parameters(), lr=0.02)
+        for _ in range(150):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        models.append(model)
+    return models[0], models[1], (x, y)
+
+
+@pytest.mark.parametrize("cost", ["mid", "rnd"])
+def test_data_costs_lower_the_midpoint_loss(cost, trained_pair):
+    a, b, batch = trained_pair
+    spec = mlp_spec(a)
+    mid = MidCost(nn.functional.mse_loss)
+
+    def midpoint_loss(model):
+        from rebasin_callbacks.rebasin import PermutedView
+
+        with torch.no_grad():
+            return float(mid(PermutedView(model, model.state_dict()), b, batch))
+
+    result = align(
+        a, b, spec=spec, cost=cost, data=[batch], loss_fn=nn.functional.mse_loss, init="identity",
+        steps=40, lr=0.1, progress=False, seed=0,
+    )  # fmt: skip
+    assert midpoint_loss(result.model) < 0.8 * midpoint_loss(a)
+    assert min(result.history["hard_cost"]) <= result.history["init_cost"][0]
+
+
+def test_never_worse_than_the_warm_start():
+    a, b = mlp([4, 16, 16, 2], seed=0), mlp([4, 16, 16, 2], seed=1)
+    result = align(a, b, spec=mlp_spec(a), steps=30, progress=False, seed=0)
+    assert result.cost <= result.history["init_cost"][0]
+    assert len(result.history["cost"]) == result.steps == len(result.history["hard_cost"])
+
+
+def test_seed_makes_it_repeatable_and_inputs_stay_untouched():
+    a, b = mlp([4, 16, 16, 2], seed=0), mlp([4, 16, 16, 2], seed=1)
+    a0, b0 = copy.deepcopy(a), copy.deepcopy(b)
+    spec = mlp_spec(a)
+    kwargs = dict(spec=spec, init="random", steps=25, early_stopping=None, progress=False, seed=7)
+    r1, r2 = align(a, b, **kwargs), align(a, b, **kwargs)
+    assert r1.history["cost"] == r2.history["cost"]
+    assert all(torch.equal(r1.perms[g], r2.perms[g]) for g in r1.perms)
+    assert same_state(a, a0) and same_state(b, b0)
+    assert r1.model is not a
+
+
+def test_custom_callable_cost():
+    model = mlp([3, 8, 8, 2], seed=0)
+    spec = mlp_spec(model)
+    target = _planted(model, spec)
+    calls = []
+
+    def cost(view, reference, batch):
+        calls.append(batch)
+        return sum(((view.state[k] - v) ** 2).sum() for k, v in reference.state_dict().items())
+
+    result = align(model, target, spec=spec, cost=cost, init="identity", steps=200, progress=False, seed=0)
+    assert calls and calls[0] is None
+    assert same_state(result.model, target)
+
+
+def test_errors_are_clear():
+    a, b = mlp([3, 8, 2]), mlp([3, 8, 2], seed=1)
+    spec = mlp_spec(a)
+    with pytest.raises(ValueError, match="spec=.*example_inputs=.*data="):
+        align(a, b, progress=False)
+    with pytest.raises(ValueError, match="needs data"):
+        align(a, b, spec=spec, cost="mid", loss_fn=nn.functional.mse_loss, progress=False)
+    with pytest.raises(ValueError, match="loss_fn"):
+        align(a, b, spec=spec, cost="mid", data=[(torch.randn(2, 3), torch.randn(2, 2))], progress=False)
+    with pytest.raises(SpecMismatchError, match=r"'0.weight'.*\(8, 3\).*\(9, 3\)"):
+        align(a, mlp([3, 9, 2]), spec=spec, progress=False)
+    broken = copy.deepcopy(a)
+    with torch.no_grad():
+        broken[0].weight[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"model: '0.weight'"):
+        align(broken, b, spec=spec, progress=False)
+    with pytest.raises(ValueError, match="init must be"):
+        align(a, b, spec=spec, init="greedy", progress=False)  # type: ignore[arg-type]
+
+    def nan_after_two(view, reference, batch, calls=[]):  # noqa: B006 - counts calls on purpose
+        calls.append(1)
+        value = sum(((view.state[k] - v) ** 2).sum() for k, v in reference.state_dict().items())
+        return value * float("nan") if len(calls) > 3 else value
+
+    with pytest.raises(FloatingPointError, match="step 3"):
+        align(a, b, spec=spec, cost=nan_after_two, init="identity", early_stopping=None, progress=False)

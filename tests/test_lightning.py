@@ -1,0 +1,364 @@
+"""Lightning callbacks: reference loading and errors, exact in-place alignment, copies, LMC logging, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from rebasin_callbacks.lightning import (  # noqa: E402
+    Evaluator,
+    LMCMonitor,
+    ReBasinAlign,
+    load_reference_state,
+    match_reference,
+)
+from rebasin_callbacks.permute import permute_state_dict  # noqa: E402
+from rebasin_callbacks.spec import SpecMismatchError  # noqa: E402
+
+
+def _needs_core():
+    for name in ("rebasin_callbacks.align", "rebasin_callbacks.lmc", "rebasin_callbacks.trace"):
+        pytest.importorskip(name)
+
+
+class Tiny(pl.LightningModule):
+    """8 -> 16 -> 16 -> 3 MLP classifier; records every training loss."""
+
+    def __init__(self, width: int = 16, lr: float = 0.05):
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3)
+        )
+        self.lr = lr
+        self.losses: list[float] = []
+        self.example_input_array = torch.zeros(2, 8)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.losses.append(float(loss))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def _data(n: int = 96, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 8, generator=g) + 2.0 * F.one_hot(y, 8).float()
+    return TensorDataset(x, y)
+
+
+def _loaders(seed: int = 0, shuffle: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    train = DataLoader(_data(96, seed), batch_size=16, shuffle=shuffle, generator=gen)
+    val = DataLoader(_data(48, seed + 100), batch_size=24)
+    return train, val
+
+
+def _trainer(tmp_path: Path, callbacks=(), max_epochs: int = 3, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        default_root_dir=str(tmp_path),
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+def _fit(tmp_path: Path, callbacks=(), seed: int = 1, max_epochs: int = 3, shuffle=True, **kwargs) -> Tiny:
+    pl.seed_everything(seed, verbose=False)
+    model = Tiny()
+    train, val = _loaders(shuffle=shuffle)
+    _trainer(tmp_path, callbacks, max_epochs, **kwargs).fit(model, train, val)
+    return model
+
+
+def _reference(seed: int = 123) -> nn.Module:
+    torch.manual_seed(seed)
+    return Tiny().model
+
+
+# ----------------------------------------------------------------------------- reference loading
+def test_load_reference_state_from_module_dict_and_files(tmp_path):
+    ref = _reference()
+    expected = ref.state_dict()
+    plain = tmp_path / "plain.pt"
+    torch.save(expected, plain)
+    for source in (ref, dict(expected), plain, str(plain)):
+        got = load_reference_state(source)
+        assert set(got) == set(expected)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_lightning_checkpoint_prefix_is_matched(tmp_path):
+    model = _fit(tmp_path, max_epochs=1)
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.strategy.connect(model)
+    ckpt = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = load_reference_state(ckpt)
+    assert all(k.startswith("model.") for k in state)
+    matched = match_reference(state, Tiny().model)
+    assert torch.equal(matched["0.weight"], model.model[0].weight)
+
+
+@pytest.mark.parametrize(
+    "content, error, words",
+    [
+        (None, FileNotFoundError, ["reference", "missing.pt"]),
+        ([1, 2, 3], ValueError, ["not a state dict", "list"]),
+        ({"a": torch.zeros(1), "b": 3}, ValueError, ["'b'", "int"]),
+        (b"not a checkpoint", ValueError, ["weights_only"]),
+    ],
+)
+def test_bad_reference_files(tmp_path, content, error, words):
+    path = tmp_path / "missing.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(error) as info:
+        load_reference_state(path)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_mismatching_reference_names_key_and_shapes():
+    wide = Tiny(width=32).model.state_dict()
+    with pytest.raises(SpecMismatchError, match=r"'0.weight'.*\(32, 8\).*\(16, 8\)"):
+        match_reference(wide, Tiny().model)
+    renamed = {"x." + k: v for k, v in Tiny().model.state_dict().items() if k != "4.bias"}
+    with pytest.raises(SpecMismatchError, match="4.bias"):
+        match_reference(renamed, Tiny().model)
+
+
+# ----------------------------------------------------------------------------- errors at setup
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(reference=Tiny(width=32)), SpecMismatchError, "has shape"),
+        (dict(reference="does/not/exist.ckpt"), FileNotFoundError, "does/not/exist.ckpt"),
+        (dict(reference=Tiny(), submodule="backbone"), AttributeError, "submodule='backbone'"),
+    ],
+)
+@pytest.mark.parametrize("callback", [ReBasinAlign, LMCMonitor])
+def test_errors_are_raised_at_setup_before_training(tmp_path, callback, kwargs, error, match):
+    pl.seed_everything(0, verbose=False)
+    model = Tiny()
+    train, val = _loaders()
+    with pytest.raises(error, match=match):
+        _trainer(tmp_path, [callback(**kwargs)]).fit(model, train, val)
+    assert model.losses == []  # no training step ran
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        ReBasinAlign(Tiny(), mode="sideways")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        ReBasinAlign(Tiny(), every_n_epochs=-1)
+    with pytest.raises(ValueError, match="never"):
+        ReBasinAlign(Tiny(), every_n_epochs=0)
+    with pytest.raises(ValueError, match="n_points"):
+        LMCMonitor(Tiny(), n_points=1)
+    with pytest.raises(ValueError, match="dataloader"):
+        LMCMonitor(Tiny(), dataloader="test")
+
+
+# ----------------------------------------------------------------------------- ReBasinAlign
+def test_inplace_alignment_leaves_training_unchanged(tmp_path):
+    _needs_core()
+    plain = _fit(tmp_path)
+    ref = _reference()
+    cb = ReBasinAlign(ref, submodule="model", every_n_epochs=1)
+    aligned = _fit(tmp_path, [cb])
+    # the loss trajectory is that of the run without the callback (a permutation changes no function)
+    assert len(aligned.losses) == len(plain.losses) > 0
+    torch.testing.assert_close(torch.tensor(aligned.losses), torch.tensor(plain.losses), rtol=1e-4, atol=1e-5)
+    x = _data(32, seed=7).tensors[0]
+    torch.testing.assert_close(aligned(x), plain(x), rtol=1e-4, atol=1e-5)
+    # ... but the weights were permuted towards the reference
+    assert len(cb.history) == 3
+    assert all(h["l2_after"] <= h["l2_before"] + 1e-6 for h in cb.history)
+    assert cb.history[0]["l2_after"] < cb.history[0]["l2_before"] - 1e-3
+    assert not torch.allclose(aligned.model[0].weight, plain.model[0].weight)
+
+
+def test_inplace_alignment_permutes_optimizer_state(tmp_path):
+    _needs_core()
+
+    def run(callbacks):
+        pl.seed_everything(1, verbose=False)
+        model = Tiny()
+        trainer = _trainer(tmp_path, callbacks, max_epochs=1)
+        trainer.fit(model, *_loaders())
+        return model, trainer.optimizers[0]
+
+    plain, plain_opt = run([])
+    cb = ReBasinAlign(_reference(), submodule="model")
+    model, opt = run([cb])
+    assert cb.history[0]["l2_after"] < cb.history[0]["l2_before"]  # the weights were permuted
+    for name in ("exp_avg", "exp_avg_sq"):
+        # Adam's moments moved exactly like the weights they belong to
+        moments = {k: plain_opt.state[p][name] for k, p in plain.model.named_parameters()}
+        expected = permute_state_dict(moments, cb.spec, cb.last_perms)
+        for k, p in model.model.named_parameters():
+            torch.testing.assert_close(opt.state[p][name], expected[k], rtol=1e-4, atol=1e-7)
+
+
+def test_copy_mode_keeps_training_weights_and_saves_the_copy(tmp_path):
+    _needs_core()
+    plain = _fit(tmp_path)
+    cb = ReBasinAlign(_reference(), submodule="model", mode="copy", every_n_epochs=0, at_fit_end=True)
+    model = _fit(tmp_path, [cb])
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    assert cb.aligned_model is not None and len(cb.history) == 1
+    x = _data(32, seed=7).tensors[0]
+    torch.testing.assert_close(cb.aligned_model(x), model.model(x), rtol=1e-4, atol=1e-5)
+    state = cb.state_dict()
+    restored = ReBasinAlign(_reference(), submodule="model", mode="copy", every_n_epochs=0, at_fit_end=True)
+    restored.load_state_dict(torch.load(_save(tmp_path, state), weights_only=True))
+    assert restored.history == cb.history
+    assert torch.equal(restored._pending_aligned_state["0.weight"], cb.aligned_model[0].weight)
+
+
+def _save(tmp_path: Path, obj) -> Path:
+    path = tmp_path / "state.pt"
+    torch.save(obj, path)
+    return path
+
+
+def test_logged_metrics_reach_the_logger(tmp_path):
+    _needs_core()
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = ReBasinAlign(_reference(), submodule="model")
+    monitor = LMCMonitor(_reference(), submodule="model", n_points=3, save_dir=str(tmp_path / "figs"))
+    logger = CSVLogger(str(tmp_path), name="log", version="")
+    _fit(tmp_path, [cb, monitor], max_epochs=2, logger=logger)
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    columns = set(rows[0])
+    for name in ("rebasin/l2_before", "rebasin/l2_after", "rebasin/align_seconds"):
+        assert name in columns
+    for name in ("lmc/naive_barrier", "lmc/naive_auc", "lmc/rebasin_barrier", "lmc/rebasin_auc"):
+        assert name in columns
+        assert sum(1 for r in rows if r[name]) == 2  # once per epoch
+    assert sorted(p.name for p in (tmp_path / "figs").glob("*.png")) == ["lmc_epoch0.png", "lmc_epoch1.png"]
+
+
+# ----------------------------------------------------------------------------- LMCMonitor
+def test_lmc_monitor_does_not_touch_training_or_validation(tmp_path):
+    _needs_core()
+    from lightning.pytorch.callbacks import Callback
+
+    class Record(Callback):
+        def __init__(self):
+            self.val = []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            self.val.append(float(trainer.callback_metrics["val_loss"]))
+
+    plain_rec, rec = Record(), Record()
+    plain = _fit(tmp_path, [plain_rec])
+    monitor = LMCMonitor(_reference(), n_points=4, save_dir=str(tmp_path))
+    model = _fit(tmp_path, [monitor, rec])
+    assert model.losses == plain.losses
+    assert rec.val == plain_rec.val
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    assert len(monitor.results) == 3
+    naive, rebased = monitor.results[-1]["naive"], monitor.results[-1]["rebasin"]
+    assert len(naive.lambdas) == 4
+    # the endpoints are the same two functions, so they have the same loss naive or re-based
+    assert naive.values["loss"][0] == pytest.approx(rebased.values["loss"][0], rel=1e-4)
+    assert naive.values["loss"][-1] == pytest.approx(rebased.values["loss"][-1], rel=1e-4)
+    state = monitor.state_dict()
+    other = LMCMonitor(_reference())
+    other.load_state_dict(state)
+    assert other.history == monitor.history and len(other.history) == 3
+
+
+def test_evaluator_counts_loss_and_accuracy():
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    got = Evaluator([(x[:6], y[:6]), (x[6:], y[6:])])(model)
+    with torch.no_grad():
+        out = model(x)
+    assert got["loss"] == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-5)
+    assert got["accuracy"] == pytest.approx(float((out.argmax(1) == y).float().mean()))
+    with pytest.raises(TypeError, match=r"\(inputs, targets\)"):
+        Evaluator([x])(model)
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_from_checkpoint_continues_identically(tmp_path):
+    _needs_core()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def callbacks():
+        return [
+            ReBasinAlign(_reference(), submodule="model"),
+            LMCMonitor(_reference(), n_points=3, save_dir=str(tmp_path)),
+        ]
+
+    # a shuffling DataLoader's generator is not checkpointed by Lightning: fixed order here
+    full = _fit(tmp_path / "full", callbacks(), max_epochs=4, shuffle=False)
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    _fit(tmp_path / "first", [*callbacks(), ckpt_cb], max_epochs=2, shuffle=False, enable_checkpointing=True)
+    cbs = callbacks()
+    pl.seed_everything(1, verbose=False)
+    resumed = Tiny()
+    train, val = _loaders(shuffle=False)
+    _trainer(tmp_path / "second", cbs, max_epochs=4).fit(
+        resumed, train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
+    assert [h["epoch"] for h in cbs[0].history] == [0, 1, 2, 3]  # restored history + two new alignments
+    assert len(cbs[1].history) == 4
+    for a, b in zip(resumed.parameters(), full.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- command line
+def test_cli_demo_smoke(tmp_path, capsys):
+    _needs_core()
+    from rebasin_callbacks.cli import main
+
+    assert main(["demo", "--smoke", "--no-progress", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    for label in ("naive", "re-based", "weight matching", "loss barrier"):
+        assert label in out
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["lmc"]) == {"naive", "re-based (Sinkhorn)", "weight matching"}
+    assert (tmp_path / "demo" / "lmc.png").stat().st_size > 1000
+    assert results["monitor"]  # LMCMonitor ran during training of model B
+
+
+def test_cli_without_command_prints_help(capsys):
+    from rebasin_callbacks.cli import main
+
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out

@@ -1,0 +1,138 @@
+import copy
+
+import pytest
+import torch
+from _align_models import cnn_spec, mlp, mlp_spec, same_state, small_cnn
+from torch import nn
+
+from rebasin_callbacks.matching import check_finite, weight_matching
+from rebasin_callbacks.permute import identity_permutations, permute, random_permutations
+from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+
+
+@pytest.mark.parametrize(
+    "widths", [[1, 10, 10, 1], [1, 10, 10, 10, 10, 1], [1] + [10] * 8 + [1], [6, 32, 32, 3]]
+)
+@pytest.mark.parametrize("seed", range(4))
+def test_planted_permutation_is_recovered_exactly(widths, seed):
+    model = mlp(widths, normal_init=True, seed=seed)
+    spec = mlp_spec(model)
+    planted = random_permutations(spec, torch.Generator().manual_seed(seed))
+    target = permute(model, spec, planted)
+    perms = weight_matching(model, target, spec, seed=seed)
+    assert all(torch.equal(perms[g], planted[g]) for g in planted)
+    assert same_state(permute(model, spec, perms), target)
+
+
+def test_cnn_with_batchnorm_statistics():
+    model = small_cnn()
+    spec = cnn_spec(model)
+    target = permute(model, spec, random_permutations(spec, torch.Generator().manual_seed(1)))
+    perms = weight_matching(model, target, spec)
+    assert same_state(permute(model, spec, perms), target)
+
+
+def test_traced_spec_when_none_is_given():
+    model = small_cnn(seed=3)
+    spec = cnn_spec(model)
+    target = permute(model, spec, random_permutations(spec, torch.Generator().manual_seed(2)))
+    perms = weight_matching(model, target, example_inputs=torch.randn(2, 3, 8, 8))
+    assert len(perms) == 2
+    traced = {tuple(sorted(p.tolist())) for p in perms.values()}
+    assert traced == {tuple(range(8)), tuple(range(12))}
+
+
+class _Concat(nn.Module):
+    """Two hidden branches concatenated into one layer: an axis made of two groups' blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(3, 5)
+        self.out = nn.Linear(9, 2)
+
+    def forward(self, x):
+        return self.out(torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(x))], dim=-1))
+
+
+def test_axis_made_of_blocks():
+    torch.manual_seed(0)
+    model = _Concat()
+    spec = PermutationSpec.from_axes(
+        {
+            "a.weight": ("A", None),
+            "a.bias": ("A",),
+            "b.weight": ("B", None),
+            "b.bias": ("B",),
+            "out.weight": (None, ("A", "B")),
+            "out.bias": (None,),
+        },
+        model.state_dict(),
+    )
+    planted = random_permutations(spec, torch.Generator().manual_seed(0))
+    target = permute(model, spec, planted)
+    x = torch.randn(7, 3)
+    torch.testing.assert_close(target(x), model(x))
+    # start from the identity (no greedy sweep): coordinate descent alone must use the blocks correctly
+    perms = weight_matching(model, target, spec, init=identity_permutations(spec))
+    assert same_state(permute(model, spec, perms), target)
+
+
+def test_biases_count_in_the_similarity():
+    # Weights identical up to a swap of two rows only in the biases: only biases tell the units apart.
+    model = mlp([2, 4, 1], seed=0)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.ones(4, 2))
+        model[2].weight.copy_(torch.ones(1, 4))
+        model[0].bias.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    spec = mlp_spec(model)
+    planted = {"P0": torch.tensor([2, 0, 3, 1])}
+    target = permute(model, spec, planted)
+    assert torch.equal(weight_matching(model, target, spec)["P0"], planted["P0"])
+
+
+def test_inputs_are_not_mutated():
+    model = mlp([3, 8, 8, 2], seed=0)
+    spec = mlp_spec(model)
+    target = permute(model, spec, random_permutations(spec, torch.Generator().manual_seed(0)))
+    before_m, before_t = copy.deepcopy(model), copy.deepcopy(target)
+    weight_matching(model, target, spec)
+    assert same_state(model, before_m) and same_state(target, before_t)
+
+
+def test_state_dicts_are_accepted():
+    model = mlp([3, 8, 2], seed=0)
+    spec = mlp_spec(model)
+    target = permute(model, spec, random_permutations(spec, torch.Generator().manual_seed(0)))
+    perms = weight_matching(model.state_dict(), target.state_dict(), spec)
+    assert same_state(permute(model, spec, perms), target)
+    with pytest.raises(ValueError, match="spec"):
+        weight_matching(model.state_dict(), target.state_dict())
+
+
+def test_different_architectures_name_the_key():
+    with pytest.raises(SpecMismatchError, match=r"'2.weight'.*\(2, 8\).*\(2, 9\)"):
+        weight_matching(mlp([3, 8, 2]), nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(9, 2)))
+
+
+def test_nan_names_the_parameter():
+    model = mlp([3, 8, 2])
+    with torch.no_grad():
+        model[2].bias[0] = float("nan")
+    with pytest.raises(ValueError, match=r"'2.bias'"):
+        weight_matching(model, mlp([3, 8, 2], seed=1), mlp_spec(model))
+    with pytest.raises(ValueError, match=r"'0.weight'"):
+        check_finite({"0.weight": torch.tensor([1.0, float("inf")])})
+
+
+def test_missing_spec_and_inputs_is_a_clear_error():
+    with pytest.raises(ValueError, match="example_inputs"):
+        weight_matching(mlp([3, 8, 2]), mlp([3, 8, 2], seed=1))
+
+
+def test_seed_makes_it_repeatable():
+    a, b = mlp([4, 16, 16, 2], seed=0), mlp([4, 16, 16, 2], seed=1)
+    spec = mlp_spec(a)
+    p1 = weight_matching(a, b, spec, seed=3)
+    p2 = weight_matching(a, b, spec, seed=3)
+    assert all(torch.equal(p1[g], p2[g]) for g in p1)

@@ -1,0 +1,418 @@
+"""trace_spec / check_spec: derived specs must permute hidden units and never change what a model computes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from rebasin_callbacks import trace as trace_mod
+from rebasin_callbacks.permute import permute, random_permutations
+from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+from rebasin_callbacks.trace import (
+    SpecCheckError,
+    UntraceableModelError,
+    check_compatible,
+    check_spec,
+    trace_spec,
+)
+
+
+def _randomise_bn(model: nn.Module, x: torch.Tensor, steps: int = 3) -> None:
+    """Give BatchNorm layers non-trivial running statistics (fresh ones are 0 / 1)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(x * 2 + 0.5)
+    model.eval()
+
+
+def _assert_preserved(
+    model: nn.Module, spec: PermutationSpec, x: torch.Tensor, seed: int = 1, tol: float = 1e-4
+):
+    """An independent check: our own random permutations, eval mode, the model's real state."""
+    model.eval()
+    perms = random_permutations(spec, torch.Generator().manual_seed(seed))
+    moved = sum(int((p != torch.arange(p.numel())).any()) for p in perms.values())
+    assert moved > 0, "the permutations should not all be identities"
+    permuted = permute(model, spec, perms)
+    with torch.no_grad():
+        a, b = model(x), permuted(x)
+    err = (a - b).abs().max() / a.abs().max()
+    assert err < tol, f"relative error {err:.3g}"
+    # and the permutation really moved the parameters
+    changed = [
+        k
+        for k, v in permuted.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, model.state_dict()[k])
+    ]
+    assert changed
+
+
+def _quiet_trace(*args, **kwargs) -> PermutationSpec:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trace_spec(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- MLP
+def test_mlp_groups_and_fixed_ends():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3))
+    x = torch.randn(5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain MLP has no boundary: no warning at all
+        spec = trace_spec(mlp, x)
+    a = spec.axes_to_perm
+    assert a["0.weight"] == ("P_0", None)  # the input axis is fixed
+    assert a["0.bias"] == ("P_0",)
+    assert a["2.weight"] == ("P_2", "P_0")
+    assert a["4.weight"] == (None, "P_2")  # the output axis is fixed
+    assert a["4.bias"] == (None,)
+    assert spec.sizes == {"P_0": 16, "P_2": 12}
+    _assert_preserved(mlp, spec, x)
+
+
+def test_example_inputs_as_dict_and_tuple():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(3, 8), nn.Linear(5, 8), nn.Linear(8, 2)
+
+        def forward(self, x, y, scale: float = 1.0):
+            return self.out(torch.relu(self.a(x) + self.b(y)) * scale)
+
+    model = TwoInputs()
+    x, y = torch.randn(4, 3), torch.randn(4, 5)
+    spec_t = _quiet_trace(model, (x, y))
+    spec_d = _quiet_trace(model, {"x": x, "y": y})
+    assert spec_t.axes_to_perm == spec_d.axes_to_perm
+    assert spec_t.axes_to_perm["b.weight"] == ("P_a", None)  # the sum merges both branches
+    assert check_spec(model, spec_t, (x, y)) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------- CNN + BN
+def test_cnn_batchnorm_buffers_are_permuted():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    x = torch.randn(4, 3, 12, 12)
+    spec = trace_spec(cnn, x)
+    a = spec.axes_to_perm
+    for key in ("1.weight", "1.bias", "1.running_mean", "1.running_var"):
+        assert a[key] == ("P_0",)
+    assert a["1.num_batches_tracked"] == ()
+    assert a["3.weight"] == ("P_3", "P_0", None, None)
+    assert a["8.weight"] == (None, "P_3")  # global pooling then flatten: the channel goes through
+    _randomise_bn(cnn, x)
+    _assert_preserved(cnn, spec, x)
+
+
+def test_flatten_of_spatial_map_is_a_boundary():
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="boundar"):
+        spec = trace_spec(cnn, x)
+    assert spec.axes_to_perm["0.weight"][0] == "P_0"
+    assert spec.axes_to_perm["2.weight"][0] is None  # C*H*W flattened: fixed
+    assert spec.axes_to_perm["4.weight"] == (None, None)
+    _assert_preserved(cnn, spec, x)
+
+
+def test_groupnorm_inside_groups_is_a_boundary():
+    ok = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(1, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    bad = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    x = torch.randn(2, 3, 5, 5)
+    assert _quiet_trace(ok, x).axes_to_perm["1.weight"] == ("P_0",)
+    with pytest.warns(UserWarning, match="GroupNorm with 4 groups"):
+        spec = trace_spec(bad, x)
+    assert len(spec) == 0
+
+
+# --------------------------------------------------------------------------------------------- ResNet
+def test_resnet18_eval_outputs_preserved():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    spec = _quiet_trace(model, x)
+    # one residual stream per stage plus the inner unit of each of the 8 basic blocks
+    assert len(spec) == 4 + 8
+    a = spec.axes_to_perm
+    stream = a["conv1.weight"][0]
+    assert a["bn1.running_mean"] == (stream,)
+    assert a["layer1.0.conv2.weight"][0] == stream  # the residual add ties block outputs to the stream
+    assert a["layer1.1.bn2.running_var"] == (stream,)
+    assert a["layer2.0.downsample.0.weight"][1] == stream
+    assert a["fc.weight"] == (None, a["layer4.1.bn2.weight"][0])
+    assert spec.coverage(model.state_dict()) > 0.99
+    _randomise_bn(model, x)
+    _assert_preserved(model, spec, x)
+
+
+# --------------------------------------------------------------------------------------------- depthwise / SE
+def test_depthwise_and_squeeze_excite_timm_mobilenetv3():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=7)
+    x = torch.randn(2, 3, 64, 64)
+    spec = _quiet_trace(model, x)
+    a = spec.axes_to_perm
+    # depthwise conv: its output channels share the input's permutation
+    dw = a["blocks.2.0.conv_dw.weight"]
+    assert dw[1] is None and dw[0] == a["blocks.2.0.conv_pw.weight"][0]
+    # SE: the gate's output channels are tied to the gated tensor, its hidden units are free
+    se = a["blocks.2.0.se.conv_expand.weight"]
+    assert se[0] == dw[0] and se[1] is not None and se[1] != dw[0]
+    assert a["blocks.2.0.se.conv_reduce.weight"][1] == dw[0]
+    assert spec.coverage(model.state_dict()) > 0.9
+    _randomise_bn(model, x)
+    _assert_preserved(model, spec, x)
+
+
+def test_grouped_conv_is_a_boundary():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 2, 1)
+    )
+    with pytest.warns(UserWarning, match="grouped convolution"):
+        spec = trace_spec(model, torch.randn(1, 3, 6, 6))
+    assert spec.axes_to_perm["2.weight"] == (None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------------- concat
+class _Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 6)
+        self.norm = nn.LayerNorm(10)
+        self.out = nn.Linear(10, 2)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.tanh(self.b(x))], dim=-1)
+        return self.out(self.norm(h))
+
+
+def test_concat_makes_block_axes():
+    model = _Concat()
+    x = torch.randn(5, 3)
+    spec = trace_spec(model, x)
+    assert spec.axes_to_perm["out.weight"] == (None, ("P_a", "P_b"))
+    assert spec.axes_to_perm["norm.weight"] == (("P_a", "P_b"),)
+    assert spec.sizes == {"P_a": 4, "P_b": 6}
+    _assert_preserved(model, spec, x)
+
+
+def test_concat_with_a_fixed_block():
+    class WithInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = nn.Linear(3, 4), nn.Linear(7, 2)
+
+        def forward(self, x):
+            return self.out(torch.cat([x, torch.relu(self.a(x))], dim=1))
+
+    model = WithInput()
+    spec = trace_spec(model, torch.randn(5, 3))
+    assert spec.axes_to_perm["out.weight"] == (None, (3, "P_a"))  # the raw input block stays in place
+    _assert_preserved(model, spec, torch.randn(5, 3))
+
+
+def test_small_densenet_concat():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.DenseNet(
+        growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3
+    )
+    x = torch.randn(2, 3, 32, 32)
+    spec = _quiet_trace(model, x)
+    assert any(isinstance(e, tuple) for axes in spec.axes_to_perm.values() for e in axes)
+    assert spec.coverage(model.state_dict()) > 0.95
+    _randomise_bn(model, x)
+    _assert_preserved(model, spec, x)
+
+
+# --------------------------------------------------------------------------------------------- attention
+def test_timm_vit_heads_and_residual_stream():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    spec = _quiet_trace(model, x)
+    a = spec.axes_to_perm
+    stream = a["patch_embed.proj.weight"][0]
+    assert a["pos_embed"] == (None, None, stream) and a["cls_token"] == (None, None, stream)
+    assert a["blocks.0.norm1.weight"] == (stream,) and a["blocks.1.mlp.fc2.weight"][0] == stream
+    qkv = a["blocks.0.attn.qkv.weight"]
+    heads = model.blocks[0].attn.num_heads
+    assert qkv[1] == stream and len(qkv[0]) == 3 * heads
+    assert qkv[0][:heads] == qkv[0][heads : 2 * heads]  # a head's query and key share a permutation
+    assert a["blocks.0.attn.proj.weight"] == (stream, qkv[0][2 * heads :])  # value heads feed proj
+    assert a["head.weight"] == (None, stream)
+    assert spec.coverage(model.state_dict()) > 0.99
+    _assert_preserved(model, spec, x)
+
+
+def test_multihead_attention():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(5, 16)
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            a, _ = self.attn(h, h, h)
+            return self.out(a + h)
+
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(2, 7, 5)
+    spec = trace_spec(model, x)
+    a = spec.axes_to_perm
+    assert a["attn.in_proj_weight"][1] == "P_inp"
+    assert a["attn.in_proj_weight"][0] == tuple(f"P_attn.qk{h}" for h in range(4)) * 2 + tuple(
+        f"P_attn.v{h}" for h in range(4)
+    )
+    assert a["attn.out_proj.weight"] == ("P_inp", tuple(f"P_attn.v{h}" for h in range(4)))
+    _assert_preserved(model, spec, x)
+
+
+# --------------------------------------------------------------------------------------------- boundaries
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
+            return self.lin(x)
+        return -self.lin(x)
+
+
+def test_untraceable_submodule_becomes_a_boundary():
+    model = nn.Sequential(
+        nn.Linear(3, 8), nn.ReLU(), _DataDependent(), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)
+    )
+    x = torch.randn(4, 3)
+    with pytest.warns(UserWarning, match=r"untraceable submodule 2") as record:
+        spec = trace_spec(model, x)
+    assert len([w for w in record if "boundar" in str(w.message)]) == 1  # ONE warning
+    a = spec.axes_to_perm
+    assert a["0.weight"][0] is None and a["2.lin.weight"] == (None, None)  # fixed around the boundary
+    assert a["4.weight"] == ("P_4", None)  # the rest is still permuted
+    _assert_preserved(model, spec, x)
+
+
+def test_unknown_function_becomes_a_boundary():
+    class Cumsum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.cumsum(self.a(x), dim=-1))))
+
+    model = Cumsum()
+    with pytest.warns(UserWarning, match="cumsum"):
+        spec = trace_spec(model, torch.randn(2, 3))
+    assert spec.axes_to_perm["a.weight"][0] is None and spec.axes_to_perm["b.weight"][0] == "P_b"
+
+
+def test_untraceable_model_error_names_the_construct():
+    with pytest.raises(UntraceableModelError, match=r"(?s)x.sum\(\) > 0.*PermutationSpec.from_axes"):
+        trace_spec(_DataDependent(), torch.randn(2, 8))
+
+
+def test_tied_weights_share_permutations():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.hidden = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.head(torch.relu(self.hidden(self.emb(idx))))
+
+    model = Tied()
+    idx = torch.randint(0, 10, (3, 4))
+    spec = _quiet_trace(model, idx)
+    assert spec.axes_to_perm["emb.weight"] == spec.axes_to_perm["head.weight"]
+    with torch.no_grad():
+        a = model(idx)
+        b = permute(model, spec, random_permutations(spec, torch.Generator().manual_seed(0)))(idx)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- check_spec
+def test_check_spec_catches_missing_buffers_and_names_the_group():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)
+    )
+    x = torch.randn(2, 3, 9, 9)
+    good = trace_spec(cnn, x)
+    axes = dict(good.axes_to_perm)
+    axes["1.running_mean"] = (None,)  # what tools that forget BatchNorm statistics produce
+    bad = PermutationSpec.from_axes(axes, cnn.state_dict())
+    with pytest.raises(SpecCheckError, match="P_0") as info:
+        check_spec(cnn, bad, x)
+    assert set(info.value.failing) == {"P_0"}  # bisected to the culprit; P_3 is fine
+    assert check_spec(cnn, good, x) < 1e-5
+    assert check_spec(cnn, bad, x, groups=["P_3"]) < 1e-5
+
+
+def test_trace_spec_drops_groups_a_tracer_bug_would_break(monkeypatch):
+    # Simulate a tracer bug: Linear layers forget that their input axis follows the input's space.
+    def buggy_linear(self, x, w, b, out):
+        lx = self.lab(x)
+        if b is not None:
+            self.sp.merge(b[0], w[0])
+        return tuple(lx[:-1]) + (w[0],)
+
+    monkeypatch.setattr(trace_mod._Walker, "linear", buggy_linear)
+    mlp = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(4, 3)
+    with pytest.warns(UserWarning, match="dropped groups"):
+        spec = trace_spec(mlp, x)
+    assert "P_0" not in spec.groups
+    if len(spec):
+        assert check_spec(mlp, spec, x) < 1e-5
+
+
+def test_check_spec_leaves_the_model_alone():
+    mlp = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).train()
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    spec = trace_spec(mlp, torch.randn(2, 3))
+    assert mlp.training
+    for k, v in mlp.state_dict().items():
+        assert torch.equal(v, before[k])
+    with pytest.raises(SpecMismatchError, match="not in the spec"):
+        check_spec(mlp, spec, torch.randn(2, 3), groups=["nope"])
+
+
+def test_check_compatible_names_the_first_mismatch():
+    a = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    check_compatible(a, nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)))
+    with pytest.raises(SpecMismatchError, match=r"'0.weight' has shape \(8, 3\) in the model but \(9, 3\)"):
+        check_compatible(a, nn.Sequential(nn.Linear(3, 9), nn.ReLU(), nn.Linear(9, 2)))
+    with pytest.raises(SpecMismatchError, match="'3.weight'"):
+        check_compatible(nn.Sequential(*a, nn.Linear(2, 2)), a)
+    with pytest.raises(SpecMismatchError, match="reference has '3.weight'"):
+        check_compatible(a, nn.Sequential(*a, nn.Linear(2, 2)))
+
+
+def test_bad_example_inputs():
+    with pytest.raises(TypeError, match="example_inputs"):
+        trace_spec(nn.Linear(2, 2), 3.0)
+    with pytest.raises(TypeError, match="nn.Module"):
+        trace_spec({"w": torch.zeros(2)}, torch.zeros(1))  # type: ignore[arg-type]
