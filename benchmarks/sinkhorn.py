@@ -149,8 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"iters={args.iters} tau={args.tau} repeats={args.repeats}")
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"iters={args.iters} tau={args.tau} repeats={args.repeats}"
+    )
     rows = []
     for n in args.sizes:
         for m in METHODS:  # warm-up
@@ -174,8 +176,10 @@ def main(argv: list[str] | None = None) -> None:
 
     mib = 2.0**20
     print()
-    print("| n | method | forward ms | backward ms | total ms | total vs dense | backward extra peak MiB "
-          "| kept by autograd MiB |")
+    print(
+        "| n | method | forward ms | backward ms | total ms | total vs dense | backward extra peak MiB "
+        "| kept by autograd MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for n, med, mem in rows:
         for m in METHODS:
@@ -183,8 +187,12 @@ def main(argv: list[str] | None = None) -> None:
             ratio = med["dense"][2] / tot
             peak = f"{mem[m]['backward'] / mib:.1f}" if mem else "-"
             kept = f"{mem[m]['kept'] / mib:.1f}" if mem else "-"
-            print(f"| {n} | {m} | {fwd * 1e3:.1f} | {bwd * 1e3:.1f} | {tot * 1e3:.1f} | {ratio:.2f}x | {peak} | {kept} |")
-    print("\n(one n x n float32 matrix: 4.0 MiB at n=1024; the backward's extra peak includes the returned gradient)")
+            print(
+                f"| {n} | {m} | {fwd * 1e3:.1f} | {bwd * 1e3:.1f} | {tot * 1e3:.1f} | {ratio:.2f}x | {peak} | {kept} |"
+            )
+    print(
+        "\n(one n x n float32 matrix: 4.0 MiB at n=1024; the backward's extra peak includes the returned gradient)"
+    )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,7 @@ Perms = Mapping[str, Tensor]
 M = TypeVar("M", bound=nn.Module)
 
 
-def random_permutations(
-    spec: PermutationSpec, generator: torch.Generator | None = None
-) -> dict[str, Tensor]:
+def random_permutations(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """One uniformly random permutation per group (on the CPU; pass a seeded ``generator`` to repeat)."""
     _require_sizes(spec)
     return {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}
@@ -81,7 +79,9 @@ def _check_perms(spec: PermutationSpec, perms: Perms) -> None:
             raise ValueError(f"perm for group {g!r} is not a permutation of 0..{p.numel() - 1}")
 
 
-def axis_index(spec: PermutationSpec, key: str, axis: int, perms: Perms, device: torch.device) -> Tensor | None:
+def axis_index(
+    spec: PermutationSpec, key: str, axis: int, perms: Perms, device: torch.device
+) -> Tensor | None:
     """The index that permutes ``axis`` of ``key`` (``None`` when no given permutation touches it).
 
     A plain axis uses its group's permutation; a block axis concatenates each block's permutation shifted
@@ -124,7 +124,12 @@ def permute_state_dict(
 
 @overload
 def permute(
-    model: M, spec: PermutationSpec, perms: Perms, *, optimizer: torch.optim.Optimizer | None = ..., inplace: bool = ...
+    model: M,
+    spec: PermutationSpec,
+    perms: Perms,
+    *,
+    optimizer: torch.optim.Optimizer | None = ...,
+    inplace: bool = ...,
 ) -> M: ...
 @overload
 def permute(
@@ -161,7 +166,9 @@ def permute(model, spec, perms, *, optimizer=None, inplace=False):
         True
     """
     if optimizer is not None and not inplace:
-        raise ValueError("optimizer=... only makes sense with inplace=True (the optimizer holds the original tensors)")
+        raise ValueError(
+            "optimizer=... only makes sense with inplace=True (the optimizer holds the original tensors)"
+        )
     if not isinstance(model, nn.Module):
         if inplace:
             raise ValueError("inplace=True needs an nn.Module, not a state dict")

@@ -22,7 +22,6 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -31,7 +30,7 @@ __all__ = ["PermutationSpec", "SpecMismatchError", "AxisEntry"]
 
 #: One axis of one state_dict entry: ``None`` (not permuted), a group name, or a tuple of blocks (group
 #: names, or ints for fixed blocks of that length) concatenated along the axis.
-AxisEntry = Union[str, None, tuple[Union[str, int], ...]]
+AxisEntry = str | None | tuple[str | int, ...]
 
 
 class SpecMismatchError(ValueError):
@@ -127,7 +126,9 @@ class PermutationSpec:
         for key, axis, entry, length in block_axes:
             missing = [b for b in entry if isinstance(b, str) and b not in sizes]
             if missing:
-                raise SpecMismatchError(f"cannot infer the sizes of groups {missing} in axis {axis} of {key!r}")
+                raise SpecMismatchError(
+                    f"cannot infer the sizes of groups {missing} in axis {axis} of {key!r}"
+                )
             total = sum(b if isinstance(b, int) else sizes[b] for b in entry)
             if total != length:
                 raise SpecMismatchError(
