@@ -231,7 +231,12 @@ def strategies(
     from rebasin_callbacks.avalanche import ReBasinStrategy
 
     common = dict(
-        train_mb_size=args.batch, train_epochs=args.epochs, eval_mb_size=1000, device=device, evaluator=None
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=args.batch,
+        train_epochs=args.epochs,
+        eval_mb_size=1000,
+        device=device,
+        evaluator=None,
     )
 
     def adam(m: nn.Module) -> torch.optim.Optimizer:

@@ -1,1 +1,2 @@
-"""End-to-end suites inside real frameworks and model zoos."""
+"""End-to-end suites inside the real frameworks (a package, so that ``integrations.lightning`` never
+shadows the ``lightning`` distribution on ``sys.path``)."""

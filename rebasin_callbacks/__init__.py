@@ -1,70 +1,66 @@
 """rebasin-callbacks: differentiable Sinkhorn re-basin inside the training loops you already use.
 
-Everything is importable from the package root; framework adapters live in their own modules
+Everything is importable from the package root. Framework adapters live in their own modules
 (``rebasin_callbacks.lightning``, ``rebasin_callbacks.avalanche``) so importing the root never imports
-Lightning or Avalanche. Names are resolved lazily (PEP 562), which keeps ``import rebasin_callbacks`` fast.
+Lightning, Avalanche or timm.
+
+Example:
+    >>> import torch
+    >>> from rebasin_callbacks import align, permute, random_permutations, trace_spec
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> spec = trace_spec(mlp, torch.randn(2, 4))
+    >>> planted = permute(mlp, spec, random_permutations(spec, torch.Generator().manual_seed(0)))
+    >>> result = align(planted, mlp, spec=spec, progress=False)
+    >>> all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), mlp.state_dict().values()))
+    True
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+# Imported eagerly: a lazy export would be shadowed by the submodule of the same name
+# (``rebasin_callbacks.align`` the module vs ``align`` the function) once anything imports it.
+from rebasin_callbacks.align import AlignResult, align
+from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost
+from rebasin_callbacks.lmc import LMCResult, interpolate, lmc_curve, plot_lmc, repair, reset_bn_stats
+from rebasin_callbacks.matching import weight_matching
+from rebasin_callbacks.permute import (
+    identity_permutations,
+    invert_permutation,
+    permute,
+    permute_state_dict,
+    random_permutations,
+)
+from rebasin_callbacks.rebasin import PermutedView, ReBasin
+from rebasin_callbacks.sinkhorn import sinkhorn
+from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+from rebasin_callbacks.trace import check_spec, trace_spec
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
-_EXPORTS: dict[str, str] = {
-    "sinkhorn": "sinkhorn",
-    "PermutationSpec": "spec",
-    "SpecMismatchError": "spec",
-    "permute": "permute",
-    "permute_state_dict": "permute",
-    "random_permutations": "permute",
-    "identity_permutations": "permute",
-    "invert_permutation": "permute",
-    "trace_spec": "trace",
-    "check_spec": "trace",
-    "ReBasin": "rebasin",
-    "PermutedView": "rebasin",
-    "align": "align",
-    "AlignResult": "align",
-    "weight_matching": "matching",
-    "L2Cost": "costs",
-    "MidCost": "costs",
-    "RndCost": "costs",
-    "CosineCost": "costs",
-    "interpolate": "lmc",
-    "lmc_curve": "lmc",
-    "LMCResult": "lmc",
-    "reset_bn_stats": "lmc",
-    "repair": "lmc",
-    "plot_lmc": "lmc",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rebasin_callbacks' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"rebasin_callbacks.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
-
-
-if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
-    from rebasin_callbacks.permute import (
-        identity_permutations,
-        invert_permutation,
-        permute,
-        permute_state_dict,
-        random_permutations,
-    )
-    from rebasin_callbacks.rebasin import PermutedView, ReBasin
-    from rebasin_callbacks.sinkhorn import sinkhorn
-    from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+__all__ = [
+    "AlignResult",
+    "CosineCost",
+    "L2Cost",
+    "LMCResult",
+    "MidCost",
+    "PermutationSpec",
+    "PermutedView",
+    "ReBasin",
+    "RndCost",
+    "SpecMismatchError",
+    "align",
+    "check_spec",
+    "identity_permutations",
+    "interpolate",
+    "invert_permutation",
+    "lmc_curve",
+    "permute",
+    "permute_state_dict",
+    "plot_lmc",
+    "random_permutations",
+    "repair",
+    "reset_bn_stats",
+    "sinkhorn",
+    "trace_spec",
+    "weight_matching",
+]

@@ -31,14 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     from rebasin_callbacks import __version__
 
     parser = argparse.ArgumentParser(
-        prog="rebasin", description="Differentiable Sinkhorn re-basin: align models, measure linear mode connectivity."
+        prog="rebasin",
+        description="Differentiable Sinkhorn re-basin: align models, measure linear mode connectivity.",
     )
     parser.add_argument("--version", action="version", version=f"rebasin-callbacks {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or help_text).strip()
-        cmd = sub.add_parser(name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd = sub.add_parser(
+            name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import warnings
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoConfig", "MNISTClassifier", "mlp", "run_demo", "add_arguments", "run"]
+# also MNISTClassifier, built on first access (module __getattr__) so that `rebasin --help` stays fast
+__all__ = ["DemoConfig", "mlp", "run_demo", "format_table", "add_arguments", "run"]
 
 
 @dataclass
@@ -45,7 +47,9 @@ class DemoConfig:
     @classmethod
     def smoke_test(cls, **overrides: Any) -> DemoConfig:
         """A tiny run (seconds): narrow MLP, one epoch, a few hundred images."""
-        base: dict[str, Any] = dict(epochs=1, width=64, n_points=5, align_steps=20, train_size=512, test_size=256)
+        base: dict[str, Any] = dict(
+            epochs=1, width=64, n_points=5, align_steps=20, train_size=512, test_size=256
+        )
         base.update(smoke=True)
         base.update(overrides)
         return cls(**base)
@@ -64,8 +68,8 @@ def mlp(width: int = 512, depth: int = 2, in_features: int = 784, classes: int =
 
 def _lightning_module_class():
     import lightning.pytorch as pl
-    import torch.nn.functional as F
     import torch
+    import torch.nn.functional as F
 
     class MNISTClassifier(pl.LightningModule):
         """A classifier around ``self.model`` (an MLP on flattened images by default), Adam, cross-entropy."""
@@ -84,7 +88,13 @@ def _lightning_module_class():
             logits = self(x)
             loss = F.cross_entropy(logits, y)
             self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False)
-            self.log(f"{stage}_acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, on_epoch=True, on_step=False)
+            self.log(
+                f"{stage}_acc",
+                (logits.argmax(1) == y).float().mean(),
+                prog_bar=True,
+                on_epoch=True,
+                on_step=False,
+            )
             return loss
 
         def training_step(self, batch, batch_idx):
@@ -167,7 +177,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_loader, test_loader, source, n_train, n_test = _loaders(cfg)
-    print(f"MNIST from {source}: {n_train} training / {n_test} test images; MLP 784-{cfg.width}-{cfg.width}-10")
+    print(
+        f"MNIST from {source}: {n_train} training / {n_test} test images; MLP 784-{cfg.width}-{cfg.width}-10"
+    )
     align_kwargs: dict[str, Any] = {"seed": cfg.seed}
     if cfg.align_steps is not None:
         align_kwargs["steps"] = cfg.align_steps
@@ -183,10 +195,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     model_b = Classifier(width=cfg.width, lr=cfg.lr)
     reference = model_a.model
     monitor = LMCMonitor(
-        reference, submodule="model", n_points=cfg.n_points, align_kwargs=align_kwargs, save_dir=str(out / "epochs")
+        reference,
+        submodule="model",
+        n_points=cfg.n_points,
+        align_kwargs=align_kwargs,
+        save_dir=str(out / "epochs"),
     )
     aligner = ReBasinAlign(
-        reference, submodule="model", mode="copy", every_n_epochs=0, at_fit_end=True, align_kwargs=align_kwargs
+        reference,
+        submodule="model",
+        mode="copy",
+        every_n_epochs=0,
+        at_fit_end=True,
+        align_kwargs=align_kwargs,
     )
     _trainer(cfg, out, "model_b", [monitor, aligner]).fit(model_b, train_loader, test_loader)
 
@@ -205,7 +226,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     plot_lmc(curves, path=png, title=f"MNIST MLP {cfg.width}x2: model B -> model A")
     seconds = time.perf_counter() - start
     results = {
-        "config": vars(cfg) if not hasattr(cfg, "__dataclass_fields__") else {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "config": dataclasses.asdict(cfg),
         "data_source": source,
         "accuracy": {"A": evaluate(net_a)["accuracy"], "B": evaluate(net_b)["accuracy"]},
         "lmc": {label: _summary(c) for label, c in curves.items()},
@@ -247,14 +268,22 @@ def format_table(curves: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
     d = DemoConfig()
-    parser.add_argument("--out", default=d.out, help="output folder for lmc.png, results.json, logs (%(default)s)")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of model A; B uses seed+1 (%(default)s)")
+    parser.add_argument(
+        "--out", default=d.out, help="output folder for lmc.png, results.json, logs (%(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of model A; B uses seed+1 (%(default)s)"
+    )
     parser.add_argument("--epochs", type=int, default=None, help=f"training epochs per model ({d.epochs})")
     parser.add_argument("--width", type=int, default=None, help=f"hidden width of the MLP ({d.width})")
     parser.add_argument("--n-points", type=int, default=None, help=f"points on each LMC curve ({d.n_points})")
-    parser.add_argument("--align-steps", type=int, default=None, help="Sinkhorn steps of align() (its default)")
+    parser.add_argument(
+        "--align-steps", type=int, default=None, help="Sinkhorn steps of align() (its default)"
+    )
     parser.add_argument("--download", action="store_true", help="use torchvision's full MNIST (downloads it)")
-    parser.add_argument("--smoke", action="store_true", help="a tiny run, seconds: checks that everything works")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a tiny run, seconds: checks that everything works"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -34,7 +34,7 @@ from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 __all__ = ["ReBasinAlign", "LMCMonitor", "Evaluator", "load_reference_state", "match_reference"]
 
 #: What a reference can be: a module, a state dict, or a path to a checkpoint file.
-ReferenceLike = Union[str, os.PathLike, nn.Module, Mapping[str, Tensor]]
+ReferenceLike = str | os.PathLike | nn.Module | Mapping[str, Tensor]
 
 
 # --------------------------------------------------------------------------- reference loading
@@ -73,12 +73,18 @@ def load_reference_state(reference: ReferenceLike, *, parameter: str = "referenc
         raise ValueError(f"{source}: not a state dict (got {type(obj).__name__})")
     bad = next((k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))), None)
     if bad is not None:
-        raise ValueError(f"{source}: not a state dict: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor")
+        raise ValueError(
+            f"{source}: not a state dict: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor"
+        )
     return dict(obj)
 
 
 def match_reference(
-    reference: Mapping[str, Tensor], model: nn.Module, *, prefix_hint: str | None = None, parameter: str = "reference"
+    reference: Mapping[str, Tensor],
+    model: nn.Module,
+    *,
+    prefix_hint: str | None = None,
+    parameter: str = "reference",
 ) -> dict[str, Tensor]:
     """``reference`` re-keyed to ``model``'s state_dict names, checked entry by entry.
 
@@ -88,27 +94,33 @@ def match_reference(
     """
     target = model.state_dict()
     keys = list(target)
-    # key maps: reference = prefix + key (checkpoint of a wrapper), or key = prefix + reference (the
-    # whole LightningModule aligned to a bare copy of its only child)
-    maps = [lambda k: k] + ([lambda k, p=prefix_hint + ".": p + k] if prefix_hint else [])
+    # key maps (add, strip): reference key = add + key[len(strip):]. A checkpoint of a wrapper has a prefix
+    # on every key; a bare copy of the LightningModule's only child lacks the prefix the model's keys have
+    maps: list[tuple[str, str]] = [("", "")] + ([(prefix_hint + ".", "")] if prefix_hint else [])
     if keys:
-        maps += [lambda k, p=r[: -len(keys[0])]: p + k for r in reference if r.endswith("." + keys[0])]
-        maps += [lambda k, n=len(keys[0]) - len(r): k[n:] for r in reference if keys[0].endswith("." + r)]
-    key_map = next((f for f in maps if all(f(k) in reference for k in keys)), None)
+        first = keys[0]
+        maps += [(r[: len(r) - len(first)], "") for r in reference if r.endswith("." + first)]
+        maps += [("", first[: len(first) - len(r)]) for r in reference if first.endswith("." + r)]
+
+    def ref_key(key: str, m: tuple[str, str]) -> str:
+        return m[0] + key[len(m[1]) :] if key.startswith(m[1]) else "\0"
+
+    key_map = next((m for m in maps if all(ref_key(k, m) in reference for k in keys)), None)
     if key_map is None:
-        best = max(maps, key=lambda f: sum(f(k) in reference for k in keys))
-        missing = next(k for k in keys if best(k) not in reference)
+        best = max(maps, key=lambda m: sum(ref_key(k, m) in reference for k in keys))
+        missing = next(k for k in keys if ref_key(k, best) not in reference)
         raise SpecMismatchError(
-            f"{parameter} does not match {type(model).__name__}: it has no entry {best(missing)!r} "
+            f"{parameter} does not match {type(model).__name__}: it has no entry {ref_key(missing, best)!r} "
             f"(the model's {missing!r} has shape {tuple(target[missing].shape)}); reference keys look like "
             f"{list(reference)[:3]}"
         )
     out = {}
     for k in keys:
-        ref, own = reference[key_map(k)], target[k]
+        name = ref_key(k, key_map)
+        ref, own = reference[name], target[k]
         if tuple(ref.shape) != tuple(own.shape):
             raise SpecMismatchError(
-                f"{parameter} does not match {type(model).__name__}: {key_map(k)!r} has shape "
+                f"{parameter} does not match {type(model).__name__}: {name!r} has shape "
                 f"{tuple(ref.shape)} in the reference but {k!r} has shape {tuple(own.shape)} in the model"
             )
         out[k] = ref
@@ -138,7 +150,9 @@ def _target(pl_module: pl.LightningModule, submodule: str | None) -> nn.Module:
 
 def _check_every_n_epochs(every_n_epochs: int) -> None:
     if not isinstance(every_n_epochs, int) or every_n_epochs < 0:
-        raise ValueError(f"every_n_epochs must be an int >= 0 (0 = never at epoch end), got {every_n_epochs!r}")
+        raise ValueError(
+            f"every_n_epochs must be an int >= 0 (0 = never at epoch end), got {every_n_epochs!r}"
+        )
 
 
 @contextlib.contextmanager
@@ -181,7 +195,9 @@ class _SpecSource:
         if self.spec is None:
             from rebasin_callbacks.trace import trace_spec
 
-            example = self.example_inputs if self.example_inputs is not None else pl_module.example_input_array
+            example = (
+                self.example_inputs if self.example_inputs is not None else pl_module.example_input_array
+            )
             if example is None:
                 raise ValueError(
                     "no permutation spec: pass spec=..., example_inputs=..., or set the LightningModule's "
@@ -193,7 +209,9 @@ class _SpecSource:
         return self.spec
 
 
-def _log(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], in_loop: bool) -> None:
+def _log(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], in_loop: bool
+) -> None:
     """Log on rank zero only: through ``pl_module.log`` inside the loop, straight to the loggers after it."""
     if in_loop:
         for name, value in metrics.items():
@@ -212,7 +230,12 @@ def _l2_distance(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -
 
 
 def _compute_perms(
-    trainer: pl.Trainer, model: nn.Module, reference: nn.Module, spec: PermutationSpec, cost: Any, kwargs: dict
+    trainer: pl.Trainer,
+    model: nn.Module,
+    reference: nn.Module,
+    spec: PermutationSpec,
+    cost: Any,
+    kwargs: dict,
 ) -> tuple[dict[str, Tensor], float, float]:
     """Permutations aligning ``model`` to ``reference`` and the weight distance before/after them.
 
@@ -353,7 +376,9 @@ class ReBasinAlign(Callback):
         start = time.perf_counter()
         with _isolated(pl_module):
             spec = self._spec.get(target, pl_module)
-            perms, before, after = _compute_perms(trainer, target, reference, spec, self.cost, self.align_kwargs)
+            perms, before, after = _compute_perms(
+                trainer, target, reference, spec, self.cost, self.align_kwargs
+            )
             if self.mode == "inplace":
                 optimizers = list(trainer.optimizers)
                 permute(target, spec, perms, optimizer=optimizers[0] if optimizers else None, inplace=True)
@@ -383,7 +408,9 @@ class ReBasinAlign(Callback):
             "spec": self.spec.to_dict() if self.spec is not None else None,
         }
         if self.mode == "copy" and self.aligned_model is not None:
-            state["aligned_state_dict"] = {k: v.detach().cpu() for k, v in self.aligned_model.state_dict().items()}
+            state["aligned_state_dict"] = {
+                k: v.detach().cpu() for k, v in self.aligned_model.state_dict().items()
+            }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -523,7 +550,9 @@ class LMCMonitor(Callback):
         if not isinstance(n_points, int) or n_points < 2:
             raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
         if isinstance(dataloader, str) and dataloader not in ("val", "train"):
-            raise ValueError(f"dataloader must be 'val', 'train' or an iterable of batches, got {dataloader!r}")
+            raise ValueError(
+                f"dataloader must be 'val', 'train' or an iterable of batches, got {dataloader!r}"
+            )
         self.reference = reference
         self.every_n_epochs = every_n_epochs
         self.n_points = n_points
@@ -601,7 +630,9 @@ class LMCMonitor(Callback):
                 spec = self._spec.get(model, pl_module)
                 perms, _, _ = _compute_perms(trainer, model, reference, spec, self.cost, self.align_kwargs)
                 model = permute(model, spec, perms)
-                out["rebasin"] = lmc_curve(model, reference, evaluate, progress=False, label="re-based", **kwargs)
+                out["rebasin"] = lmc_curve(
+                    model, reference, evaluate, progress=False, label="re-based", **kwargs
+                )
         metrics: dict[str, float] = {}
         for name in ("naive", "rebasin"):
             if name in out:

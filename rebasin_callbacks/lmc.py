@@ -276,10 +276,10 @@ class LMCResult:
 
 # --------------------------------------------------------------------------------------------- evaluation
 def _device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -624,6 +624,7 @@ def _renormalise(
             )
             return
     weight, bias = module.weight, module.bias
+    assert isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))
     w_shape = [-1] + [1] * (weight.dim() - 1)
     weight.mul_(scale.to(weight.dtype).view(w_shape))
     if bias is not None:
