@@ -17,47 +17,24 @@ Two details make it exact on planted permutations far more often than the textbo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from rebasin_callbacks.permute import axis_index
 from rebasin_callbacks.rebasin import assignment
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 
 __all__ = [
     "weight_matching",
-    "axis_blocks",
-    "axis_index",
     "check_same_architecture",
     "check_finite",
     "resolve_spec",
 ]
 
 Block = tuple[str | None, int, int]
-
-
-def axis_blocks(spec: PermutationSpec, key: str, axis: int, size: int) -> list[Block]:
-    """``[(group_or_None, start, stop), ...]`` covering axis ``axis`` of ``key`` (a plain axis is one block)."""
-    fn = getattr(spec, "axis_blocks", None)
-    if fn is not None:
-        return list(fn(key, axis))
-    group = spec.axes_to_perm[key][axis]
-    return [(group, 0, size)]
-
-
-def axis_index(blocks: Sequence[Block], perms: Mapping[str, Tensor], device: torch.device) -> Tensor | None:
-    """The index vector that permutes an axis made of ``blocks`` (``None`` if nothing moves)."""
-    if not any(g is not None and g in perms for g, _, _ in blocks):
-        return None
-    parts = []
-    for g, start, stop in blocks:
-        if g is not None and g in perms:
-            parts.append(perms[g].to(device) + start)
-        else:
-            parts.append(torch.arange(start, stop, device=device))
-    return torch.cat(parts)
 
 
 def check_same_architecture(
@@ -137,7 +114,7 @@ class _Problem:
             self.terms[g] = terms
 
     def blocks(self, key: str, axis: int) -> list[Block]:
-        return axis_blocks(self.spec, key, axis, self.a[key].shape[axis])
+        return self.spec.axis_blocks(key, axis)
 
     def other_groups(self, key: str, axis: int) -> set[str]:
         """Groups acting on any axis of ``key`` other than ``axis``."""
@@ -159,7 +136,7 @@ class _Problem:
             for ax in range(a.ndim):
                 if ax == axis:
                     continue
-                idx = axis_index(self.blocks(key, ax), perms, a.device)
+                idx = axis_index(self.spec, key, ax, perms, a.device)
                 if idx is not None:
                     a = a.index_select(ax, idx)
             for start, stop in blocks:

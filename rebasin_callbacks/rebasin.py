@@ -77,7 +77,6 @@ def apply_soft_permutations(
 
     An axis made of several groups' blocks (``spec.axis_blocks``) gets each block multiplied by its
     group's matrix."""
-    blocks_of = getattr(spec, "axis_blocks", None)
     out = dict(state)
     for key, axes in spec.axes_to_perm.items():
         value = out[key]
@@ -90,7 +89,7 @@ def apply_soft_permutations(
                 if group in matrices:
                     value = _apply_matrix(value, matrices[group], axis)
                 continue
-            blocks = blocks_of(key, axis) if blocks_of is not None else []
+            blocks = spec.axis_blocks(key, axis)
             if not any(g is not None and g in matrices for g, _, _ in blocks):
                 continue
             parts = []

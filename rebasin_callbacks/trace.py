@@ -987,17 +987,34 @@ class _Walker:
             elif i is None:
                 out.append(None)
             elif isinstance(i, slice):
-                if i == slice(None):
-                    out.append(lx[d])
-                else:
-                    self.cut(node, lx[d], "slice of a channel dim")
-                    out.append(None)
+                out.append(self._slice(node, lx[d], i, self.shape(x)[d]))  # type: ignore[index]
                 d += 1
             else:  # an integer: picks one channel
                 self.cut(node, lx[d], "index into a channel dim")
                 d += 1
         out.extend(lx[d:])
         return tuple(out)
+
+    def _slice(self, node: fx.Node, label: DimLabel, i: slice, size: int) -> DimLabel:
+        """A slice that takes whole blocks of a concatenation keeps them; any other slice is fixed."""
+        if any(not isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step)):
+            self.cut(node, label, "slice with traced bounds")
+            return None
+        start, stop, step = i.indices(size)
+        if step == 1 and start == 0 and stop == size:
+            return label
+        r = self.sp.resolve(label)
+        if r is None:
+            return None
+        parts = r.parts if isinstance(r, _Blocks) else ((r, self.sp.size[r]),)
+        offsets = [0]
+        for _, n in parts:
+            offsets.append(offsets[-1] + n)
+        if step == 1 and start in offsets and stop in offsets and stop > start:
+            sub = parts[offsets.index(start) : offsets.index(stop)]
+            return sub[0][0] if len(sub) == 1 else _Blocks(tuple(sub))
+        self.cut(node, label, "slice of a channel dim")
+        return None
 
     def generic(self, node: fx.Node, what: str) -> Any:
         # ops on non-tensors only (shape arithmetic) need no constraint

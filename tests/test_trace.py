@@ -416,3 +416,21 @@ def test_bad_example_inputs():
         trace_spec(nn.Linear(2, 2), 3.0)
     with pytest.raises(TypeError, match="nn.Module"):
         trace_spec({"w": torch.zeros(2)}, torch.zeros(1))  # type: ignore[arg-type]
+
+
+def test_slices_of_whole_concat_blocks_keep_their_groups():
+    class SliceBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(3, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+            return self.c(h[:, 4:]) + h[:, :4].sum(dim=1, keepdim=True)
+
+    model = SliceBlocks()
+    x = torch.randn(6, 3)
+    spec = trace_spec(model, x)
+    assert spec.axes_to_perm["c.weight"] == (None, "P_b")
+    assert spec.axes_to_perm["a.weight"] == ("P_a", None)
+    _assert_preserved(model, spec, x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import types
 import warnings
 
@@ -14,7 +15,7 @@ pytest.importorskip("avalanche")
 
 from avalanche.benchmarks import tensors_benchmark  # noqa: E402
 from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics  # noqa: E402
-from avalanche.logging import InMemoryLogger  # noqa: E402
+from avalanche.logging import TextLogger  # noqa: E402
 from avalanche.models import MultiHeadClassifier, MultiTaskModule  # noqa: E402
 from avalanche.training import Naive  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
@@ -44,8 +45,8 @@ def _mlp(seed: int) -> tuple[nn.Module, PermutationSpec]:
     return net, PermutationSpec.from_axes(axes, net.state_dict())
 
 
-def _evaluator() -> tuple[EvaluationPlugin, InMemoryLogger]:
-    logger = InMemoryLogger()
+def _evaluator() -> tuple[EvaluationPlugin, TextLogger]:
+    logger = TextLogger(io.StringIO())
     return (
         EvaluationPlugin(
             accuracy_metrics(experience=True, stream=True),
