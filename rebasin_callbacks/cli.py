@@ -1,6 +1,7 @@
 """The ``rebasin`` command: one subcommand per task (``rebasin demo``, ...).
 
-A subcommand is a module with ``add_arguments(parser)`` and ``run(args) -> int``, registered in
+A subcommand is a module with ``add_arguments(parser)``, ``run(args) -> int`` and optionally a plain-text
+``DESCRIPTION``, registered in
 :data:`COMMANDS`; modules are imported when the parser is built, so keep their top level light.
 
 Example:
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        doc = (module.__doc__ or help_text).strip()
+        doc = getattr(module, "DESCRIPTION", help_text)
         cmd = sub.add_parser(
             name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
         )

@@ -346,6 +346,13 @@ class ReBasinAlign(Callback):
         """The permutation spec in use (``None`` until known)."""
         return self._spec.spec
 
+    @property
+    def state_key(self) -> str:
+        # several instances (e.g. one per submodule) keep separate checkpoint states
+        return self._generate_state_key(
+            submodule=self.submodule, mode=self.mode, every_n_epochs=self.every_n_epochs
+        )
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -366,7 +373,8 @@ class ReBasinAlign(Callback):
             self._last_epoch = epoch
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.at_fit_end and not (self._last_epoch == trainer.current_epoch and self.history):
+        # skip when the last epoch's alignment already saw these weights (no optimizer step since)
+        if self.at_fit_end and not (self.history and self.history[-1]["step"] == trainer.global_step):
             self._align(trainer, pl_module, in_loop=False)
 
     def _align(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
@@ -573,6 +581,10 @@ class LMCMonitor(Callback):
         #: the logged scalars of every evaluation (what ``state_dict`` saves)
         self.history: list[dict[str, float]] = []
         self._last_epoch = -1
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(submodule=self.submodule, every_n_epochs=self.every_n_epochs)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":

@@ -337,7 +337,7 @@ _ELEMENTWISE_FUNCS: set[Any] = {
     torch.square, torch.erf, torch.sin, torch.cos, torch.clamp, torch.clip, torch.nan_to_num, torch.sign,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
     operator.neg, operator.pos, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
-    torch.clone, torch.contiguous_format, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
+    torch.clone, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
     F.normalize, F.threshold, torch.reciprocal, torch.floor, torch.ceil, torch.round,
 }  # fmt: skip
 _ELEMENTWISE_METHODS = {
@@ -482,7 +482,7 @@ class _Walker:
         """Fix every space the node touches; its outputs are fixed too."""
         touched = [self.lab(a) for a in list(node.args) + list(node.kwargs.values())]
         if node.op == "call_module":
-            for key in self._module_keys(node.target):
+            for key in self._module_keys(str(node.target)):
                 self.fix_param(key)
         if any(self._has_space(t) for t in touched) or node.op == "call_module":
             self.boundaries.append(f"{node.name} ({why})")
@@ -566,7 +566,7 @@ class _Walker:
                 )
         return tuple(out)
 
-    def reduce(self, node: fx.Node, x: fx.Node, dims: Any) -> Any:
+    def reduce(self, node: fx.Node, x: Any, dims: Any) -> Any:
         labels, in_shape, out_shape = self.labels[x], self.shape(x), self.shape(node)
         if out_shape is None or in_shape is None:
             return self.none_like(self.shapes.get(node))
@@ -708,8 +708,8 @@ class _Walker:
 
     def timm_attention(self, node: fx.Node, m: nn.Module) -> Any:
         x = node.args[0] if node.args else node.kwargs.get("x")
-        lx, t = self.lab(x), node.target
-        num_heads, head_dim = m.num_heads, m.head_dim
+        lx, t = self.lab(x), str(node.target)
+        num_heads, head_dim = int(m.num_heads), int(m.head_dim)  # type: ignore[arg-type]
         qk, v = self.heads(t, num_heads, head_dim)
         for norm in ("q_norm", "k_norm"):
             for p in ("weight", "bias"):
@@ -744,7 +744,7 @@ class _Walker:
             self.sp.fix(self.lab(other))  # masks
         for lab in (lq, lk, lv):
             self.cut(node, list(lab[:-1]), "attention over a channel dim")  # sequence and batch positions
-        qk, vh = self.heads(t, m.num_heads, m.head_dim)
+        qk, vh = self.heads(str(t), m.num_heads, m.head_dim)
         qk_b = _Blocks(tuple((s, m.head_dim) for s in qk))
         v_b = _Blocks(tuple((s, m.head_dim) for s in vh))
         if m._qkv_same_embed_dim:
@@ -854,10 +854,10 @@ class _Walker:
         return self.boundary(node, f"module {type(m).__name__} not understood")
 
     def visit_method(self, node: fx.Node, name: str) -> Any:
-        x = node.args[0]
+        x: Any = node.args[0]
         if not self.is_tensor(x):
             return self.generic(node, f"method .{name}()")
-        a = node.args[1:]
+        a: Any = node.args[1:]
         if name in _META_METHODS:
             return self.none_like(self.shapes.get(node))
         if name in _ELEMENTWISE_METHODS:
@@ -890,16 +890,18 @@ class _Walker:
         d = node.args[i] if len(node.args) > i else node.kwargs.get("dim", node.kwargs.get("axis"))
         return tuple(d) if isinstance(d, list) else d
 
-    def permute_like(self, node: fx.Node, name: str, x: fx.Node, a: Sequence[Any]) -> Any:
+    def permute_like(self, node: fx.Node, name: str, x: Any, a: Any) -> Any:
         lx = list(self.lab(x))
         nd = len(lx)
         if name == "permute":
-            dims = a[0] if len(a) == 1 and isinstance(a[0], (list, tuple)) else a
+            dims: Any = a[0] if len(a) == 1 and isinstance(a[0], (list, tuple)) else a
             if not dims:
                 dims = node.kwargs.get("dims", ())
             order = [int(d) % nd for d in dims]
             return tuple(lx[d] for d in order)
         if name == "movedim":
+            src: Any
+            dst: Any
             src, dst = (a[0], a[1]) if len(a) >= 2 else (node.kwargs["source"], node.kwargs["destination"])
             src_l = [int(s) % nd for s in (src if isinstance(src, (list, tuple)) else [src])]
             dst_l = [int(s) % nd for s in (dst if isinstance(dst, (list, tuple)) else [dst])]
@@ -913,12 +915,14 @@ class _Walker:
             return tuple(out)
         if name == "t" or (name == "transpose" and not a):
             return tuple(reversed(lx))
+        d0: Any
+        d1: Any
         d0, d1 = (a[0], a[1]) if len(a) >= 2 else (node.kwargs.get("dim0"), node.kwargs.get("dim1"))
         d0, d1 = int(d0) % nd, int(d1) % nd
         lx[d0], lx[d1] = lx[d1], lx[d0]
         return tuple(lx)
 
-    def expand(self, node: fx.Node, x: fx.Node) -> Any:
+    def expand(self, node: fx.Node, x: Any) -> Any:
         lx, sx, so = self.lab(x), self.shape(x), self.shape(node)
         if sx is None or so is None:
             return self.boundary(node, "expand")
@@ -931,11 +935,11 @@ class _Walker:
                 self.cut(node, lx[i], "repeat")  # repeat of a non-singleton dim tiles it
         return tuple(out)
 
-    def split(self, node: fx.Node, name: str, x: fx.Node) -> Any:
+    def split(self, node: fx.Node, name: str, x: Any) -> Any:
         lx, sx, so = list(self.lab(x)), self.shape(x), self.shapes.get(node)
         if sx is None or not isinstance(so, list) or not all(isinstance(s, torch.Size) for s in so):
             return self.boundary(node, f".{name}()")
-        d = node.args[2] if name != "unbind" and len(node.args) > 2 else node.kwargs.get("dim", 0)
+        d: Any = node.args[2] if name != "unbind" and len(node.args) > 2 else node.kwargs.get("dim", 0)
         if name == "unbind":
             d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         d = int(d) % len(sx)
@@ -1035,7 +1039,7 @@ class _Walker:
         return found
 
     def visit_function(self, node: fx.Node, fn: Any) -> Any:
-        args = node.args
+        args: Any = node.args
         x = args[0] if args else next(iter(node.kwargs.values()), None)
         name = getattr(fn, "__name__", str(fn))
         if fn is operator.getitem:
@@ -1421,7 +1425,7 @@ def check_spec(
 
     def run(st: Mapping[str, Tensor]) -> Any:
         with torch.no_grad():
-            return functional_call(model, st, args, kwargs, tie_weights=False, strict=False)
+            return functional_call(model, dict(st), args, kwargs, tie_weights=False, strict=False)
 
     perms = {g: _derangement_like(spec.sizes[g], gen) for g in chosen}
 

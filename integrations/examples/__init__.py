@@ -1,0 +1,1 @@
+"""Every example run end to end in its smoke setting."""
