@@ -33,7 +33,13 @@ from rebasin_callbacks.permute import (
 from rebasin_callbacks.rebasin import PermutedView, ReBasin
 from rebasin_callbacks.sinkhorn import sinkhorn
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-from rebasin_callbacks.trace import check_spec, trace_spec
+from rebasin_callbacks.trace import (
+    SpecCheckError,
+    UntraceableModelError,
+    check_compatible,
+    check_spec,
+    trace_spec,
+)
 
 __version__ = "0.1.0"
 
@@ -47,8 +53,11 @@ __all__ = [
     "PermutedView",
     "ReBasin",
     "RndCost",
+    "SpecCheckError",
     "SpecMismatchError",
+    "UntraceableModelError",
     "align",
+    "check_compatible",
     "check_spec",
     "identity_permutations",
     "interpolate",

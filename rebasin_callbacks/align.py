@@ -27,10 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from rebasin_callbacks.costs import RndCost, resolve_cost
-from rebasin_callbacks.matching import check_finite, check_same_architecture, resolve_spec, weight_matching
+from rebasin_callbacks.matching import check_finite, resolve_spec, weight_matching
 from rebasin_callbacks.permute import identity_permutations, permute, random_permutations
 from rebasin_callbacks.rebasin import PermutedView, ReBasin
 from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.trace import check_compatible
 
 __all__ = ["align", "AlignResult"]
 
@@ -168,7 +169,7 @@ def align(
         raise ValueError(f"lr must be a number > 0, got {lr!r}")
     if early_stopping is not None and not (isinstance(early_stopping, int) and early_stopping >= 1):
         raise ValueError(f"early_stopping must be an int >= 1 or None, got {early_stopping!r}")
-    check_same_architecture(model, reference)
+    check_compatible(model, reference)
     check_finite(model, "model")
     check_finite(reference, "reference")
     device = _device(model)

@@ -26,38 +26,15 @@ from torch import Tensor, nn
 from rebasin_callbacks.permute import axis_index
 from rebasin_callbacks.rebasin import assignment
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+from rebasin_callbacks.trace import check_compatible, trace_spec
 
 __all__ = [
     "weight_matching",
-    "check_same_architecture",
     "check_finite",
     "resolve_spec",
 ]
 
 Block = tuple[str | None, int, int]
-
-
-def check_same_architecture(
-    model: nn.Module | Mapping[str, Tensor], reference: nn.Module | Mapping[str, Tensor]
-) -> None:
-    """Raise :class:`SpecMismatchError` naming the first entry whose name or shape differs."""
-    a = model.state_dict() if isinstance(model, nn.Module) else model
-    b = reference.state_dict() if isinstance(reference, nn.Module) else reference
-    for key in a:
-        if key not in b:
-            raise SpecMismatchError(
-                f"different architectures: the reference has no entry {key!r} (model: {tuple(a[key].shape)})"
-            )
-        if tuple(a[key].shape) != tuple(b[key].shape):
-            raise SpecMismatchError(
-                f"different architectures: {key!r} has shape {tuple(a[key].shape)} in the model but "
-                f"{tuple(b[key].shape)} in the reference"
-            )
-    extra = [k for k in b if k not in a]
-    if extra:
-        raise SpecMismatchError(
-            f"different architectures: the model has no entry {extra[0]!r} (reference: {tuple(b[extra[0]].shape)})"
-        )
 
 
 def check_finite(model: nn.Module | Mapping[str, Tensor], name: str = "model") -> None:
@@ -80,10 +57,6 @@ def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_inputs:
             raise ValueError(
                 f"no spec for {type(model).__name__}: pass spec=PermutationSpec(...) or example_inputs=... to trace one"
             )
-        try:
-            from rebasin_callbacks.trace import trace_spec
-        except ImportError as exc:  # pragma: no cover - trace.py ships with the package
-            raise ImportError("tracing a spec needs rebasin_callbacks.trace; pass spec=... instead") from exc
         spec = trace_spec(model, example_inputs)
     state = model.state_dict()
     spec.validate(state, name=type(model).__name__)
@@ -208,7 +181,7 @@ def weight_matching(
     if not (isinstance(max_iter, int) and max_iter >= 0):
         raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
     if not _checked:
-        check_same_architecture(model, reference)
+        check_compatible(model, reference)
         check_finite(model, "model")
         check_finite(reference, "reference")
     if isinstance(model, nn.Module):

@@ -1475,10 +1475,16 @@ def check_compatible(
     b = reference.state_dict() if isinstance(reference, nn.Module) else reference
     for key in a:
         if key not in b:
-            raise SpecMismatchError(f"model has {key!r} but the reference does not")
+            raise SpecMismatchError(
+                f"different architectures: the model has {key!r} {tuple(a[key].shape)} but the reference does not"
+            )
         sa, sb = tuple(a[key].shape), tuple(b[key].shape)
         if sa != sb:
-            raise SpecMismatchError(f"{key!r} has shape {sa} in the model but {sb} in the reference")
+            raise SpecMismatchError(
+                f"different architectures: {key!r} has shape {sa} in the model but {sb} in the reference"
+            )
     for key in b:
         if key not in a:
-            raise SpecMismatchError(f"reference has {key!r} but the model does not")
+            raise SpecMismatchError(
+                f"different architectures: the reference has {key!r} {tuple(b[key].shape)} but the model does not"
+            )

@@ -240,12 +240,11 @@ def markdown(rows: Sequence[Row], *, command: str) -> str:
         "|---|---|---|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
-        preserved = {True: f"yes ({r.check_error:.0e})", False: f"**NO** ({r.check_error:.1e})", None: "-"}[
-            r.preserved
-        ]
+        err = f" ({r.check_error:.0e})" if r.check_error is not None else ""
+        preserved = {True: f"yes{err}", False: f"**NO**{err}", None: "-"}[r.preserved]
         notes = r.error if r.error else _short(r.notes)
         lines.append(
-            f"| {r.name} | {r.source} | {r.family} | {r.params / 1e6:.1f}M | {r.groups} | {r.coverage:.1%} | "
+            f"| {r.name} | {r.source} | {r.family} | {f'{r.params / 1e6:.1f}M' if r.params else '-'} | {r.groups} | {r.coverage:.1%} | "
             f"{preserved} | {r.boundaries} | {r.trace_s:.1f} | {notes.replace('|', '/')} |"
         )
     lines += ["", *_LIMITS]
