@@ -51,5 +51,5 @@ perms, frames, costs = rebasin_with_frames(model_a, model_b, spec, key, steps=st
 rebased = permute(model_a, spec, perms)
 
 # 5. check: same function as A, next to B
-report_alignment(model_a, model_b, rebased, next(iter(test_loader))[0][:64].to(args.device))
+report_alignment(model_a, model_b, rebased, next(iter(test_loader))[0][:64].to(args.device), perms)
 alignment_pictures(model_a, model_b, rebased, frames, key, args.out, "cnn")

@@ -51,6 +51,6 @@ perms, frames, costs = rebasin_with_frames(model_a, model_b, spec, key, steps=st
 rebased = permute(model_a, spec, perms)  # exact hard permutation: same function as A
 
 # 5. check: the re-based A computes what A computes and now sits on top of B
-report_alignment(model_a, model_b, rebased, next(iter(test_loader))[0][:64].to(args.device))
+report_alignment(model_a, model_b, rebased, next(iter(test_loader))[0][:64].to(args.device), perms)
 
 alignment_pictures(model_a, model_b, rebased, frames, key, args.out, "mlp")

@@ -53,5 +53,5 @@ perms, frames, costs = rebasin_with_frames(model_a, model_b, spec, key, steps=st
 rebased = permute(model_a, spec, perms)  # permutes BatchNorm running statistics too
 
 # 5. check (eval mode, so BatchNorm uses its permuted running statistics): same function as A, next to B
-report_alignment(model_a, model_b, rebased.eval(), next(iter(test_loader))[0][:32].to(args.device))
+report_alignment(model_a, model_b, rebased.eval(), next(iter(test_loader))[0][:32].to(args.device), perms)
 alignment_pictures(model_a, model_b, rebased, frames, key, args.out, "resnet")

@@ -128,11 +128,13 @@ def accuracy(model: nn.Module, loader, device: str = "cpu") -> float:
 
 def planted(model: nn.Module, spec, noise: float, seed: int) -> nn.Module:
     """Model B for the alignment examples: a random permutation of ``model`` plus Gaussian noise of
-    ``noise`` times each tensor's standard deviation (so B is not an exact copy)."""
+    ``noise`` times each tensor's standard deviation (so B is not an exact copy). The permutations are
+    kept in ``b.planted_perms`` to check what re-basin recovers."""
     from rebasin_callbacks.permute import permute, random_permutations
 
     gen = torch.Generator().manual_seed(seed)
     b = permute(model, spec, random_permutations(spec, gen))
+    b.planted_perms = random_permutations(spec, torch.Generator().manual_seed(seed))  # the same draw, kept
     with torch.no_grad():
         for p in b.parameters():
             p.add_(noise * p.std() * torch.randn(p.shape, generator=gen).to(p.device))
@@ -247,13 +249,19 @@ def l2_distance(model: nn.Module, reference: nn.Module) -> float:
 
 
 @torch.no_grad()
-def report_alignment(model_a: nn.Module, model_b: nn.Module, rebased: nn.Module, x: Tensor) -> None:
+def report_alignment(
+    model_a: nn.Module, model_b: nn.Module, rebased: nn.Module, x: Tensor, perms=None
+) -> None:
     """Print the two facts an alignment must show: same function as A, much closer to B."""
     error = float((rebased(x) - model_a(x)).abs().max() / model_a(x).abs().max())
     print(f"  re-based A vs A: max relative output difference {error:.1e} (a permutation keeps the function)")
     print(
         f"  L2 distance to B: A {l2_distance(model_a, model_b):.2f} -> re-based A {l2_distance(rebased, model_b):.2f}"
     )
+    if perms is not None and hasattr(model_b, "planted_perms"):
+        right = sum(int((perms[g].cpu() == p).sum()) for g, p in model_b.planted_perms.items())
+        total = sum(len(p) for p in model_b.planted_perms.values())
+        print(f"  hidden units sent to their planted place: {right}/{total}")
 
 
 def lmc_three_ways(model_a, model_b, test_loader, out: Path, title: str, smoke: bool, **lmc_kwargs) -> dict:
@@ -262,7 +270,7 @@ def lmc_three_ways(model_a, model_b, test_loader, out: Path, title: str, smoke: 
     from rebasin_callbacks import align, lmc_curve, permute, plot_lmc, weight_matching
 
     x = next(iter(test_loader))[0][:2].to(next(model_a.parameters()).device)
-    result = align(model_a, model_b, example_inputs=x, steps=20 if smoke else 200, seed=0, progress=False)
+    result = align(model_a, model_b, example_inputs=x, steps=5 if smoke else 200, seed=0, progress=False)
     print(f"  re-based: {result.steps} Sinkhorn steps, {result.seconds:.1f} s")
     versions = {
         "naive": model_a,
@@ -271,7 +279,7 @@ def lmc_three_ways(model_a, model_b, test_loader, out: Path, title: str, smoke: 
             model_a, result.spec, weight_matching(model_a, model_b, result.spec, seed=0)
         ),
     }
-    n_points = 5 if smoke else 11
+    n_points = 3 if smoke else 11
     curves = {
         label: lmc_curve(
             m, model_b, test_loader, n_points=n_points, label=label, progress=False, **lmc_kwargs

@@ -21,7 +21,18 @@ from __future__ import annotations
 # (``rebasin_callbacks.align`` the module vs ``align`` the function) once anything imports it.
 from rebasin_callbacks.align import AlignResult, align
 from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost
-from rebasin_callbacks.lmc import LMCResult, interpolate, lmc_curve, plot_lmc, repair, reset_bn_stats
+from rebasin_callbacks.incremental import ReBasinIncremental
+from rebasin_callbacks.lmc import (
+    LMCResult,
+    barrier_and_auc,
+    evaluate_model,
+    interpolate,
+    interpolate_state_dict,
+    lmc_curve,
+    plot_lmc,
+    repair,
+    reset_bn_stats,
+)
 from rebasin_callbacks.matching import weight_matching
 from rebasin_callbacks.permute import (
     identity_permutations,
@@ -52,15 +63,19 @@ __all__ = [
     "PermutationSpec",
     "PermutedView",
     "ReBasin",
+    "ReBasinIncremental",
     "RndCost",
     "SpecCheckError",
     "SpecMismatchError",
     "UntraceableModelError",
     "align",
+    "barrier_and_auc",
     "check_compatible",
     "check_spec",
+    "evaluate_model",
     "identity_permutations",
     "interpolate",
+    "interpolate_state_dict",
     "invert_permutation",
     "lmc_curve",
     "permute",

@@ -20,6 +20,9 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: subcommand -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "align": ("rebasin_callbacks.commands.align", "align checkpoint A to checkpoint B"),
+    "lmc": ("rebasin_callbacks.commands.lmc", "linear mode connectivity of two checkpoints"),
+    "spec": ("rebasin_callbacks.commands.spec", "trace and print an architecture's permutation spec"),
     "demo": (
         "rebasin_callbacks.demo",
         "train two MNIST models with Lightning and compare their LMC: naive, re-based, weight matching",
@@ -38,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rebasin-callbacks {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # a missing optional dependency disables that subcommand only
+            cmd = sub.add_parser(name, help=f"{help_text} (unavailable: {exc})")
+            cmd.set_defaults(_run=_unavailable(name, exc))
+            continue
         doc = getattr(module, "DESCRIPTION", help_text)
         cmd = sub.add_parser(
             name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -46,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
+
+
+def _unavailable(name: str, exc: ImportError):
+    def run(args: argparse.Namespace) -> int:
+        print(f"rebasin {name}: unavailable ({exc}); install the missing package", file=sys.stderr)
+        return 2
+
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

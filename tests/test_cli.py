@@ -223,3 +223,14 @@ def test_fit_to_shape_resizes_and_repeats_channels():
     assert y.shape == (2, 3, 16, 16)
     assert torch.equal(y[:, 0], y[:, 2])
     assert torch.equal(fit_to_shape(x, (64,)), x.reshape(2, 64))
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_help_explains_every_option(rebasin, name):
+    with pytest.raises(SystemExit) as exit_info:
+        rebasin(name, "--help")
+    assert exit_info.value.code == 0
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[name]
+    undocumented = [a.dest for a in sub._actions if a.dest != "help" and not a.help]
+    assert not undocumented

@@ -1,6 +1,6 @@
 """Fit with ReBasinAlign and LMCMonitor under DDP on CPU processes; save every rank's final state.
 
-``python -m integrations.lightning.ddp_run OUT_DIR [--devices 2] [--arch timm:resnet10t]`` writes
+``python -m integrations.lightning.ddp_run OUT_DIR [--devices 2] [--arch timm:test_resnet]`` writes
 ``OUT_DIR/rank{r}.pt`` = ``{"state_dict", "perms", "align_history", "lmc_history"}`` for every rank, so a
 test can check that all ranks end with identical weights and permutations. Lightning re-launches this
 module once per extra rank (``strategy="ddp"``, gloo backend on CPU).
@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--arch", default="timm:resnet10t")
+    parser.add_argument("--arch", default="timm:test_resnet")
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -34,7 +34,7 @@ def main() -> None:
 
     pl.seed_everything(0, verbose=False)
     model = ImageClassifier(args.arch)
-    kwargs = {"align_kwargs": {"steps": 20, "seed": 0}, "submodule": "model"}
+    kwargs = {"align_kwargs": {"steps": 5, "seed": 0}, "submodule": "model"}
     align = ReBasinAlign(str(reference), every_n_epochs=1, **kwargs)
     monitor = LMCMonitor(str(reference), n_points=3, max_batches=1, save_dir=str(args.out / "lmc"), **kwargs)
     trainer = pl.Trainer(

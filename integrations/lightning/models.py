@@ -1,7 +1,7 @@
 """A LightningModule around any timm or torchvision classifier, and seeded synthetic CIFAR-size data.
 
 Example:
-    >>> module = ImageClassifier("timm:resnet10t", num_classes=10)
+    >>> module = ImageClassifier("timm:test_resnet", num_classes=10)
     >>> module(torch.zeros(2, 3, 32, 32)).shape
     torch.Size([2, 10])
 """
@@ -37,7 +37,7 @@ class ImageClassifier(pl.LightningModule):
     """Cross-entropy classifier; the network is ``self.model`` (the callbacks' ``submodule="model"``)."""
 
     def __init__(
-        self, arch: str = "timm:resnet10t", num_classes: int = 10, lr: float = 0.05, momentum: float = 0.9
+        self, arch: str = "timm:test_resnet", num_classes: int = 10, lr: float = 0.05, momentum: float = 0.9
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -97,7 +97,7 @@ class SyntheticImages(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.batch_size)
 
 
-def save_reference(path: str, arch: str = "timm:resnet10t", seed: int = 123) -> str:
+def save_reference(path: str, arch: str = "timm:test_resnet", seed: int = 123) -> str:
     """Save a randomly initialised reference network's state dict (the callbacks' ``reference``)."""
     torch.manual_seed(seed)
     torch.save(build_model(arch).state_dict(), path)
@@ -107,6 +107,6 @@ def save_reference(path: str, arch: str = "timm:resnet10t", seed: int = 123) -> 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Save a reference state dict for the LightningCLI config.")
     parser.add_argument("--save-reference", required=True, metavar="PATH")
-    parser.add_argument("--arch", default="timm:resnet10t")
+    parser.add_argument("--arch", default="timm:test_resnet")
     args = parser.parse_args()
     print(save_reference(args.save_reference, args.arch))

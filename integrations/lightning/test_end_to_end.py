@@ -1,4 +1,4 @@
-"""End to end: the Lightning callbacks on timm resnet10t (BatchNorm, SGD momentum), resume, DDP, LightningCLI."""
+"""End to end: the Lightning callbacks on timm test_resnet (BatchNorm, residuals, SGD momentum), resume, DDP, LightningCLI."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from integrations.lightning.models import ImageClassifier, SyntheticImages, save
 from rebasin_callbacks.lightning import LMCMonitor, ReBasinAlign  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-ALIGN = {"steps": 20, "seed": 0}
+ALIGN = {"steps": 5, "seed": 0}
 
 
 def _trainer(tmp_path: Path, callbacks, max_epochs: int = 2, **kwargs) -> pl.Trainer:
@@ -41,7 +41,7 @@ def _trainer(tmp_path: Path, callbacks, max_epochs: int = 2, **kwargs) -> pl.Tra
 
 def _fit(tmp_path: Path, callbacks=(), max_epochs: int = 2, ckpt_path=None, **kwargs) -> ImageClassifier:
     pl.seed_everything(0, verbose=False)
-    model = ImageClassifier("timm:resnet10t")
+    model = ImageClassifier("timm:test_resnet")
     data = SyntheticImages(n_train=32, n_val=16, batch_size=16)
     _trainer(tmp_path, callbacks, max_epochs, **kwargs).fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model
@@ -118,7 +118,7 @@ def test_lightning_cli_config_instantiates_the_callbacks(tmp_path, reference):
     cli = main(["fit", "--config", str(path)])
     align, monitor = (cb for cb in cli.trainer.callbacks if isinstance(cb, (ReBasinAlign, LMCMonitor)))
     assert isinstance(align, ReBasinAlign) and isinstance(monitor, LMCMonitor)
-    assert (align.mode, align.submodule, align.align_kwargs) == ("inplace", "model", {"steps": 20, "seed": 0})
+    assert (align.mode, align.submodule, align.align_kwargs) == ("inplace", "model", {"steps": 5, "seed": 0})
     assert monitor.n_points == 3 and monitor.every_n_epochs == 2
     rows = list(csv.DictReader(open(Path(cli.trainer.logger.log_dir) / "metrics.csv")))
     assert sum(1 for r in rows if r.get("rebasin/l2_after")) == 2

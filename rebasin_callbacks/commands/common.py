@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib
 import importlib.util
@@ -458,11 +457,3 @@ def _take(loader: Any, n: int) -> Iterator[Any]:
         if i >= n:
             return
         yield batch
-
-
-@contextlib.contextmanager
-def quiet_warnings() -> Iterator[None]:
-    """Silence library warnings that a command-line user cannot act on (e.g. DataLoader worker hints)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-        yield
