@@ -160,7 +160,7 @@ class ReBasinStrategy(SupervisedTemplate):
             # the model is theta_{e-1}: learn permutations and residual instead of the weights
             self.incremental.model = self.model
             self.incremental.begin_episode()
-            self._first_optimizer = self.optimizer
+            self._first_optimizer = self.optimizer  # type: ignore[has-type]
             self.optimizer = self.incremental.optimizer()  # type: ignore[assignment]
 
     def forward(self) -> Tensor:
@@ -181,7 +181,7 @@ class ReBasinStrategy(SupervisedTemplate):
         if self.incremental.in_episode:
             self.incremental.end_episode()
             if self._first_optimizer is not None:
-                self.optimizer = self._first_optimizer
+                self.optimizer = self._first_optimizer  # type: ignore[assignment]
         self.experiences_trained += 1
         super()._after_training_exp(**kwargs)
 

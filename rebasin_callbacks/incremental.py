@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from rebasin_callbacks.permute import permute_state_dict
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
-from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.spec import AxisEntry, PermutationSpec
 
 __all__ = [
     "ReBasinIncremental",
@@ -132,7 +132,7 @@ def extend_spec_to_heads(
         >>> extend_spec_to_heads(spec, state, "h.").axes_to_perm["h.1.weight"]
         (None, 'P0')
     """
-    template: dict[str, tuple[str | None, ...]] = {}
+    template: dict[str, tuple[AxisEntry, ...]] = {}
     for key, axes in spec.axes_to_perm.items():
         if key.startswith(heads_prefix) and "." in key[len(heads_prefix) :]:
             suffix = key[len(heads_prefix) :].split(".", 1)[1]
@@ -343,8 +343,8 @@ class ReBasinIncremental:
         self._buffers = {
             name: b.detach().clone() for name, b in self.model.named_buffers() if b.is_floating_point()
         }
-        perm_params = list(self.rebasin.parameters())
-        delta_params = list(self.delta.values())
+        perm_params: list[Tensor] = list(self.rebasin.parameters())
+        delta_params: list[Tensor] = list(self.delta.values())
         opt_p = (
             self.perm_optimizer_factory(perm_params)
             if self.perm_optimizer_factory

@@ -87,10 +87,12 @@ def axis_index(
     A plain axis uses its group's permutation; a block axis concatenates each block's permutation shifted
     by the block's offset (identity for fixed blocks and for groups not in ``perms``)."""
     blocks = spec.axis_blocks(key, axis)
-    if not any(g in perms for g, _, _ in blocks):
+    if not any(g is not None and g in perms for g, _, _ in blocks):
         return None
     parts = [
-        perms[g].to(device) + start if g in perms else torch.arange(start, stop, device=device)
+        perms[g].to(device) + start
+        if g is not None and g in perms
+        else torch.arange(start, stop, device=device)
         for g, start, stop in blocks
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
