@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,6 +28,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from rebasin_callbacks.lightning import LMCMonitor, ReBasinAlign
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for integrations.lightning.models
 
 
 class EpochClock(pl.Callback):
@@ -128,11 +132,14 @@ def run_workload(workload: dict[str, Any], epochs: int, align_kwargs: dict[str, 
                 "first_hook_s": hooks[0] if hooks else 0.0,
                 "overhead": hook / epoch,
                 "epochs": epochs,
+                "all_epochs_s": clock.epochs,
+                "all_hooks_s": hooks,
             }
         )
         print(
             f"{workload['name']:55s} {variant:13s} epoch {epoch:7.2f} s  hook {hook:7.2f} s  "
-            f"(first {rows[-1]['first_hook_s']:.2f} s)  overhead {100 * hook / epoch:6.1f} %",
+            f"(first {rows[-1]['first_hook_s']:.2f} s)  overhead {100 * hook / epoch:6.1f} %  "
+            f"epochs {[round(e, 2) for e in clock.epochs]} hooks {[round(h, 2) for h in hooks]}",
             flush=True,
         )
     return rows

@@ -264,21 +264,33 @@ def report_alignment(
         print(f"  hidden units sent to their planted place: {right}/{total}")
 
 
-def lmc_three_ways(model_a, model_b, test_loader, out: Path, title: str, smoke: bool, **lmc_kwargs) -> dict:
-    """LMC from A to B for three versions of A: as trained (naive), re-based (Sinkhorn, :func:`align`) and
-    weight matching (Git Re-Basin); saves ``lmc.png`` (loss and accuracy panels) and prints the barriers."""
+def lmc_comparison(
+    model_a,
+    model_b,
+    test_loader,
+    out: Path,
+    title: str,
+    smoke: bool,
+    costs=("l2",),
+    train_loader=None,
+    **lmc_kwargs,
+) -> dict:
+    """LMC from A to B for several versions of A: as trained (naive), re-based by Sinkhorn
+    (:func:`rebasin_callbacks.align`, one curve per cost: ``"l2"`` data-free, ``"mid"`` the loss at the
+    midpoint on ``train_loader``) and weight matching (Git Re-Basin); saves ``lmc.png`` (loss and accuracy
+    panels) and prints the barriers."""
     from rebasin_callbacks import align, lmc_curve, permute, plot_lmc, weight_matching
 
     x = next(iter(test_loader))[0][:2].to(next(model_a.parameters()).device)
-    result = align(model_a, model_b, example_inputs=x, steps=5 if smoke else 200, seed=0, progress=False)
-    print(f"  re-based: {result.steps} Sinkhorn steps, {result.seconds:.1f} s")
-    versions = {
-        "naive": model_a,
-        "re-based (Sinkhorn)": result.model,
-        "weight matching": permute(
-            model_a, result.spec, weight_matching(model_a, model_b, result.spec, seed=0)
-        ),
-    }
+    versions = {"naive": model_a}
+    for cost in costs:
+        data = dict(data=train_loader, loss_fn=F.cross_entropy) if cost in ("mid", "rnd") else {}
+        result = align(model_a, model_b, example_inputs=x, cost=cost, steps=5 if smoke else 200, seed=0,
+                       progress=False, **data)  # fmt: skip
+        print(f"  re-based ({cost}): {result.steps} Sinkhorn steps, {result.seconds:.1f} s")
+        versions[f"re-based ({cost})"] = result.model
+    perms = weight_matching(model_a, model_b, result.spec, seed=0)
+    versions["weight matching"] = permute(model_a, result.spec, perms)
     n_points = 3 if smoke else 11
     curves = {
         label: lmc_curve(

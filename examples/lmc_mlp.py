@@ -2,9 +2,10 @@
 
 Two copies of the paper's MLP (784-512-512-10) are trained from different seeds. Interpolating their
 weights directly (naive) passes through a region of high loss: the loss barrier. Permuting model A's hidden
-units into B's basin first (Sinkhorn re-basin, :func:`rebasin_callbacks.align`, data-free L2 cost) removes
-most of it; weight matching (Git Re-Basin) is shown for comparison. Neither permutation changes what A
-computes, only where it sits in weight space.
+units into B's basin first (Sinkhorn re-basin, :func:`rebasin_callbacks.align`) removes most of it; two
+re-based curves: the data-free L2 cost and the loss at the midpoint of the segment ("mid"). Weight matching
+(Git Re-Basin) is shown for comparison. No permutation changes what A computes, only where it sits in
+weight space.
 
     python examples/lmc_mlp.py            # about a minute on 2 CPU cores
     python examples/lmc_mlp.py --smoke    # seconds
@@ -13,7 +14,7 @@ Picture in --out (default outputs/lmc_mlp): lmc.png (loss and accuracy along the
 """
 
 import torch
-from common import accuracy, lmc_three_ways, mlp, mnist_loaders, parse_args, train
+from common import accuracy, lmc_comparison, mlp, mnist_loaders, parse_args, train
 
 args = parse_args("lmc_mlp", __doc__.splitlines()[0])
 width, epochs = (32, 1) if args.smoke else (512, 5)
@@ -31,4 +32,6 @@ print(
 )
 
 # loss / accuracy on the segment from A to B: as trained, re-based, weight matching
-lmc_three_ways(model_a, model_b, test_loader, args.out, f"MNIST MLP {width}x2: A -> B", args.smoke)
+# re-based twice: data-free L2 cost, and the loss at the midpoint of the segment (Mid, on training batches)
+lmc_comparison(model_a, model_b, test_loader, args.out, f"MNIST MLP {width}x2: A -> B", args.smoke,
+               costs=("l2", "mid"), train_loader=train_loader)  # fmt: skip

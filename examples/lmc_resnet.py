@@ -12,7 +12,7 @@ Picture in --out (default outputs/lmc_resnet): lmc.png (loss and accuracy along 
 """
 
 import torch
-from common import accuracy, lmc_three_ways, mnist_loaders, parse_args, resnet18, train
+from common import accuracy, lmc_comparison, mnist_loaders, parse_args, resnet18, train
 
 args = parse_args("lmc_resnet", __doc__.splitlines()[0])
 train_size, epochs = (128, 1) if args.smoke else (2000, 2)
@@ -29,5 +29,5 @@ print(
 )
 
 # BatchNorm statistics are recomputed at every point (5 training batches) before it is evaluated
-lmc_three_ways(model_a, model_b, test_loader, args.out, "MNIST ResNet18 (BN reset): A -> B", args.smoke,
+lmc_comparison(model_a, model_b, test_loader, args.out, "MNIST ResNet18 (BN reset): A -> B", args.smoke,
                reset_bn=True, train_data=train_loader, n_batches=5)  # fmt: skip

@@ -54,7 +54,7 @@ class DemoConfig:
     def smoke_test(cls, **overrides: Any) -> DemoConfig:
         """A tiny run (seconds): narrow MLP, one epoch, a few hundred images."""
         base: dict[str, Any] = dict(
-            epochs=1, width=64, n_points=5, align_steps=20, train_size=512, test_size=256
+            epochs=1, width=32, n_points=5, align_steps=10, train_size=256, test_size=256
         )
         base.update(smoke=True)
         base.update(overrides)
@@ -132,17 +132,17 @@ def _loaders(cfg: DemoConfig):
 
     from rebasin_callbacks.data import mnist
 
-    train = mnist(train=True, download=cfg.download, flatten=True, seed=cfg.seed)
-    test = mnist(train=False, download=cfg.download, flatten=True, seed=cfg.seed)
-    if cfg.train_size is not None:
-        train = Subset(train, range(min(cfg.train_size, len(train))))
-    if cfg.test_size is not None:
-        test = Subset(test, range(min(cfg.test_size, len(test))))
+    full_train = mnist(train=True, download=cfg.download, flatten=True, seed=cfg.seed)
+    full_test = mnist(train=False, download=cfg.download, flatten=True, seed=cfg.seed)
+    n_train = len(full_train) if cfg.train_size is None else min(cfg.train_size, len(full_train))
+    n_test = len(full_test) if cfg.test_size is None else min(cfg.test_size, len(full_test))
+    train = Subset(full_train, range(n_train))
+    test = Subset(full_test, range(n_test))
     gen = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
     test_loader = DataLoader(test, batch_size=512)
-    source = getattr(getattr(train, "dataset", train), "source", "?")
-    return train_loader, test_loader, source, len(train), len(test)
+    source = getattr(full_train, "source", "?")
+    return train_loader, test_loader, source, n_train, n_test
 
 
 def _trainer(cfg: DemoConfig, out: Path, name: str, callbacks: list):

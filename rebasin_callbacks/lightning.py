@@ -255,7 +255,9 @@ def _compute_perms(
         if cost == "l2" and after > before:
             perms, after = {g: torch.arange(n) for g, n in spec.sizes.items()}, before
         payload = (perms, before, after)
-    return trainer.strategy.broadcast(payload, src=0)
+    received = trainer.strategy.broadcast(payload, src=0)
+    assert received is not None
+    return received
 
 
 # --------------------------------------------------------------------------- ReBasinAlign
@@ -297,13 +299,16 @@ class ReBasinAlign(Callback):
 
         import torch
         from lightning.pytorch import Trainer
-        from lightning.pytorch.demos.boring_classes import BoringModel
+        from torch.utils.data import DataLoader, TensorDataset
+        from rebasin_callbacks.demo import MNISTClassifier
         from rebasin_callbacks.lightning import ReBasinAlign
 
-        reference = BoringModel()                      # or "reference.ckpt"
-        align = ReBasinAlign(reference, every_n_epochs=1, align_kwargs={"steps": 50})
+        data = DataLoader(TensorDataset(torch.rand(64, 784), torch.randint(0, 10, (64,))), batch_size=16)
+        reference = MNISTClassifier(width=32)        # or "reference.ckpt", or a state dict
+        align = ReBasinAlign(reference, submodule="model", align_kwargs={"steps": 20})
         trainer = Trainer(max_epochs=2, callbacks=[align], logger=False, enable_checkpointing=False)
-        trainer.fit(BoringModel())
+        trainer.fit(MNISTClassifier(width=32), data)
+        print(align.history[-1])    # {'epoch': 1, 'step': 8, 'l2_before': ..., 'l2_after': ..., 'seconds': ...}
     """
 
     def __init__(
@@ -527,12 +532,17 @@ class LMCMonitor(Callback):
 
     Example::
 
+        import torch
         from lightning.pytorch import Trainer
+        from torch.utils.data import DataLoader, TensorDataset
+        from rebasin_callbacks.demo import MNISTClassifier
         from rebasin_callbacks.lightning import LMCMonitor
 
-        monitor = LMCMonitor("reference.ckpt", n_points=11, submodule="model")
-        Trainer(max_epochs=5, callbacks=[monitor]).fit(model, datamodule=dm)
-        monitor.results[-1]["rebasin"].barrier
+        data = DataLoader(TensorDataset(torch.rand(64, 784), torch.randint(0, 10, (64,))), batch_size=16)
+        monitor = LMCMonitor(MNISTClassifier(width=32), submodule="model", n_points=5, save_dir="lmc")
+        trainer = Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False)
+        trainer.fit(MNISTClassifier(width=32), data, data)
+        print(monitor.results[-1]["naive"].barrier, monitor.results[-1]["rebasin"].barrier)
     """
 
     def __init__(
@@ -664,7 +674,7 @@ class LMCMonitor(Callback):
         fig = plot_lmc(curves, title=f"epoch {out['epoch']}")  # a pyplot-free Figure: nothing to close
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_figure"):
+            if experiment is not None and hasattr(experiment, "add_figure"):
                 experiment.add_figure("lmc", fig, global_step=trainer.global_step, close=False)
                 return
         save_dir = self.save_dir or trainer.log_dir or trainer.default_root_dir

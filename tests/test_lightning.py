@@ -270,6 +270,22 @@ def test_logged_metrics_reach_the_logger(tmp_path):
     assert sorted(p.name for p in (tmp_path / "figs").glob("*.png")) == ["lmc_epoch0.png", "lmc_epoch1.png"]
 
 
+def test_tensorboard_gets_scalars_and_the_figure(tmp_path):
+    _needs_core()
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version="")
+    monitor = LMCMonitor(_reference(), submodule="model", n_points=3, save_dir=str(tmp_path / "png"))
+    _fit(tmp_path, [monitor], max_epochs=1, logger=logger)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert "lmc" in events.Tags()["images"]
+    assert {"lmc/naive_barrier", "lmc/rebasin_auc"} <= set(events.Tags()["scalars"])
+    assert not (tmp_path / "png").exists()  # the figure went to TensorBoard, not to a PNG
+
+
 # ----------------------------------------------------------------------------- LMCMonitor
 def test_lmc_monitor_does_not_touch_training_or_validation(tmp_path):
     _needs_core()
