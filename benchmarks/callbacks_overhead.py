@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -104,7 +105,11 @@ def run_workload(workload: dict[str, Any], epochs: int, align_kwargs: dict[str, 
             callbacks.append(
                 timed(
                     LMCMonitor(
-                        reference, submodule="model", n_points=11, align_kwargs=align_kwargs, save_dir="/tmp"
+                        reference,
+                        submodule="model",
+                        n_points=11,
+                        align_kwargs=align_kwargs,
+                        save_dir=tempfile.mkdtemp(prefix="lmc-"),
                     )
                 )
             )

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.fx
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -168,45 +169,97 @@ def _isolated(pl_module: nn.Module) -> Iterator[None]:
                 m.training = training
 
 
-def _first_input(batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in ("x", "input", "inputs", "image", "images", "pixel_values"):
-            if key in batch:
-                return batch[key]
-    return batch
+def _head(value: Any, n: int = 2) -> Any:
+    """The first ``n`` rows of every tensor in ``value`` (detached copies): a small tracing example."""
+    if isinstance(value, Tensor):
+        return value[:n].detach().clone() if value.ndim > 0 else value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_head(v, n) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _head(v, n) for k, v in value.items()}
+    return value
+
+
+def _has_proxy(value: Any) -> bool:
+    if isinstance(value, torch.fx.Proxy):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_has_proxy(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_has_proxy(v) for v in value.values())
+    return False
 
 
 class _SpecSource:
-    """Finds the permutation spec once: given, or traced from example inputs (the LightningModule's
-    ``example_input_array`` or the first training batch)."""
+    """Finds the permutation spec once: given, or traced on example inputs. Without ``example_inputs`` they
+    are the inputs the aligned module really receives in the first training step (a forward pre-hook), so a
+    submodule is traced with its own inputs, not the LightningModule's batch."""
 
     def __init__(self, spec: PermutationSpec | str | None, example_inputs: Any):
         self.spec = PermutationSpec.from_json(spec) if isinstance(spec, (str, os.PathLike)) else spec
         self.example_inputs = example_inputs
+        self._hook: Any = None
 
-    def observe(self, batch: Any) -> None:
-        if self.spec is None and self.example_inputs is None:
-            x = _first_input(batch)
-            self.example_inputs = x[:2].detach().clone() if isinstance(x, Tensor) else x
+    def attach(self, target: nn.Module) -> None:
+        if self.spec is None and self.example_inputs is None and self._hook is None:
+            self._hook = target.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = args if args or not kwargs else kwargs
+        if _has_proxy(inputs):  # a symbolic trace (e.g. another callback tracing the model): wait for data
+            return
+        if self.example_inputs is None:
+            self.example_inputs = _head(inputs)
+        self.detach()
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def get(self, model: nn.Module, pl_module: pl.LightningModule) -> PermutationSpec:
         if self.spec is None:
             from rebasin_callbacks.trace import trace_spec
 
-            example = (
-                self.example_inputs if self.example_inputs is not None else pl_module.example_input_array
-            )
+            example = self.example_inputs
+            if example is None and model is pl_module:
+                example = pl_module.example_input_array
             if example is None:
                 raise ValueError(
-                    "no permutation spec: pass spec=..., example_inputs=..., or set the LightningModule's "
-                    "example_input_array"
+                    "no permutation spec and no example inputs (no training step ran): pass spec=... or "
+                    "example_inputs=..."
                 )
             device = next(model.parameters()).device
-            example = example.to(device) if isinstance(example, Tensor) else example
+            example = _to_device(example, device)
             self.spec = trace_spec(model, example)
         return self.spec
+
+
+def _prepare(
+    spec: _SpecSource, reference: ReferenceLike, pl_module: pl.LightningModule, submodule: str | None
+) -> nn.Module:
+    """Setup-time checks (before any training time is spent): the submodule exists, the reference loads and
+    fits it, and the spec fits it (traced now when example inputs are already known). Returns the
+    reference module."""
+    target = _target(pl_module, submodule)
+    ref = _reference_module(reference, target, submodule)
+    if spec.spec is None and (spec.example_inputs is not None or target is pl_module):
+        if spec.example_inputs is not None or pl_module.example_input_array is not None:
+            spec.get(target, pl_module)
+    if spec.spec is not None:
+        spec.spec.validate(target.state_dict(), name=type(target).__name__)
+    spec.attach(target)
+    return ref
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def _log(
@@ -292,7 +345,7 @@ class ReBasinAlign(Callback):
         align_kwargs: further keyword arguments for :func:`~rebasin_callbacks.align` (``steps``, ``lr``,
             ``init``, ``seed``, ...).
         spec: a :class:`~rebasin_callbacks.PermutationSpec` (or a path to its JSON); traced by default from
-            ``example_inputs``, the LightningModule's ``example_input_array`` or the first training batch.
+            ``example_inputs`` or from the inputs the module receives in its first forward pass of the fit.
         example_inputs: inputs to trace the spec with.
 
     Example::
@@ -361,15 +414,10 @@ class ReBasinAlign(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        target = _target(pl_module, self.submodule)
-        self._reference = _reference_module(self.reference, target, self.submodule)
-        if self._spec.spec is not None:
-            self._spec.spec.validate(target.state_dict(), name=type(target).__name__)
+        self._reference = _prepare(self._spec, self.reference, pl_module, self.submodule)
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._spec.observe(batch)
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._spec.detach()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -599,15 +647,10 @@ class LMCMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        target = _target(pl_module, self.submodule)
-        self._reference = _reference_module(self.reference, target, self.submodule)
-        if self._spec.spec is not None:
-            self._spec.spec.validate(target.state_dict(), name=type(target).__name__)
+        self._reference = _prepare(self._spec, self.reference, pl_module, self.submodule)
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._spec.observe(batch)
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._spec.detach()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch

@@ -25,11 +25,6 @@ from rebasin_callbacks.permute import permute_state_dict  # noqa: E402
 from rebasin_callbacks.spec import SpecMismatchError  # noqa: E402
 
 
-def _needs_core():
-    for name in ("rebasin_callbacks.align", "rebasin_callbacks.lmc", "rebasin_callbacks.trace"):
-        pytest.importorskip(name)
-
-
 class Tiny(pl.LightningModule):
     """8 -> 16 -> 16 -> 3 MLP classifier; records every training loss."""
 
@@ -190,7 +185,6 @@ def test_invalid_arguments():
 
 # ----------------------------------------------------------------------------- ReBasinAlign
 def test_inplace_alignment_leaves_training_unchanged(tmp_path):
-    _needs_core()
     plain = _fit(tmp_path)
     ref = _reference()
     cb = ReBasinAlign(ref, submodule="model", every_n_epochs=1)
@@ -208,7 +202,6 @@ def test_inplace_alignment_leaves_training_unchanged(tmp_path):
 
 
 def test_inplace_alignment_permutes_optimizer_state(tmp_path):
-    _needs_core()
 
     def run(callbacks):
         pl.seed_everything(1, verbose=False)
@@ -229,8 +222,30 @@ def test_inplace_alignment_permutes_optimizer_state(tmp_path):
             torch.testing.assert_close(opt.state[p][name], expected[k], rtol=1e-4, atol=1e-7)
 
 
+class Stem(Tiny):
+    """The aligned submodule gets other inputs than the batch: 8 features -> fixed stem -> 6 -> model."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 6)
+        self.model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.model(torch.tanh(self.stem(x)))
+
+
+def test_submodule_spec_is_traced_on_its_own_inputs(tmp_path):
+    torch.manual_seed(5)
+    reference = Stem().model
+    cb = ReBasinAlign(reference, submodule="model")
+    pl.seed_everything(1, verbose=False)
+    model = Stem()
+    _trainer(tmp_path, [cb], max_epochs=1).fit(model, *_loaders())
+    assert cb.spec is not None and list(cb.spec.sizes.values()) == [16]
+    assert cb.history[0]["l2_after"] < cb.history[0]["l2_before"]
+
+
 def test_copy_mode_keeps_training_weights_and_saves_the_copy(tmp_path):
-    _needs_core()
     plain = _fit(tmp_path)
     cb = ReBasinAlign(_reference(), submodule="model", mode="copy", every_n_epochs=0, at_fit_end=True)
     model = _fit(tmp_path, [cb])
@@ -253,7 +268,6 @@ def _save(tmp_path: Path, obj) -> Path:
 
 
 def test_logged_metrics_reach_the_logger(tmp_path):
-    _needs_core()
     from lightning.pytorch.loggers import CSVLogger
 
     cb = ReBasinAlign(_reference(), submodule="model")
@@ -271,7 +285,6 @@ def test_logged_metrics_reach_the_logger(tmp_path):
 
 
 def test_tensorboard_gets_scalars_and_the_figure(tmp_path):
-    _needs_core()
     pytest.importorskip("tensorboard")
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -288,7 +301,6 @@ def test_tensorboard_gets_scalars_and_the_figure(tmp_path):
 
 # ----------------------------------------------------------------------------- LMCMonitor
 def test_lmc_monitor_does_not_touch_training_or_validation(tmp_path):
-    _needs_core()
     from lightning.pytorch.callbacks import Callback
 
     class Record(Callback):
@@ -332,7 +344,6 @@ def test_evaluator_counts_loss_and_accuracy():
 
 # ----------------------------------------------------------------------------- resume
 def test_resume_from_checkpoint_continues_identically(tmp_path):
-    _needs_core()
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def callbacks():
@@ -360,7 +371,6 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 def test_cli_demo_smoke(tmp_path, capsys):
-    _needs_core()
     from rebasin_callbacks.cli import main
 
     assert main(["demo", "--smoke", "--no-progress", "--out", str(tmp_path / "demo")]) == 0
@@ -368,7 +378,18 @@ def test_cli_demo_smoke(tmp_path, capsys):
     for label in ("naive", "re-based", "weight matching", "loss barrier"):
         assert label in out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(results["lmc"]) == {"naive", "re-based (Sinkhorn)", "weight matching"}
+    assert set(results["lmc"]) == {
+        "naive",
+        "re-based (Sinkhorn)",
+        "Sinkhorn, identity init",
+        "weight matching",
+    }
+    # every curve joins the same two functions (B permuted, A): same endpoints
+    ends = {label: (c["values"]["loss"][0], c["values"]["loss"][-1]) for label, c in results["lmc"].items()}
+    for first, last in ends.values():
+        assert first == pytest.approx(ends["naive"][0], rel=1e-4) and last == pytest.approx(
+            ends["naive"][1], rel=1e-4
+        )
     assert (tmp_path / "demo" / "lmc.png").stat().st_size > 1000
     assert results["monitor"]  # LMCMonitor ran during training of model B
 
