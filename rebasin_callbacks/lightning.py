@@ -29,103 +29,20 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from rebasin_callbacks.permute import _permute_optimizer_state, permute, permute_state_dict
-from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+from rebasin_callbacks.checkpoints import ReferenceLike, load_reference_state, match_reference
+from rebasin_callbacks.lightning_fusion import ReBasinFusion
+from rebasin_callbacks.permute import permute, permute_optimizer_state, permute_state_dict
+from rebasin_callbacks.spec import PermutationSpec
 
-__all__ = ["ReBasinAlign", "LMCMonitor", "Evaluator", "load_reference_state", "match_reference"]
-
-#: What a reference can be: a module, a state dict, or a path to a checkpoint file.
-ReferenceLike = str | os.PathLike | nn.Module | Mapping[str, Tensor]
-
-
-# --------------------------------------------------------------------------- reference loading
-def load_reference_state(reference: ReferenceLike, *, parameter: str = "reference") -> dict[str, Tensor]:
-    """The reference's state dict: from a module, a state dict, or a checkpoint file.
-
-    Files are read with ``torch.load(..., weights_only=True)``. A Lightning checkpoint's ``"state_dict"``
-    entry is used as is (its keys keep the LightningModule's attribute prefix; see :func:`match_reference`).
-
-    Example:
-        >>> import torch
-        >>> sd = load_reference_state(torch.nn.Linear(2, 3))
-        >>> sorted(sd)
-        ['bias', 'weight']
-    """
-    source = f"{parameter}={reference!r}" if isinstance(reference, (str, os.PathLike)) else parameter
-    if isinstance(reference, nn.Module):
-        return {k: v.detach() for k, v in reference.state_dict().items()}
-    if isinstance(reference, Mapping):
-        obj: Any = reference
-    elif isinstance(reference, (str, os.PathLike)):
-        path = Path(reference)
-        if not path.is_file():
-            raise FileNotFoundError(f"{source}: no such checkpoint file")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors have many types
-            raise ValueError(f"{source}: torch.load(weights_only=True) cannot read it: {exc}") from exc
-    else:
-        raise TypeError(
-            f"{parameter} must be an nn.Module, a state dict or a checkpoint path, got {type(reference).__name__}"
-        )
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]  # Lightning checkpoint
-    if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"{source}: not a state dict (got {type(obj).__name__})")
-    bad = next((k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))), None)
-    if bad is not None:
-        raise ValueError(
-            f"{source}: not a state dict: entry {bad!r} is a {type(obj[bad]).__name__}, not a tensor"
-        )
-    return dict(obj)
-
-
-def match_reference(
-    reference: Mapping[str, Tensor],
-    model: nn.Module,
-    *,
-    prefix_hint: str | None = None,
-    parameter: str = "reference",
-) -> dict[str, Tensor]:
-    """``reference`` re-keyed to ``model``'s state_dict names, checked entry by entry.
-
-    The reference may carry a prefix on every key (a Lightning checkpoint of the whole LightningModule
-    when only its ``model`` submodule is aligned: ``"model.0.weight"`` for ``"0.weight"``); the prefix is
-    found automatically. Raises :class:`SpecMismatchError` naming the first missing key or differing shape.
-    """
-    target = model.state_dict()
-    keys = list(target)
-    # key maps (add, strip): reference key = add + key[len(strip):]. A checkpoint of a wrapper has a prefix
-    # on every key; a bare copy of the LightningModule's only child lacks the prefix the model's keys have
-    maps: list[tuple[str, str]] = [("", "")] + ([(prefix_hint + ".", "")] if prefix_hint else [])
-    if keys:
-        first = keys[0]
-        maps += [(r[: len(r) - len(first)], "") for r in reference if r.endswith("." + first)]
-        maps += [("", first[: len(first) - len(r)]) for r in reference if first.endswith("." + r)]
-
-    def ref_key(key: str, m: tuple[str, str]) -> str:
-        return m[0] + key[len(m[1]) :] if key.startswith(m[1]) else "\0"
-
-    key_map = next((m for m in maps if all(ref_key(k, m) in reference for k in keys)), None)
-    if key_map is None:
-        best = max(maps, key=lambda m: sum(ref_key(k, m) in reference for k in keys))
-        missing = next(k for k in keys if ref_key(k, best) not in reference)
-        raise SpecMismatchError(
-            f"{parameter} does not match {type(model).__name__}: it has no entry {ref_key(missing, best)!r} "
-            f"(the model's {missing!r} has shape {tuple(target[missing].shape)}); reference keys look like "
-            f"{list(reference)[:3]}"
-        )
-    out = {}
-    for k in keys:
-        name = ref_key(k, key_map)
-        ref, own = reference[name], target[k]
-        if tuple(ref.shape) != tuple(own.shape):
-            raise SpecMismatchError(
-                f"{parameter} does not match {type(model).__name__}: {name!r} has shape "
-                f"{tuple(ref.shape)} in the reference but {k!r} has shape {tuple(own.shape)} in the model"
-            )
-        out[k] = ref
-    return out
+__all__ = [
+    "ReBasinAlign",
+    "LMCMonitor",
+    "ReBasinFusion",
+    "Evaluator",
+    "ReferenceLike",
+    "load_reference_state",
+    "match_reference",
+]
 
 
 def _reference_module(reference: ReferenceLike, model: nn.Module, submodule: str | None) -> nn.Module:
@@ -445,7 +362,7 @@ class ReBasinAlign(Callback):
                 permute(target, spec, perms, optimizer=optimizers[0] if optimizers else None, inplace=True)
                 state = target.state_dict(keep_vars=True)
                 for opt in optimizers[1:]:  # further optimizers: their state only (the weights are done)
-                    _permute_optimizer_state(opt, state, spec, perms)
+                    permute_optimizer_state(opt, state, spec, perms)
             else:
                 self.aligned_model = permute(target, spec, perms)
                 self.aligned_model.requires_grad_(False)

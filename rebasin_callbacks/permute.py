@@ -24,6 +24,7 @@ __all__ = [
     "invert_permutation",
     "perm_to_matrix",
     "axis_index",
+    "permute_optimizer_state",
 ]
 
 Perms = Mapping[str, Tensor]
@@ -184,13 +185,18 @@ def permute(model, spec, perms, *, optimizer=None, inplace=False):
         for key in spec.axes_to_perm:
             state[key].copy_(new_values[key])
     if optimizer is not None:
-        _permute_optimizer_state(optimizer, state, spec, perms)
+        permute_optimizer_state(optimizer, state, spec, perms)
     return target
 
 
-def _permute_optimizer_state(
+def permute_optimizer_state(
     optimizer: torch.optim.Optimizer, state: Mapping[str, Tensor], spec: PermutationSpec, perms: Perms
 ) -> None:
+    """Permute ``optimizer``'s per-parameter state (moments, momentum) like the parameters themselves.
+
+    ``state`` is the model's ``state_dict(keep_vars=True)``, which maps spec keys to the parameter objects
+    the optimizer holds. :func:`permute` calls this with ``inplace=True, optimizer=...``; call it directly
+    for further optimizers of the same model."""
     by_id = {id(t): key for key, t in state.items()}
     for param, param_state in optimizer.state.items():
         key = by_id.get(id(param))
