@@ -231,7 +231,36 @@ def _compute_perms(
 
 
 # --------------------------------------------------------------------------- ReBasinAlign
-class ReBasinAlign(Callback):
+class _EpochEndCallback(Callback):
+    """What both callbacks share: the reference prepared at ``setup`` (errors before any training step),
+    and work every ``every_n_epochs`` training epochs, at most once per epoch."""
+
+    reference: ReferenceLike
+    submodule: str | None
+    every_n_epochs: int
+    _spec: _SpecSource
+    _last_epoch: int
+    _reference: nn.Module | None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._reference = _prepare(self._spec, self.reference, pl_module, self.submodule)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._spec.detach()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and epoch > self._last_epoch:
+            self._run(trainer, pl_module, in_loop=True)
+            self._last_epoch = epoch
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
+        raise NotImplementedError
+
+
+class ReBasinAlign(_EpochEndCallback):
     r"""Align the model being trained to a reference model by permuting its hidden units.
 
     Every ``every_n_epochs`` training epochs (after validation) and/or when fitting ends, the permutations
@@ -328,19 +357,8 @@ class ReBasinAlign(Callback):
             submodule=self.submodule, mode=self.mode, every_n_epochs=self.every_n_epochs
         )
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._reference = _prepare(self._spec, self.reference, pl_module, self.submodule)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._spec.detach()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and epoch > self._last_epoch:
-            self._align(trainer, pl_module, in_loop=True)
-            self._last_epoch = epoch
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
+        self._align(trainer, pl_module, in_loop=in_loop)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # skip when the last epoch's alignment already saw these weights (no optimizer step since)
@@ -463,7 +481,7 @@ class Evaluator:
         return {"loss": float(totals[0]) / n, "accuracy": float(totals[1]) / n}
 
 
-class LMCMonitor(Callback):
+class LMCMonitor(_EpochEndCallback):
     r"""Log linear mode connectivity between the model being trained and a reference.
 
     Every ``every_n_epochs`` training epochs (after validation), evaluates loss and accuracy at
@@ -561,19 +579,8 @@ class LMCMonitor(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(submodule=self.submodule, every_n_epochs=self.every_n_epochs)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._reference = _prepare(self._spec, self.reference, pl_module, self.submodule)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._spec.detach()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and epoch > self._last_epoch:
-            self.evaluate(trainer, pl_module, in_loop=True)
-            self._last_epoch = epoch
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
+        self.evaluate(trainer, pl_module, in_loop=in_loop)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs == 0:
