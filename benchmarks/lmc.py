@@ -15,7 +15,7 @@ PNG plots.
 
     python benchmarks/lmc.py                       # about 10 minutes on 2 CPU cores
     python benchmarks/lmc.py --smoke               # tiny models and data: a one-minute check
-    python benchmarks/lmc.py --device cuda --out /tmp/lmc   # GPU, results elsewhere
+    python benchmarks/lmc.py --device cuda --out lmc-gpu     # GPU, results elsewhere
 """
 
 from __future__ import annotations
