@@ -213,16 +213,53 @@ def run_strategy(
     from avalanche.benchmarks import tensors_benchmark
 
     bench = tensors_benchmark(stream.train, stream.test, task_labels=stream.task_labels)
-    strategy = make_strategy(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No loggers specified")
+        strategy = make_strategy(model)
     result = RunResult(name)
     start = time.perf_counter()
     for e, exp in enumerate(bench.train_stream):
-        strategy.train(exp, eval_streams=[])
+        with warnings.catch_warnings():
+            # Avalanche 0.6's own ReplayPlugin calls a method it deprecates, once per experience
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message="Call to deprecated")
+            strategy.train(exp, eval_streams=[])
         result.acc_matrix.append(evaluate(model, stream, device))
         seen = result.acc_matrix[-1][: e + 1]
         log(f"  {name} episode {e + 1}: current {seen[-1]:.3f}, mean over seen {sum(seen) / len(seen):.3f}")
     result.seconds = time.perf_counter() - start
     return result
+
+
+def recipe(
+    name: str, alpha: float, beta: float, lr_perm: float, lr_delta: float, override: dict[str, float]
+) -> dict[str, Any]:
+    """ReBasinStrategy arguments for a recipe.
+
+    * ``procedure``: Procedure 1 as printed: permutations start at the identity (soft P = I), the cost is
+      ``loss + beta ||delta||^2``, Adam for P, SGD for delta.
+    * ``released``: the settings of the authors' released code: scores ``I + 0.1 N(0, 1)`` at tau 1 (a
+      near-uniform soft P for a 256-unit layer), AdamW for P, SGD with weight decay ``beta`` for delta and
+      no penalty term, the residual's gradient clamped to 1e-3 element-wise.
+    """
+    kwargs: dict[str, Any] = dict(alpha=alpha, lr_perm=lr_perm, lr_delta=lr_delta)
+    if name == "procedure":
+        out = {**kwargs, "beta": beta, "incremental_kwargs": {}}
+    elif name == "released":
+        out = {
+            **kwargs,
+            "beta": 0.0,
+            "incremental_kwargs": dict(
+                init_scale=1.0,
+                init_noise=0.1,
+                delta_grad_clip=1e-3,
+                delta_weight_decay=beta,
+                perm_optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr_perm),
+            ),
+        }
+    else:
+        raise ValueError(f"unknown recipe {name!r}")
+    out["incremental_kwargs"].update(override)
+    return out
 
 
 def strategies(
@@ -245,24 +282,28 @@ def strategies(
     def adam(m: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam(m.parameters(), lr=args.lr)
 
+    def replay_plugins(mem: int) -> list[Any]:
+        from avalanche.training.plugins import ReplayPlugin
+
+        return [ReplayPlugin(mem_size=mem)] if mem > 0 else []
+
     out: dict[str, Callable[[nn.Module], Any]] = {}
-    for fusion in args.fusions:
-        for beta in args.betas:
-            # the literal reading ignores alpha: one run per beta
-            for alpha in args.alphas if fusion == "permuted" else [args.alphas[-1]]:
-                out[f"rebasin[{fusion},a={alpha:g},b={beta:g}]"] = lambda m, a=alpha, b=beta, f=fusion: (
-                    ReBasinStrategy(
+    for mem in args.rebasin_replay:
+        tag = f",replay={mem}" if mem > 0 else ""
+        for fusion in args.fusions:
+            for beta in args.betas:
+                # the literal reading ignores alpha: one run per beta
+                for alpha in args.alphas if fusion == "permuted" else [args.alphas[-1]]:
+                    name = f"rebasin[{args.recipe},{fusion},a={alpha:g},b={beta:g}{tag}]"
+                    out[name] = lambda m, a=alpha, b=beta, f=fusion, r=mem: ReBasinStrategy(
                         model=m,
                         optimizer=adam(m),
                         spec=spec,
-                        alpha=a,
-                        beta=b,
-                        lr_perm=args.lr_perm,
-                        lr_delta=args.lr_delta,
                         fusion=f,
+                        plugins=replay_plugins(r),
+                        **recipe(args.recipe, a, b, args.lr_perm, args.lr_delta, args.override),
                         **common,
                     )
-                )
     factories = {
         "naive": lambda m: Naive(model=m, optimizer=adam(m), **common),
         "ewc": lambda m: EWC(model=m, optimizer=adam(m), ewc_lambda=args.ewc_lambda, **common),
@@ -317,6 +358,22 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     p.add_argument("--lr-delta", type=float, default=0.05)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.5, 0.8])
     p.add_argument("--betas", type=float, nargs="+", default=[1e-3, 1e-1])
+    p.add_argument("--recipe", choices=["procedure", "released"], default="procedure", help=recipe.__doc__)
+    p.add_argument(
+        "--set",
+        dest="override",
+        metavar="NAME=VALUE",
+        nargs="+",
+        default=[],
+        help="override a ReBasinIncremental argument of the recipe, e.g. --set delta_grad_clip=0.01",
+    )
+    p.add_argument(
+        "--rebasin-replay",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="replay buffer sizes for the re-basin runs (0: none); each size is a separate run",
+    )
     p.add_argument("--fusions", nargs="+", choices=["permuted", "literal"], default=["permuted", "literal"])
     p.add_argument("--baselines", nargs="*", default=["naive", "ewc", "lwf", "si", "replay"])
     p.add_argument("--ewc-lambda", type=float, default=100.0)
@@ -335,6 +392,10 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     p.add_argument("--out", type=Path, default=None, help="write <out>.json and <out>.png (default: none)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    try:
+        args.override = {k: float(v) for k, v in (item.split("=", 1) for item in args.override)}
+    except ValueError:
+        p.error(f"--set takes NAME=NUMBER items, got {args.override}")
     if args.smoke:
         args.episodes, args.epochs = min(args.episodes, 3), 1
         args.alphas, args.betas, args.baselines = [0.8], [0.1], ["naive", "ewc"][: len(args.baselines)]
@@ -387,12 +448,12 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         }
         args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
         best = max(
-            (r for r in results if r.name.startswith("rebasin[permuted")),
+            (r for r in results if r.name.startswith("rebasin[") and ",permuted," in r.name),
             key=lambda r: r.accuracy,
             default=None,
         )
         shown = ([best] if best else []) + [r for r in results if not r.name.startswith("rebasin")]
-        shown += [r for r in results if r.name.startswith("rebasin[literal")][:1]
+        shown += [r for r in results if r.name.startswith("rebasin[") and ",literal," in r.name][:1]
         plot(shown, args.plot_tasks, args.out.with_suffix(".png"))
     return results
 

@@ -218,9 +218,15 @@ class ReBasinIncremental:
         perm_optimizer / delta_optimizer: factories ``params -> optimizer`` replacing the defaults.
         fusion: ``"permuted"`` (default, see the module docstring) or ``"literal"``.
         tau / n_iters / tol: Sinkhorn temperature and iteration budget.
-        init_scale: diagonal of the initial scores; large enough that the soft permutation starts at
-            the identity (``exp(init_scale / tau)`` must dominate the group size).
+        init_scale: diagonal of the initial scores. The default (10) makes the soft permutation start at
+            the identity, as Procedure 1 says (``exp(init_scale / tau)`` dominates the group size); the
+            authors' released code starts from ``I + 0.1 N(0, 1)`` at ``tau = 1`` (``init_scale=1,
+            init_noise=0.1``), a near-uniform soft permutation for wide layers.
+        init_noise: standard deviation of Gaussian jitter added to the initial scores (default 0).
         delta_init: residuals start at ``U(0, delta_init)`` (paper: 1e-6).
+        delta_grad_clip: clamp every element of the residual's gradient to ``[-c, c]`` before the
+            optimizer sees it (``None``: no clamp; the authors' released code uses 1e-3). Done with tensor
+            hooks, so it applies in any training loop.
         generator: random generator for the residual initialisation.
 
     Example:
@@ -256,7 +262,9 @@ class ReBasinIncremental:
         n_iters: int = 20,
         tol: float = 1e-5,
         init_scale: float = 10.0,
+        init_noise: float = 0.0,
         delta_init: float = 1e-6,
+        delta_grad_clip: float | None = None,
         generator: torch.Generator | None = None,
     ):
         if not isinstance(model, nn.Module):
@@ -278,6 +286,10 @@ class ReBasinIncremental:
         self.lr_delta = check_non_negative("lr_delta", lr_delta)
         self.delta_weight_decay = check_non_negative("delta_weight_decay", delta_weight_decay)
         self.delta_init = check_non_negative("delta_init", delta_init)
+        self.init_noise = check_non_negative("init_noise", init_noise)
+        self.delta_grad_clip = (
+            None if delta_grad_clip is None else check_non_negative("delta_grad_clip", delta_grad_clip)
+        )
         self.perm_optimizer_factory = perm_optimizer
         self.delta_optimizer_factory = delta_optimizer
         self.fusion: Fusion = fusion
@@ -334,12 +346,17 @@ class ReBasinIncremental:
             tol=self.tol,
             init="identity",
             init_scale=self.init_scale,
-            noise=0.0,
+            noise=self.init_noise,
+            generator=self.generator,
         )
         self.delta = {}
         for name, p in self.model.named_parameters():
             noise = torch.rand(p.shape, generator=self.generator, dtype=torch.float32) * self.delta_init
-            self.delta[name] = nn.Parameter(noise.to(device=p.device, dtype=p.dtype))
+            delta = nn.Parameter(noise.to(device=p.device, dtype=p.dtype))
+            if self.delta_grad_clip is not None:
+                clip = self.delta_grad_clip
+                delta.register_hook(lambda g, c=clip: g.clamp(-c, c))
+            self.delta[name] = delta
         self._buffers = {
             name: b.detach().clone() for name, b in self.model.named_buffers() if b.is_floating_point()
         }

@@ -233,3 +233,39 @@ def test_incremental_follows_a_spec_function_for_growing_models() -> None:
     inc.fit_episode(_batches(1), F.cross_entropy, epochs=1)
     inc.fit_episode(_batches(1), F.cross_entropy, epochs=1)
     assert len(calls) == 2
+
+
+def test_delta_grad_clip_bounds_every_residual_step() -> None:
+    net, spec = _mlp()
+    lr, clip = 0.5, 1e-3
+    inc = ReBasinIncremental(net, spec=spec, beta=0.0, lr_delta=lr, delta_grad_clip=clip)
+    inc.begin_episode()
+    before = {k: d.detach().clone() for k, d in inc.delta.items()}
+    x, y = _batches(1)[0]
+    inc.step((x * 100, y), F.cross_entropy)  # large inputs: unclipped gradients are far above 1e-3
+    moved = max(float((inc.delta[k].detach() - before[k]).abs().max()) for k in before)
+    assert moved == pytest.approx(lr * clip, rel=1e-4)
+    # without the clamp the same step moves the residual much further
+    free = ReBasinIncremental(net, spec=spec, beta=0.0, lr_delta=lr)
+    free.begin_episode()
+    start = {k: d.detach().clone() for k, d in free.delta.items()}
+    free.step((x * 100, y), F.cross_entropy)
+    assert max(float((free.delta[k].detach() - start[k]).abs().max()) for k in start) > 100 * lr * clip
+    with pytest.raises(ValueError, match="delta_grad_clip"):
+        ReBasinIncremental(net, spec=spec, delta_grad_clip=-1.0)
+
+
+def test_soft_start_is_not_the_identity() -> None:
+    """init_scale=1, init_noise=0.1 (the released code's start): the soft P of 16 units is far from I."""
+    net, spec = _mlp()
+    g = torch.Generator().manual_seed(0)
+    soft = ReBasinIncremental(net, spec=spec, init_scale=1.0, init_noise=0.1, generator=g)
+    soft.begin_episode()
+    assert soft.rebasin is not None
+    (p,) = [t.detach() for t in soft.rebasin.soft_permutations().values()]
+    assert float(p.diagonal().mean()) < 0.5
+    sharp = ReBasinIncremental(net, spec=spec)
+    sharp.begin_episode()
+    assert sharp.rebasin is not None
+    (q,) = [t.detach() for t in sharp.rebasin.soft_permutations().values()]
+    assert float(q.diagonal().mean()) > 0.99

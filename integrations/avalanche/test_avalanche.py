@@ -183,3 +183,44 @@ def test_bad_alpha_is_rejected() -> None:
     net, spec = _mlp(0)
     with pytest.raises(ValueError, match="alpha"):
         ReBasinStrategy(model=net, optimizer=torch.optim.Adam(net.parameters()), spec=spec, alpha=1.2)
+
+
+def test_composes_with_avalanche_replay_plugin() -> None:
+    """ReplayPlugin (as in the authors' released experiment) feeds memory samples into re-basin episodes."""
+    from avalanche.core import SupervisedPlugin
+    from avalanche.training.plugins import ReplayPlugin
+
+    class BatchSizes(SupervisedPlugin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sizes: dict[int, list[int]] = {}
+
+        def before_training_iteration(self, strategy: ReBasinStrategy, **kwargs: object) -> None:
+            if strategy.rebasin_active:
+                exp = strategy.experience.current_experience
+                self.sizes.setdefault(exp, []).append(len(strategy.mb_x))
+
+    train, test = _stream()
+    bench = tensors_benchmark(train, test, task_labels=[0] * len(train))
+    net, spec = _mlp(0)
+    sizes, replay = BatchSizes(), ReplayPlugin(mem_size=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy = ReBasinStrategy(
+            model=net,
+            optimizer=torch.optim.Adam(net.parameters(), lr=1e-3),
+            spec=spec,
+            incremental_kwargs=dict(init_scale=1.0, init_noise=0.1, delta_grad_clip=1e-3),
+            plugins=[replay, sizes],
+            train_mb_size=100,
+            train_epochs=1,
+            evaluator=None,
+        )
+        for exp in bench.train_stream:
+            strategy.train(exp, eval_streams=[])
+    assert strategy.incremental.episodes_done == len(ANGLES) - 1
+    assert len(replay.storage_policy.buffer) == 200
+    # every re-basin step saw the new task's 100 samples plus 100 from the buffer
+    assert set(sizes.sizes) == {1, 2}
+    assert all(s == 200 for steps in sizes.sizes.values() for s in steps[:-1]), sizes.sizes
+    assert all(torch.isfinite(p).all() for p in net.parameters())
