@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rebasin_callbacks.incremental import RELEASED_SETTINGS
 from rebasin_callbacks.spec import PermutationSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -243,15 +244,17 @@ def recipe(
     """
     kwargs: dict[str, Any] = dict(alpha=alpha, lr_perm=lr_perm, lr_delta=lr_delta)
     if name == "procedure":
-        out = {**kwargs, "beta": beta, "incremental_kwargs": {}}
+        out = {
+            **kwargs,
+            "beta": beta,
+            "incremental_kwargs": dict(init_scale=10.0, init_noise=0.0, delta_grad_clip=None),
+        }
     elif name == "released":
         out = {
             **kwargs,
             "beta": 0.0,
             "incremental_kwargs": dict(
-                init_scale=1.0,
-                init_noise=0.1,
-                delta_grad_clip=1e-3,
+                **RELEASED_SETTINGS,
                 delta_weight_decay=beta,
                 perm_optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr_perm),
             ),
@@ -356,9 +359,9 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the first task (and of the baselines)")
     p.add_argument("--lr-perm", type=float, default=0.1)
     p.add_argument("--lr-delta", type=float, default=0.05)
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.5, 0.8])
-    p.add_argument("--betas", type=float, nargs="+", default=[1e-3, 1e-1])
-    p.add_argument("--recipe", choices=["procedure", "released"], default="procedure", help=recipe.__doc__)
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8, 1.0])
+    p.add_argument("--betas", type=float, nargs="+", default=[1e-4, 1e-1, 1.0])
+    p.add_argument("--recipe", choices=["procedure", "released"], default="released", help=recipe.__doc__)
     p.add_argument(
         "--set",
         dest="override",
@@ -379,7 +382,9 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     p.add_argument("--ewc-lambda", type=float, default=100.0)
     p.add_argument("--lwf-alpha", type=float, default=1.0)
     p.add_argument("--si-lambda", type=float, default=1.0)
-    p.add_argument("--replay-mem", type=int, default=200)
+    p.add_argument(
+        "--replay-mem", type=int, default=1000, help="Replay buffer (the released experiment: 5 per class per task)"
+    )
     p.add_argument("--plot-tasks", type=int, nargs="+", default=[1, 5, 10, 15, 20])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--download", action="store_true", help="let torchvision download MNIST / CIFAR-100")

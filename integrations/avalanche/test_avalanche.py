@@ -22,6 +22,7 @@ from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 
 from rebasin_callbacks.avalanche import ReBasinStrategy  # noqa: E402
 from rebasin_callbacks.data import mnist, rotated  # noqa: E402
+from rebasin_callbacks.incremental import RELEASED_SETTINGS  # noqa: E402
 from rebasin_callbacks.spec import PermutationSpec  # noqa: E402
 
 ANGLES = (0.0, 40.0, 80.0)
@@ -210,7 +211,7 @@ def test_composes_with_avalanche_replay_plugin() -> None:
             model=net,
             optimizer=torch.optim.Adam(net.parameters(), lr=1e-3),
             spec=spec,
-            incremental_kwargs=dict(init_scale=1.0, init_noise=0.1, delta_grad_clip=1e-3),
+            incremental_kwargs=RELEASED_SETTINGS,
             plugins=[replay, sizes],
             train_mb_size=100,
             train_epochs=1,
