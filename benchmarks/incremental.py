@@ -383,7 +383,10 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     p.add_argument("--lwf-alpha", type=float, default=1.0)
     p.add_argument("--si-lambda", type=float, default=1.0)
     p.add_argument(
-        "--replay-mem", type=int, default=1000, help="Replay buffer (the released experiment: 5 per class per task)"
+        "--replay-mem",
+        type=int,
+        default=1000,
+        help="Replay buffer (the released experiment: 5 per class per task)",
     )
     p.add_argument("--plot-tasks", type=int, nargs="+", default=[1, 5, 10, 15, 20])
     p.add_argument("--seed", type=int, default=0)

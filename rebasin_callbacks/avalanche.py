@@ -7,7 +7,9 @@ with the optimizer you give it; every later experience trains re-basin permutati
 metrics (accuracy, forgetting, ...) and loggers see the fused model after each experience, exactly as for
 any other strategy. Task-labelled models (``avalanche.models.MultiTaskModule``, e.g. with a
 ``MultiHeadClassifier``) are supported: the heads grow as usual and every head is permuted with the
-features it reads.
+features it reads. Plugins compose as usual: the authors' released experiment is
+``ReBasinStrategy(..., incremental_kwargs=RELEASED_SETTINGS, plugins=[ReplayPlugin(mem_size=1000)])``
+(:data:`~rebasin_callbacks.incremental.RELEASED_SETTINGS`; measured in ``benchmarks/incremental.py``).
 
 Example:
     >>> import torch

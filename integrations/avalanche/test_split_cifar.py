@@ -37,7 +37,9 @@ def test_split_cifar100_multihead_resnet18_smoke(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = re.findall(r"^\| (rebasin\[[a-z]+,permuted[^|]*|naive) \| ([0-9.]+) \| ([0-9.]+) \|", proc.stdout, re.M)
+    rows = re.findall(
+        r"^\| (rebasin\[[a-z]+,permuted[^|]*|naive) \| ([0-9.]+) \| ([0-9.]+) \|", proc.stdout, re.M
+    )
     names = {name.strip() for name, _, _ in rows}
     has_rebasin = any(n.startswith("rebasin[") for n in names)
     assert has_rebasin and "naive" in names, proc.stdout[-2000:]
