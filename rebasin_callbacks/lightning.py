@@ -481,6 +481,17 @@ class Evaluator:
         return {"loss": float(totals[0]) / n, "accuracy": float(totals[1]) / n}
 
 
+def _has_val_source(trainer: pl.Trainer) -> bool:
+    """Whether this fit has a validation dataloader source (loaded or not yet).
+
+    Lightning loads validation dataloaders lazily, after ``setup``; its data source object knows whether
+    one was given. Where that internal is missing (another Lightning version), assume there is one."""
+    val_loop = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None)
+    source = getattr(val_loop, "_data_source", None)
+    is_defined = getattr(source, "is_defined", None)
+    return bool(is_defined()) if callable(is_defined) else True
+
+
 class LMCMonitor(_EpochEndCallback):
     r"""Log linear mode connectivity between the model being trained and a reference.
 
@@ -578,6 +589,16 @@ class LMCMonitor(_EpochEndCallback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(submodule=self.submodule, every_n_epochs=self.every_n_epochs)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.dataloader == "val" and not _has_val_source(trainer):
+            # fail now, not after the first training epoch
+            raise ValueError(
+                "LMCMonitor(dataloader='val'): this fit has no validation dataloader (none passed to "
+                "Trainer.fit, no val_dataloader() on the module or datamodule); pass val_dataloaders, or "
+                "LMCMonitor(dataloader='train' or an iterable of (x, y) batches)"
+            )
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         self.evaluate(trainer, pl_module, in_loop=in_loop)

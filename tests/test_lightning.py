@@ -170,6 +170,20 @@ def test_errors_are_raised_at_setup_before_training(tmp_path, callback, kwargs, 
     assert model.losses == []  # no training step ran
 
 
+def test_lmc_monitor_without_val_loader_fails_at_setup(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    model = Tiny()
+    train, val = _loaders()
+    with pytest.raises(ValueError, match="no validation dataloader"):
+        _trainer(tmp_path, [LMCMonitor(Tiny().model, submodule="model")]).fit(model, train)
+    assert model.losses == []  # no training step ran
+    # with a val loader, or with dataloader="train", the same fit runs
+    _trainer(tmp_path, [LMCMonitor(Tiny().model, submodule="model")], max_epochs=1).fit(model, train, val)
+    _trainer(
+        tmp_path, [LMCMonitor(Tiny().model, submodule="model", dataloader="train")], max_epochs=1
+    ).fit(Tiny(), train)
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="mode"):
         ReBasinAlign(Tiny(), mode="sideways")  # type: ignore[arg-type]
