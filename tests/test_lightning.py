@@ -179,9 +179,9 @@ def test_lmc_monitor_without_val_loader_fails_at_setup(tmp_path):
     assert model.losses == []  # no training step ran
     # with a val loader, or with dataloader="train", the same fit runs
     _trainer(tmp_path, [LMCMonitor(Tiny().model, submodule="model")], max_epochs=1).fit(model, train, val)
-    _trainer(
-        tmp_path, [LMCMonitor(Tiny().model, submodule="model", dataloader="train")], max_epochs=1
-    ).fit(Tiny(), train)
+    _trainer(tmp_path, [LMCMonitor(Tiny().model, submodule="model", dataloader="train")], max_epochs=1).fit(
+        Tiny(), train
+    )
 
 
 def test_invalid_arguments():
