@@ -29,6 +29,9 @@ Solver = Literal["auto", "cg", "cholesky"]
 # products cost as much as the direct solve's n^3 product and Cholesky.
 _CG_MIN = 32
 _CG_PER_ITER = 8
+#: up to this size "auto" solves directly (measured: CG's fixed cost made n = 128 slower than the dense
+#: reference when P is sharp; see BENCHMARKS.md)
+_DIRECT_MAX_N = 128
 
 
 def _check_inputs(log_alpha: Tensor, tau: float, n_iters: int, tol: float, backward: str) -> None:
@@ -139,8 +142,9 @@ def implicit_grad(P: Tensor, grad_P: Tensor, *, solver: Solver = "auto") -> Tens
     Args:
         solver: ``"cg"`` conjugate gradients with matrix-vector products only (``O(n^2)`` memory and time
             per iteration; fast when P is far from a hard permutation); ``"cholesky"`` a direct solve
-            (one ``n x n`` product and one Cholesky); ``"auto"`` (default) CG up to about the cost of the
-            direct solve, then the direct solve if CG has not converged.
+            (one ``n x n`` product and one Cholesky); ``"auto"`` (default) the direct solve up to
+            ``n = 128``; above, CG up to about the direct solve's cost, then the direct solve if CG has
+            not converged.
     """
     if solver not in ("auto", "cg", "cholesky"):
         raise ValueError(f"solver must be 'auto', 'cg' or 'cholesky', got {solver!r}")
@@ -151,8 +155,10 @@ def implicit_grad(P: Tensor, grad_P: Tensor, *, solver: Solver = "auto") -> Tens
     c = P.sum(-2)
     rhs = gv - torch.matmul((gu / r).unsqueeze(-2), P).squeeze(-2)
     b = None
+    n = P.shape[-1]
+    if solver == "auto" and n <= _DIRECT_MAX_N:
+        solver = "cholesky"  # small n: one direct solve beats CG's per-iteration overhead
     if solver != "cholesky":
-        n = P.shape[-1]
         max_iter = 10 * n if solver == "cg" else max(_CG_MIN, n // _CG_PER_ITER)
         b, converged = _schur_cg(P, r, c, rhs, max_iter=max_iter)
         if not converged and solver == "auto":
