@@ -61,16 +61,53 @@ def test_schur_complement_equals_dense_system(n: int, tau: float, solver: str) -
     assert float((ours - dense).abs().max()) <= 1e-7 * float(dense.abs().max())
 
 
-def test_auto_solver_falls_back_when_cg_cannot_converge() -> None:
+def _count_solver_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    import importlib
+
+    sk = importlib.import_module("rebasin_callbacks.sinkhorn")  # the package exports a function of that name
+
+    calls = {"cg": 0, "direct": 0}
+    cg, direct = sk._schur_cg, sk._schur_direct
+
+    def counted_cg(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["cg"] += 1
+        return cg(*args, **kwargs)
+
+    def counted_direct(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["direct"] += 1
+        return direct(*args, **kwargs)
+
+    monkeypatch.setattr(sk, "_schur_cg", counted_cg)
+    monkeypatch.setattr(sk, "_schur_direct", counted_direct)
+    return calls
+
+
+def test_auto_solver_falls_back_when_cg_cannot_converge(monkeypatch: pytest.MonkeyPatch) -> None:
     # A very sharp P makes the Schur complement nearly singular: CG hits its cap, the direct solve answers.
+    # n must exceed the size up to which "auto" solves directly, or CG is never tried.
+    n = 160
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(96, 96, dtype=torch.float64, generator=g)
+    scores = torch.randn(n, n, dtype=torch.float64, generator=g)
     P = sinkhorn(scores, tau=0.02, n_iters=2_000, tol=1e-12)
-    grad_P = torch.randn(96, 96, dtype=torch.float64, generator=g)
-    auto = implicit_grad(P, grad_P, solver="auto")
+    grad_P = torch.randn(n, n, dtype=torch.float64, generator=g)
     direct = implicit_grad(P, grad_P, solver="cholesky")
+    calls = _count_solver_calls(monkeypatch)
+    auto = implicit_grad(P, grad_P, solver="auto")
+    assert calls == {"cg": 1, "direct": 1}
     assert torch.allclose(auto, direct, atol=1e-10)
     assert bool(torch.isfinite(auto).all())
+
+
+def test_auto_solver_small_n_is_direct_and_large_diffuse_n_is_cg(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    calls = _count_solver_calls(monkeypatch)
+    for n, expected in ((64, {"cg": 0, "direct": 1}), (192, {"cg": 1, "direct": 0})):
+        calls.update(cg=0, direct=0)
+        P = sinkhorn(torch.randn(n, n, dtype=torch.float64, generator=g), tau=1.0, n_iters=2_000, tol=1e-12)
+        grad_P = torch.randn(n, n, dtype=torch.float64, generator=g)
+        auto = implicit_grad(P, grad_P, solver="auto")
+        assert calls == expected, (n, calls)
+        torch.testing.assert_close(auto, dense_implicit_grad(P, grad_P), atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
