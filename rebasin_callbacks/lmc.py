@@ -42,6 +42,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from rebasin_callbacks.plotting import plot_lmc
+from rebasin_callbacks.spec import SpecMismatchError
+from rebasin_callbacks.utils import (
+    check_compatible,
+    eval_mode,
+    interpolate_state,
+    module_device,
+    module_dtype,
+    split_batch,
+    take_batches,
+    to_device,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -68,44 +79,37 @@ Evaluate = (
 
 # --------------------------------------------------------------------------------------------- interpolation
 def _check_compatible(sa: Mapping[str, Tensor], sb: Mapping[str, Tensor]) -> None:
-    missing_b = [k for k in sa if k not in sb]
-    missing_a = [k for k in sb if k not in sa]
-    if missing_a or missing_b:
-        first = (missing_b or missing_a)[0]
-        where = "model_b" if missing_b else "model_a"
-        raise ValueError(
-            f"interpolate: the models have different architectures: {first!r} is missing from {where} "
-            f"({len(missing_b)} keys only in model_a, {len(missing_a)} only in model_b)"
-        )
-    for key, ta in sa.items():
-        tb = sb[key]
-        if ta.shape != tb.shape:
-            raise ValueError(
-                f"interpolate: shape mismatch at {key!r}: model_a {tuple(ta.shape)} vs model_b {tuple(tb.shape)}"
-            )
-        if ta.device != tb.device:
-            raise ValueError(
-                f"interpolate: device mismatch at {key!r}: model_a on {ta.device}, model_b on {tb.device}"
-            )
-        if ta.dtype != tb.dtype:
-            raise ValueError(
-                f"interpolate: dtype mismatch at {key!r}: model_a {ta.dtype} vs model_b {tb.dtype}"
-            )
+    try:
+        check_compatible(sa, sb, names=("model_a", "model_b"))
+    except SpecMismatchError as err:
+        raise SpecMismatchError(f"interpolate: {err}") from None
 
 
-def _lerp(ta: Tensor, tb: Tensor, lam: float) -> Tensor:
-    if not ta.is_floating_point() and not ta.is_complex():
-        return ta.clone()  # counters such as num_batches_tracked: keep model_a's
-    work = ta.float() if ta.dtype in (torch.float16, torch.bfloat16) else ta
-    other = tb.to(work.dtype)
-    # (1 - lam) * a + lam * b (not a + lam * (b - a)) so lam = 0 and lam = 1 give a and b exactly
-    return ((1.0 - lam) * work + lam * other).to(ta.dtype)
+def follow(model: nn.Module, leader: nn.Module) -> nn.Module:
+    """``model`` on ``leader``'s device and dtype: ``model`` itself when it is there already, else a copy.
+
+    The functions that combine two models compute where the first one lives; the second is copied and
+    moved, never mutated.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.nn.Linear(2, 2).double(), torch.nn.Linear(2, 2)
+        >>> follow(b, a).weight.dtype, b.weight.dtype
+        (torch.float64, torch.float32)
+    """
+    device, dtype = module_device(leader), module_dtype(leader)
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in tensors):
+        return model
+    return copy.deepcopy(model).to(device=device, dtype=dtype)
 
 
 def interpolate_state_dict(
     state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], lam: float
 ) -> dict[str, Tensor]:
     """``(1 - lam) * a + lam * b`` for every floating-point entry; integer entries are taken from ``a``.
+
+    The result has ``a``'s devices and dtypes (``b``'s entries are moved and cast).
 
     Example:
         >>> import torch
@@ -114,7 +118,7 @@ def interpolate_state_dict(
     """
     lam = _check_lambda(lam)
     _check_compatible(state_a, state_b)
-    return {k: _lerp(v.detach(), state_b[k].detach(), lam) for k, v in state_a.items()}
+    return interpolate_state(state_a, state_b, lam)
 
 
 def _check_lambda(lam: float) -> float:
@@ -132,8 +136,9 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, lam: float) -> nn.Module
 
     Parameters and floating-point buffers (BatchNorm running statistics) are interpolated; integer buffers
     such as ``num_batches_tracked`` are copied from ``model_a``. Neither input is modified. ``lam`` outside
-    ``[0, 1]`` extrapolates. The models must have the same state-dict keys, shapes, dtypes and devices; the
-    first mismatch is named in the error.
+    ``[0, 1]`` extrapolates. The models must have the same state-dict keys and shapes (the first mismatch is
+    named in the error); they may live on different devices or dtypes: the result follows ``model_a``
+    (``model_b``'s weights are copied over, cast and moved).
 
     Example:
         >>> import torch
@@ -275,51 +280,6 @@ class LMCResult:
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a batch: a tensor (no targets) or a (inputs, targets, ...) sequence."""
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and len(batch) >= 1:
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    raise TypeError(
-        f"a batch must be a tensor or an (inputs, targets) tuple/list, got {type(batch).__name__}; "
-        "pass a callable evaluate for other batch formats"
-    )
-
-
-def _take_batches(data: Iterable[Any], n_batches: int | None, device: torch.device, what: str) -> list[Any]:
-    if isinstance(data, Tensor):
-        data = [data]
-    if n_batches is not None and n_batches < 1:
-        raise ValueError(f"{what}: n_batches must be >= 1 or None, got {n_batches}")
-    out = []
-    for i, batch in enumerate(data):
-        if n_batches is not None and i >= n_batches:
-            break
-        out.append(_to(batch, device))
-    if not out:
-        raise ValueError(f"{what}: the data yielded no batches")
-    return out
-
-
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,
@@ -327,12 +287,16 @@ def evaluate_model(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     *,
     max_batches: int | None = None,
+    reduce: Callable[..., Tensor] | None = None,
 ) -> dict[str, float]:
     """Mean loss (and accuracy for ``[N, C]`` logits with integer targets) of ``model`` over ``data``.
 
-    ``data`` yields ``(inputs, targets)`` batches; ``loss_fn`` (default cross-entropy) must return the batch
-    mean, and batches are weighted by their size. The model is evaluated in eval mode and its mode is
-    restored.
+    ``data`` yields batches that :func:`~rebasin_callbacks.utils.split_batch` understands (``(inputs,
+    targets)`` pairs, or dicts such as ``{"image": x, "label": y}``); they are moved to the model's device
+    and floating-point inputs cast to its dtype. ``loss_fn`` (default cross-entropy) must return the batch
+    mean; batches are weighted by their size. Totals stay on the device (one host sync at the end);
+    ``reduce(totals, reduce_op="sum")`` (e.g. a Lightning strategy's ``reduce``) sums them over processes
+    that each hold a shard. The model runs in eval mode; every submodule's mode is restored afterwards.
 
     Example:
         >>> import torch
@@ -342,29 +306,31 @@ def evaluate_model(
         ['accuracy', 'loss']
     """
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-    device = _device(model)
-    was_training = model.training
-    model.eval()
-    total_loss, n_loss, correct, n_acc = 0.0, 0, 0, 0
-    try:
+    device, dtype = module_device(model), module_dtype(model)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, count, correct, count (acc)
+    with eval_mode(model):
         for i, batch in enumerate(data):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y = _split_batch(_to(batch, device))
+            x, y = split_batch(to_device(batch, device, dtype))
             if y is None:
-                raise ValueError("evaluate_model: batches must be (inputs, targets) pairs")
+                raise ValueError(
+                    "evaluate_model: batches must hold targets ((inputs, targets) pairs or a dict with a "
+                    f"target key), got a batch of {type(batch).__name__} without one"
+                )
             out = model(x)
             n = y.shape[0] if y.dim() > 0 else 1
-            total_loss += float(loss_fn(out, y)) * n
-            n_loss += n
+            totals[0] += loss_fn(out, y).detach().double() * n
+            totals[1] += n
             if out.dim() == 2 and out.is_floating_point() and not y.is_floating_point() and y.dim() == 1:
-                correct += int((out.argmax(dim=1) == y).sum())
-                n_acc += n
-    finally:
-        model.train(was_training)
+                totals[2] += (out.argmax(dim=1) == y).sum().double()
+                totals[3] += n
+    if reduce is not None:
+        totals = reduce(totals, reduce_op="sum")
+    loss_sum, n_loss, correct, n_acc = (float(v) for v in totals.tolist())
     if n_loss == 0:
         raise ValueError("evaluate_model: the data yielded no batches")
-    result = {"loss": total_loss / n_loss}
+    result = {"loss": loss_sum / n_loss}
     if n_acc == n_loss:
         result["accuracy"] = correct / n_acc
     return result
@@ -423,22 +389,19 @@ def _reset_bn_on(model: nn.Module, batches: Sequence[Any]) -> nn.Module:
     bns = _bn_modules(model)
     if not bns:
         return model
-    modes = {m: m.training for m in model.modules()}
     momenta = {bn: bn.momentum for bn in bns}
-    try:
-        model.eval()  # dropout & co stay off; only BatchNorm layers collect statistics
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative moving average: every batch counts equally
-            bn.train()
-        for batch in batches:
-            x, _ = _split_batch(batch)
-            model(x)
-    finally:
-        for bn, mom in momenta.items():
-            bn.momentum = mom
-        for m, mode in modes.items():
-            m.training = mode
+    with eval_mode(model):  # dropout & co stay off; only BatchNorm layers collect statistics
+        try:
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None  # cumulative moving average: every batch counts equally
+                bn.train()
+            for batch in batches:
+                x, _ = split_batch(batch)
+                model(x)
+        finally:
+            for bn, mom in momenta.items():
+                bn.momentum = mom
     return model
 
 
@@ -460,7 +423,8 @@ def reset_bn_stats(
         >>> int(m[1].num_batches_tracked)
         2
     """
-    return _reset_bn_on(model, _take_batches(data, n_batches, _device(model), "reset_bn_stats"))
+    batches = take_batches(data, n_batches, module_device(model), "reset_bn_stats", dtype=module_dtype(model))
+    return _reset_bn_on(model, batches)
 
 
 # --------------------------------------------------------------------------------------------- REPAIR
@@ -534,16 +498,12 @@ def _repair_points(model: nn.Module, example: Any) -> list[_Point]:
         else:
             continue
         handles.append(m.register_forward_hook(layer_hook(name, kind)))
-    was_training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             final = model(example)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in was_training.items():
-            m.training = mode
 
     followed_by: dict[str, str] = {}
     for bn, x in bn_input.items():
@@ -586,20 +546,17 @@ def _collect(
 
     for p in points:
         handles.append(named[p.name].register_forward_hook(make_hook(p)))
-    was_training = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        for batch in batches:
-            x, _ = _split_batch(batch)
-            try:
-                model(x)
-            except _StopForward:
-                pass
+        with eval_mode(model):
+            for batch in batches:
+                x, _ = split_batch(batch)
+                try:
+                    model(x)
+                except _StopForward:
+                    pass
     finally:
         for h in handles:
             h.remove()
-        for m, mode in was_training.items():
-            m.training = mode
     return {name: s.mean_std() for name, s in stats.items()}
 
 
@@ -687,10 +644,14 @@ def repair(
         True
     """
     lam = _check_lambda(lam)
-    batches = _take_batches(data, n_batches, _device(interpolated), "repair")
     _check_compatible(model_a.state_dict(), interpolated.state_dict())
     _check_compatible(model_b.state_dict(), interpolated.state_dict())
-    points = _repair_points(interpolated, _split_batch(batches[0])[0])
+    batches = take_batches(
+        data, n_batches, module_device(interpolated), "repair", dtype=module_dtype(interpolated)
+    )
+    # statistics are taken where the interpolated model lives; the endpoints are copied there if needed
+    model_a, model_b = follow(model_a, interpolated), follow(model_b, interpolated)
+    points = _repair_points(interpolated, split_batch(batches[0])[0])
     stats_a = _collect(model_a, points, batches)
     stats_b = _collect(model_b, points, batches)
     return _repair_with_stats(interpolated, lam, points, stats_a, stats_b, batches, eps)
@@ -726,7 +687,8 @@ def lmc_curve(
     """Evaluate the models on the straight line between ``model_a`` and ``model_b``; barrier and AUC.
 
     Args:
-        model_a, model_b: same architecture, same device (neither is modified).
+        model_a, model_b: same architecture (neither is modified). The computation follows ``model_a``
+            (its device and dtype); ``model_b`` is copied there when it lives elsewhere.
         evaluate: a callable ``model -> loss`` or ``model -> {"loss": ..., "accuracy": ...}``; or a
             ``(dataloader, loss_fn)`` pair or a bare dataloader (cross-entropy), then accuracy is reported
             for ``[N, C]`` logits. The model it receives is in eval mode.
@@ -764,6 +726,7 @@ def lmc_curve(
             raise ValueError(f"lambdas must be at least 2 strictly increasing values, got {lams}")
     evaluator, eval_data = _make_evaluator(evaluate)
     _check_compatible(model_a.state_dict(), model_b.state_dict())
+    model_b = follow(model_b, model_a)  # computation follows model_a; model_b is copied, never mutated
 
     batches: list[Any] = []
     if reset_bn or repair:
@@ -773,13 +736,15 @@ def lmc_curve(
             raise ValueError(
                 f"lmc_curve: {what} needs train_data (evaluate is a callable, so it has no data)"
             )
-        batches = _take_batches(source, n_batches, _device(model_a), "lmc_curve")
+        batches = take_batches(
+            source, n_batches, module_device(model_a), "lmc_curve", dtype=module_dtype(model_a)
+        )
         if reset_bn and not _bn_modules(model_a):
             warnings.warn(
                 "lmc_curve: reset_bn=True but the model has no BatchNorm layer", RuntimeWarning, stacklevel=2
             )
     if repair:
-        points = _repair_points(model_a, _split_batch(batches[0])[0])
+        points = _repair_points(model_a, split_batch(batches[0])[0])
         stats_a = _collect(model_a, points, batches)
         stats_b = _collect(model_b, points, batches)
 
