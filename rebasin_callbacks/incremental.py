@@ -57,6 +57,7 @@ __all__ = [
     "RELEASED_SETTINGS",
     "JointOptimizer",
     "fuse_states",
+    "episode_statistics",
     "extend_spec_to_heads",
     "Fusion",
     "SpecSource",
@@ -130,6 +131,29 @@ def fuse_states(
             fused = fused + delta[key].to(fused.dtype)
         out[key] = fused
     return out
+
+
+def episode_statistics(perms: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> dict[str, float]:
+    """How far an episode moved the model: hidden units the hard permutations moved, and the residual.
+
+    Returns ``units_moved`` (units not mapped to themselves, over all groups), ``units`` (all units),
+    ``moved_fraction`` and ``delta_norm`` (the L2 norm of the whole residual).
+
+    Example:
+        >>> import torch
+        >>> s = episode_statistics({"H": torch.tensor([1, 0, 2])}, {"w": torch.tensor([3.0, 4.0])})
+        >>> s["units_moved"], s["moved_fraction"], s["delta_norm"]
+        (2.0, 0.6666666666666666, 5.0)
+    """
+    moved = sum(int((p.detach().cpu() != torch.arange(p.numel())).sum()) for p in perms.values())
+    units = sum(p.numel() for p in perms.values())
+    sq = sum(float(d.detach().double().pow(2).sum()) for d in delta.values())
+    return {
+        "units_moved": float(moved),
+        "units": float(units),
+        "moved_fraction": moved / units if units else 0.0,
+        "delta_norm": math.sqrt(sq),
+    }
 
 
 def extend_spec_to_heads(
@@ -317,6 +341,8 @@ class ReBasinIncremental:
         self.delta: dict[str, nn.Parameter] = {}
         self._optimizer: JointOptimizer | None = None
         self._buffers: dict[str, Tensor] = {}
+        #: statistics of the last finished episode (:func:`episode_statistics`); empty before the first
+        self.last_episode: dict[str, float] = {}
         # Fail at construction, not at the first episode, when the model cannot be permuted.
         if isinstance(spec, PermutationSpec):
             self._check_spec(spec)
@@ -472,10 +498,12 @@ class ReBasinIncremental:
         """Project the permutations, fuse, write ``theta_e`` into the model and return its state dict."""
         rb = self._require_episode("end_episode()")
         base = rb.base_state()
-        permuted = permute_state_dict(base, rb.spec, rb.project())
+        perms = rb.project()
+        permuted = permute_state_dict(base, rb.spec, perms)
         delta = {k: d.detach() for k, d in self.delta.items()}
         fused = fuse_states(base, permuted, delta, self.alpha, self.fusion)
         self.model.load_state_dict(fused)
+        self.last_episode = episode_statistics(perms, delta)
         self.rebasin, self._optimizer, self.delta, self._buffers = None, None, {}, {}
         self.episodes_done += 1
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
