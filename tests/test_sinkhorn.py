@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from rebasin_callbacks import sinkhorn
-from rebasin_callbacks.sinkhorn import dense_implicit_grad, implicit_grad, marginal_error
+from rebasin_callbacks.sinkhorn import (
+    SinkhornConvergenceWarning,
+    _solve_potentials,
+    dense_implicit_grad,
+    implicit_grad,
+    marginal_error,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -40,7 +46,7 @@ def test_unrolled_differs_before_convergence() -> None:
     scores = torch.randn(10, 10, dtype=torch.float64, generator=g, requires_grad=True)
     weights = torch.randn(10, 10, dtype=torch.float64, generator=g)
     P_i = sinkhorn(scores, tau=0.2, n_iters=10_000, tol=1e-13)
-    P_u = sinkhorn(scores, tau=0.2, n_iters=2, tol=0, backward="unrolled")
+    P_u = sinkhorn(scores, tau=0.2, n_iters=2, tol=0, backward="unrolled", warn=False)
     (g_i,) = torch.autograd.grad((P_i * weights).sum(), scores)
     (g_u,) = torch.autograd.grad((P_u * weights).sum(), scores)
     assert (g_i - g_u).abs().max() > 1e-3
@@ -135,7 +141,8 @@ def test_small_temperature_large_scores_stay_finite() -> None:
     g = torch.Generator().manual_seed(0)
     scores = 1e3 * torch.randn(4, 32, 32, generator=g)
     scores.requires_grad_(True)
-    P = sinkhorn(scores, tau=1e-3)
+    with pytest.warns(SinkhornConvergenceWarning):  # 100 iterations are far too few at this scale
+        P = sinkhorn(scores, tau=1e-3)
     assert bool(torch.isfinite(P).all())
     (P * torch.randn_like(P)).sum().backward()
     assert scores.grad is not None and bool(torch.isfinite(scores.grad).all())
@@ -206,9 +213,9 @@ def test_implicit_gradient_is_stable_when_the_forward_stopped_early() -> None:
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(256, 256, generator=g) / 0.05
     grad_P = torch.randn(256, 256, generator=g)
-    P32 = sinkhorn(scores, n_iters=20, tol=0)
+    P32 = sinkhorn(scores, n_iters=20, tol=0, warn=False)
     assert float(marginal_error(P32)) > 1e-2  # really not converged
-    P64 = sinkhorn(scores.double(), n_iters=20, tol=0)
+    P64 = sinkhorn(scores.double(), n_iters=20, tol=0, warn=False)
     ref = implicit_grad(P64, grad_P.double(), solver="cholesky")
     for solver in ("auto", "cg", "cholesky"):
         ours = implicit_grad(P32, grad_P, solver=solver)  # type: ignore[arg-type]
@@ -217,3 +224,91 @@ def test_implicit_gradient_is_stable_when_the_forward_stopped_early() -> None:
     # The published dense system assumes unit marginals: on the same P its gradient is far off.
     dense = dense_implicit_grad(P32, grad_P)
     assert not bool(torch.isfinite(dense).all()) or float((dense.double() - ref).norm() / ref.norm()) > 0.1
+
+
+class _ReadBackCounter:
+    """Counts every read of a tensor's value into Python (each one waits for the device)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *args, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+                self.count += 1
+                return _original(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("tau", [1.0, 1e-3])
+def test_forward_reads_back_once_per_check_not_per_iteration(
+    monkeypatch: pytest.MonkeyPatch, tau: float
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(3, 48, 48, generator=g) * (1e3 if tau < 1 else 1.0) / tau
+    counter = _ReadBackCounter(monkeypatch)
+    _, iters, absorptions = _solve_potentials(S, 96, 0.0, 8)
+    assert iters == 96
+    # 96 / 8 = 12 checks in a calm run; each absorption adds a short block (1, 2, 4 iterations, ...).
+    assert counter.count <= 12 + 4 * absorptions
+    if tau < 1:
+        assert absorptions > 0  # the extreme case exercises the absorption path
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 8])
+def test_check_interval_changes_nothing_but_the_iteration_count(check_every: int) -> None:
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(2, 40, 40, dtype=torch.float64, generator=g)
+    ref = sinkhorn(scores, tau=0.3, n_iters=10_000, tol=1e-12, check_every=1)
+    P, info = sinkhorn(scores, tau=0.3, n_iters=10_000, tol=1e-12, check_every=check_every, return_info=True)
+    assert info.converged and info.iterations % check_every == 0
+    assert float((P - ref).abs().max()) < 1e-10
+
+
+def test_columns_are_exact_and_rows_carry_the_error() -> None:
+    g = torch.Generator().manual_seed(4)
+    P, info = sinkhorn(torch.randn(64, 64, generator=g), tau=0.02, n_iters=10, warn=False, return_info=True)
+    rows = float((P.sum(-1) - 1).abs().max())
+    cols = float((P.sum(-2) - 1).abs().max())
+    assert cols < 1e-5 < rows
+    assert info.error == pytest.approx(rows) and not info.converged and info.iterations == 10
+
+
+def test_info_reports_convergence() -> None:
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(3, 32, 32, generator=g, requires_grad=True)
+    P, info = sinkhorn(scores, tau=0.5, return_info=True)
+    assert info.converged and 0 < info.iterations < 100 and info.absorptions == 0
+    assert info.error == pytest.approx(float(marginal_error(P.detach())))
+    assert info.error <= 1e-5
+    P.sum().backward()  # the info does not get in autograd's way
+    assert scores.grad is not None
+
+
+def test_unrolled_reference_reports_too() -> None:
+    P, info = sinkhorn(torch.randn(16, 16), tau=0.5, backward="unrolled", return_info=True)
+    assert info.converged and info.error == pytest.approx(float(marginal_error(P.detach())))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_backward_solves_directly_and_matches_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(512, 512, dtype=torch.float64, generator=g).cuda()
+    P = sinkhorn(scores, tau=1.0, n_iters=2_000, tol=1e-12)
+    grad_P = torch.randn(512, 512, dtype=torch.float64, generator=g).cuda()
+    calls = _count_solver_calls(monkeypatch)
+    ours = implicit_grad(P, grad_P)
+    assert calls == {"cg": 0, "direct": 1}
+    torch.testing.assert_close(ours, dense_implicit_grad(P, grad_P), atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_forward_reads_back_once_per_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    S = torch.randn(1024, 1024, device="cuda")
+    counter = _ReadBackCounter(monkeypatch)
+    _, iters, absorptions = _solve_potentials(S, 64, 0.0)
+    assert iters == 64 and absorptions == 0
+    assert counter.count <= 64 // 8
