@@ -13,11 +13,15 @@ YAML file. They are thin: the work is done by :func:`~rebasin_callbacks.align`,
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import os
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,8 +35,17 @@ from torch import Tensor, nn
 
 from rebasin_callbacks.checkpoints import ReferenceLike, load_reference_state, match_reference
 from rebasin_callbacks.lightning_fusion import ReBasinFusion
-from rebasin_callbacks.permute import permute, permute_optimizer_state, permute_state_dict
+from rebasin_callbacks.permute import invert_permutation, permute, permute_optimizer_state, permute_state_dict
 from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.utils import (
+    check_finite,
+    follow,
+    l2_distance,
+    module_device,
+    module_dtype,
+    split_batch,
+    to_device,
+)
 
 __all__ = [
     "ReBasinAlign",
@@ -48,6 +61,7 @@ __all__ = [
 def _reference_module(reference: ReferenceLike, model: nn.Module, submodule: str | None) -> nn.Module:
     """A frozen copy of ``model``'s architecture holding the reference's weights (on ``model``'s device)."""
     state = match_reference(load_reference_state(reference), model, prefix_hint=submodule)
+    check_finite(state, "reference")  # a NaN reference fails here, at setup, not after the first epoch
     ref = copy.deepcopy(model)  # LightningModule.__getstate__ drops the trainer, so this copies weights only
     ref.load_state_dict(state)
     ref.requires_grad_(False)
@@ -73,15 +87,48 @@ def _check_every_n_epochs(every_n_epochs: int) -> None:
         )
 
 
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a DataLoader draws from when iterated (its own, its samplers')."""
+    found: list[torch.Generator] = []
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for obj in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+        gen = getattr(obj, "generator", None)
+        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+            found.append(gen)
+    return found
+
+
+def _trainer_loaders(trainer: pl.Trainer) -> list[Any]:
+    loaders: list[Any] = []
+    for name in ("train_dataloader", "val_dataloaders"):
+        try:
+            value = getattr(trainer, name)
+        except Exception:  # not loaded yet / no fit loop
+            continue
+        if isinstance(value, Mapping):
+            loaders.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            loaders.extend(value)
+        elif value is not None:
+            loaders.append(value)
+    return loaders
+
+
 @contextlib.contextmanager
-def _isolated(pl_module: nn.Module) -> Iterator[None]:
-    """Keep the training run untouched: random state (data order, dropout) and train/eval modes."""
+def _isolated(pl_module: nn.Module, loaders: list[Any] = ()) -> Iterator[None]:  # type: ignore[assignment]
+    """Keep the training run untouched: the global random state (dropout, default samplers), the random
+    state of the given DataLoaders' own generators (shuffling order), and every submodule's train flag."""
     modes = {m: m.training for m in pl_module.modules()}
-    device = next(pl_module.parameters(), torch.empty(0)).device
+    device = module_device(pl_module)
+    gens = [g for loader in loaders for g in _generators(loader)]
+    states = [g.get_state() for g in gens]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             yield
         finally:
+            for g, state in zip(gens, states):
+                g.set_state(state)
             for m, training in modes.items():
                 m.training = training
 
@@ -146,8 +193,7 @@ class _SpecSource:
                     "no permutation spec and no example inputs (no training step ran): pass spec=... or "
                     "example_inputs=..."
                 )
-            device = next(model.parameters()).device
-            example = _to_device(example, device)
+            example = to_device(example, module_device(model), module_dtype(model))
             self.spec = trace_spec(model, example)
         return self.spec
 
@@ -169,16 +215,6 @@ def _prepare(
     return ref
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
 def _log(
     trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], in_loop: bool
 ) -> None:
@@ -191,12 +227,9 @@ def _log(
             logger.log_metrics(metrics, step=trainer.global_step)
 
 
-def _l2_distance(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:
-    total = 0.0
-    for k, v in state.items():
-        if v.is_floating_point():
-            total += float((v.detach().float() - reference[k].float()).pow(2).sum())
-    return total**0.5
+def _params(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    names = {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in state.items() if k in names}
 
 
 def _compute_perms(
@@ -206,8 +239,9 @@ def _compute_perms(
     spec: PermutationSpec,
     cost: Any,
     kwargs: dict,
+    progress: bool = False,
 ) -> tuple[dict[str, Tensor], float, float]:
-    """Permutations aligning ``model`` to ``reference`` and the weight distance before/after them.
+    """Permutations aligning ``model`` to ``reference`` and the parameters' L2 distance before/after them.
 
     Computed on rank 0 and broadcast, so that every rank applies exactly the same permutations. With the
     data-free ``"l2"`` cost the distance is the objective itself: permutations that would increase it
@@ -216,18 +250,95 @@ def _compute_perms(
     if trainer.is_global_zero:
         from rebasin_callbacks.align import align
 
-        kwargs = {"progress": False, **kwargs}
+        kwargs = {"progress": progress, **kwargs}
         result = align(model, reference, spec=spec, cost=cost, **kwargs)
         perms = {g: p.detach().cpu() for g, p in result.perms.items()}
-        state, ref_state = model.state_dict(), reference.state_dict()
-        before = _l2_distance(state, ref_state)
-        after = _l2_distance(permute_state_dict(state, spec, perms), ref_state)
+        state = _params(model, {k: v.detach() for k, v in model.state_dict().items()})
+        ref_state = _params(reference, reference.state_dict())
+        before = l2_distance(state, ref_state)
+        after = l2_distance(_params(model, permute_state_dict(model.state_dict(), spec, perms)), ref_state)
         if cost == "l2" and after > before:
             perms, after = {g: torch.arange(n) for g, n in spec.sizes.items()}, before
         payload = (perms, before, after)
     received = trainer.strategy.broadcast(payload, src=0)
     assert received is not None
     return received
+
+
+# --------------------------------------------------------------------------- one alignment per step, shared
+@dataclass
+class _Alignment:
+    """One alignment computed by a callback at a training step, kept so the other callbacks reuse it."""
+
+    step: int  # trainer.global_step when it was computed
+    version: int  # how many in-place alignments of this step the aligned weights had already received
+    reference: nn.Module
+    spec: PermutationSpec
+    cost: Any
+    kwargs: dict
+    perms: dict[str, Tensor]
+    before: float
+    after: float
+    applied: bool  # applied in place to the trained module
+    owner: str
+
+
+#: trained module -> alignments of its current step (weak keys: nothing outlives the module)
+_SHARED: weakref.WeakKeyDictionary[nn.Module, list[_Alignment]] = weakref.WeakKeyDictionary()
+
+
+def _records(target: nn.Module, step: int) -> list[_Alignment]:
+    records = [r for r in _SHARED.get(target, []) if r.step == step]  # older steps are stale
+    _SHARED[target] = records
+    return records
+
+
+def _same_reference(a: nn.Module, b: nn.Module) -> bool:
+    if a is b:
+        return True
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    return all(
+        v.shape == sb[k].shape and torch.equal(v, sb[k].to(device=v.device, dtype=v.dtype))
+        for k, v in sa.items()
+    )
+
+
+def _find(
+    records: list[_Alignment],
+    version: int,
+    reference: nn.Module,
+    spec: PermutationSpec,
+    cost: Any,
+    kwargs: dict,
+) -> _Alignment | None:
+    """A not-applied alignment of the same weights, reference, spec, cost and settings."""
+    for r in records:
+        if (
+            not r.applied
+            and r.version == version
+            and r.cost == cost
+            and r.kwargs == kwargs
+            and r.spec.axes_to_perm == spec.axes_to_perm
+            and _same_reference(r.reference, reference)
+        ):
+            return r
+    return None
+
+
+def _inverse(perms: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {g: invert_permutation(p) for g, p in perms.items()}
+
+
+def _show_progress(trainer: pl.Trainer, enabled: bool) -> bool:
+    return enabled and trainer.is_global_zero and trainer.progress_bar_callback is not None
+
+
+def _reference_for(callback: Any, target: nn.Module) -> nn.Module:
+    """The callback's reference on the target's device (moved once: lossless) and dtype (a copy if needed)."""
+    callback._reference = callback._reference.to(module_device(target))
+    return follow(callback._reference, target)
 
 
 # --------------------------------------------------------------------------- ReBasinAlign
@@ -259,6 +370,51 @@ class _EpochEndCallback(Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         raise NotImplementedError
 
+    #: settings that are part of ``state_key`` (they tell several instances apart in a checkpoint)
+    _key_settings: tuple[str, ...] = ("submodule", "every_n_epochs")
+
+    def _settings(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._key_settings}
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Resume with changed settings (e.g. ``every_n_epochs``): Lightning finds a callback's state by
+        ``state_key``, which holds the settings, so a changed setting would silently drop the state. Here
+        the state saved by the same class for the same submodule is found, what is compatible is restored
+        and the rest is named in a warning."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return  # same settings: Lightning restores it
+        name = type(self).__qualname__
+        found = []
+        for key, state in states.items():
+            if not (isinstance(key, str) and key.startswith(name + "{")):
+                continue
+            try:
+                saved = ast.literal_eval(key[len(name) :])
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(saved, dict) and saved.get("submodule") == self.submodule:
+                found.append((saved, state))
+        if not found:
+            return
+        saved, state = found[0]
+        changed = {k: (v, getattr(self, k, None)) for k, v in saved.items() if getattr(self, k, None) != v}
+        dropped = self._load_changed(state, changed)
+        what = ", ".join(f"{k}={old!r} -> {new!r}" for k, (old, new) in changed.items())
+        warnings.warn(
+            f"{name}: resuming with changed settings ({what}): history and epoch counter restored"
+            + (f"; not restored: {', '.join(dropped)}" if dropped else "")
+            + "; the new settings apply from here on",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    def _load_changed(self, state: dict[str, Any], changed: dict[str, tuple[Any, Any]]) -> list[str]:
+        self.load_state_dict(state)
+        return []
+
 
 class ReBasinAlign(_EpochEndCallback):
     r"""Align the model being trained to a reference model by permuting its hidden units.
@@ -269,8 +425,14 @@ class ReBasinAlign(_EpochEndCallback):
     hidden units never changes what the network computes, so:
 
     * ``mode="inplace"`` permutes the trained weights, the buffers (BatchNorm statistics) and the optimizer
-      state (Adam moments, momentum) in place: training goes on exactly as it would have without the
-      callback, but the weights now live in the reference's basin (checkpoints saved afterwards too).
+      state (Adam moments, momentum) in place, so the weights now live in the reference's basin
+      (checkpoints saved afterwards too). What is guaranteed, at the moment of alignment: the network
+      computes the same function (outputs equal up to float round-off: the permuted sums are added in
+      another order) and every per-parameter optimizer state tensor is exactly the permuted one, so the
+      next optimizer step is the permuted image of the step the unaligned run would take. What is not:
+      bit-identical training afterwards. Summation order differs in every later forward and backward, so
+      the two runs drift apart like runs on two machines (equivalent, not identical: e.g. logits within
+      ~1e-5 after a few steps, further apart after epochs of training).
     * ``mode="copy"`` leaves the training untouched and keeps the aligned copy in :attr:`aligned_model`
       (saved in the callback's checkpoint state; ``torch.save(cb.aligned_model.state_dict(), path)``).
 
@@ -293,6 +455,12 @@ class ReBasinAlign(_EpochEndCallback):
         spec: a :class:`~rebasin_callbacks.PermutationSpec` (or a path to its JSON); traced by default from
             ``example_inputs`` or from the inputs the module receives in its first forward pass of the fit.
         example_inputs: inputs to trace the spec with.
+        progress: show the alignment's progress (when the Trainer shows a progress bar).
+
+    With :class:`LMCMonitor` attached too, the two share one alignment per step: whichever runs second
+    reuses the first one's permutations (same reference, spec, cost and settings), and LMCMonitor
+    measures its "naive" curve on the model as it was before this step's in-place alignment.
+    The model being aligned decides the device and dtype; the reference is copied to them.
 
     Example::
 
@@ -322,6 +490,7 @@ class ReBasinAlign(_EpochEndCallback):
         align_kwargs: dict[str, Any] | None = None,
         spec: PermutationSpec | str | None = None,
         example_inputs: Any = None,
+        progress: bool = True,
     ) -> None:
         _check_every_n_epochs(every_n_epochs)
         if mode not in ("inplace", "copy"):
@@ -335,6 +504,7 @@ class ReBasinAlign(_EpochEndCallback):
         self.submodule = submodule
         self.at_fit_end = at_fit_end
         self.align_kwargs = dict(align_kwargs or {})
+        self.progress = progress
         self._spec = _SpecSource(spec, example_inputs)
         self._reference: nn.Module | None = None
         self.aligned_model: nn.Module | None = None
@@ -350,12 +520,20 @@ class ReBasinAlign(_EpochEndCallback):
         """The permutation spec in use (``None`` until known)."""
         return self._spec.spec
 
+    _key_settings = ("submodule", "mode", "every_n_epochs")
+
     @property
     def state_key(self) -> str:
         # several instances (e.g. one per submodule) keep separate checkpoint states
-        return self._generate_state_key(
-            submodule=self.submodule, mode=self.mode, every_n_epochs=self.every_n_epochs
-        )
+        return self._generate_state_key(**self._settings())
+
+    def _load_changed(self, state: dict[str, Any], changed: dict[str, tuple[Any, Any]]) -> list[str]:
+        dropped = []
+        if "mode" in changed and state.get("aligned_state_dict") is not None:
+            state = {k: v for k, v in state.items() if k != "aligned_state_dict"}
+            dropped.append("the aligned copy of mode='copy'")
+        self.load_state_dict(state)
+        return dropped
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         self._align(trainer, pl_module, in_loop=in_loop)
@@ -368,12 +546,40 @@ class ReBasinAlign(_EpochEndCallback):
     def _align(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         assert self._reference is not None, "setup() was not called"
         target = _target(pl_module, self.submodule)
-        reference = self._reference.to(next(target.parameters()).device)
+        reference = _reference_for(self, target)
         start = time.perf_counter()
-        with _isolated(pl_module):
+        with _isolated(pl_module, _trainer_loaders(trainer)):
             spec = self._spec.get(target, pl_module)
-            perms, before, after = _compute_perms(
-                trainer, target, reference, spec, self.cost, self.align_kwargs
+            records = _records(target, trainer.global_step)
+            version = sum(r.applied for r in records)
+            shared = _find(records, version, reference, spec, self.cost, self.align_kwargs)
+            if shared is not None:  # LMCMonitor already aligned these very weights: reuse, do not re-align
+                perms, before, after = shared.perms, shared.before, shared.after
+                rank_zero_info(f"ReBasinAlign: reusing the alignment {shared.owner} computed at this step")
+            else:
+                perms, before, after = _compute_perms(
+                    trainer,
+                    target,
+                    reference,
+                    spec,
+                    self.cost,
+                    self.align_kwargs,
+                    _show_progress(trainer, self.progress),
+                )
+            records.append(
+                _Alignment(
+                    trainer.global_step,
+                    version,
+                    reference,
+                    spec,
+                    self.cost,
+                    dict(self.align_kwargs),
+                    perms,
+                    before,
+                    after,
+                    applied=self.mode == "inplace",
+                    owner="ReBasinAlign",
+                )
             )
             if self.mode == "inplace":
                 optimizers = list(trainer.optimizers)
@@ -398,6 +604,7 @@ class ReBasinAlign(_EpochEndCallback):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
+            "settings": self._settings(),
             "last_epoch": self._last_epoch,
             "history": [dict(h) for h in self.history],
             "last_perms": self.last_perms,
@@ -431,9 +638,10 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class Evaluator:
-    """``model -> {"loss": mean loss, "accuracy": fraction}`` over ``(inputs, targets)`` batches.
+    """``model -> {"loss": mean loss, "accuracy": fraction}`` over ``(inputs, targets)`` (or dict) batches.
 
-    ``reduce`` (e.g. ``trainer.strategy.reduce``) sums the totals over DDP ranks, each holding a shard.
+    A callable form of :func:`~rebasin_callbacks.lmc.evaluate_model`. ``reduce`` (e.g.
+    ``trainer.strategy.reduce``) sums the totals over DDP ranks, each holding a shard.
 
     Example:
         >>> import torch
@@ -454,31 +662,11 @@ class Evaluator:
         self.reduce = reduce
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for i, batch in enumerate(self.loader):
-                if self.max_batches is not None and i >= self.max_batches:
-                    break
-                if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-                    raise TypeError(
-                        "LMCMonitor expects (inputs, targets) batches; got "
-                        f"{type(batch).__name__}. Pass dataloader=... yielding (x, y) pairs"
-                    )
-                x, y = batch[0].to(device), batch[1].to(device)
-                out = model(x)
-                loss = self.loss_fn(out, y)
-                totals[0] += loss.double() * y.shape[0]
-                if out.ndim == 2 and y.ndim == 1:
-                    totals[1] += (out.argmax(1) == y).sum().double()
-                totals[2] += y.shape[0]
-        model.train(was_training)
-        if self.reduce is not None:
-            totals = self.reduce(totals, reduce_op="sum")
-        n = float(totals[2].clamp_min(1))
-        return {"loss": float(totals[0]) / n, "accuracy": float(totals[1]) / n}
+        from rebasin_callbacks.lmc import evaluate_model
+
+        return evaluate_model(
+            model, self.loader, self.loss_fn, max_batches=self.max_batches, reduce=self.reduce
+        )
 
 
 def _has_val_source(trainer: pl.Trainer) -> bool:
@@ -505,9 +693,18 @@ class LMCMonitor(_EpochEndCallback):
     * the curve figure: ``add_figure("lmc", ...)`` on a TensorBoard logger, otherwise a PNG
       ``lmc_epoch{N}.png`` in ``save_dir`` (default: the Trainer's log dir).
 
-    The model being trained is never modified (copies are evaluated; train/eval modes and the random
-    state are restored), so training and validation metrics are the same as without the callback. Under
-    DDP every rank evaluates its shard of the dataloader and the sums are reduced.
+    The model being trained is never modified (copies are evaluated; train/eval modes, the global random
+    state and the random state of the DataLoaders' own generators are restored, so ``dataloader="train"``
+    and ``reset_bn=True`` do not change the shuffling order either): training and validation metrics are
+    the same as without the callback. Under DDP every rank evaluates its shard of the dataloader and the
+    sums are reduced. Batches may be ``(inputs, targets)`` pairs or dicts with input/target keys
+    (:func:`~rebasin_callbacks.utils.split_batch`); the first batch is checked when the fit starts.
+
+    With :class:`ReBasinAlign` (``mode="inplace"``) attached too, "naive" is measured on the model as it
+    was before that step's in-place alignment (the permutation is undone on a copy), and "re-based" reuses
+    ReBasinAlign's alignment when it is to the same reference with the same cost (logged once; the result
+    entry ``"rebasin_source"`` says which callback aligned). One alignment per step is computed in all:
+    whichever callback runs second reuses the first one's.
 
     Args:
         reference: like :class:`ReBasinAlign`'s.
@@ -523,6 +720,7 @@ class LMCMonitor(_EpochEndCallback):
         cost / align_kwargs / spec / example_inputs: alignment settings, as in :class:`ReBasinAlign`.
         loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
         max_batches: evaluate at most this many batches per point.
+        progress: show progress over the curve's points (when the Trainer shows a progress bar).
 
     Example::
 
@@ -557,6 +755,7 @@ class LMCMonitor(_EpochEndCallback):
         example_inputs: Any = None,
         loss_fn: LossFn | None = None,
         max_batches: int | None = None,
+        progress: bool = True,
     ) -> None:
         _check_every_n_epochs(every_n_epochs)
         if not isinstance(n_points, int) or n_points < 2:
@@ -578,8 +777,11 @@ class LMCMonitor(_EpochEndCallback):
         self.align_kwargs = dict(align_kwargs or {})
         self.loss_fn: LossFn = loss_fn or F.cross_entropy
         self.max_batches = max_batches
+        self.progress = progress
         self._spec = _SpecSource(spec, example_inputs)
         self._reference: nn.Module | None = None
+        self._batch_checked = False
+        self._told_reuse = False
         #: one entry per evaluation: ``{"epoch": int, "naive": LMCResult, "rebasin": LMCResult}``
         self.results: list[dict[str, Any]] = []
         #: the logged scalars of every evaluation (what ``state_dict`` saves)
@@ -588,7 +790,7 @@ class LMCMonitor(_EpochEndCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(submodule=self.submodule, every_n_epochs=self.every_n_epochs)
+        return self._generate_state_key(**self._settings())
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -599,6 +801,59 @@ class LMCMonitor(_EpochEndCallback):
                 "Trainer.fit, no val_dataloader() on the module or datamodule); pass val_dataloaders, or "
                 "LMCMonitor(dataloader='train' or an iterable of (x, y) batches)"
             )
+        if stage == "fit" and not isinstance(self.dataloader, str):
+            self._check_loader(self.dataloader)
+
+    def _check_batch(self, batch: Any) -> None:
+        if self._batch_checked:
+            return
+        try:
+            _, y = split_batch(batch)
+        except TypeError as err:
+            raise TypeError(f"LMCMonitor(dataloader={self._describe()}): {err}") from None
+        if y is None:
+            raise TypeError(
+                f"LMCMonitor(dataloader={self._describe()}): its batches hold no targets (a "
+                f"{type(batch).__name__}); the curves need (inputs, targets) pairs or dicts with a target key"
+            )
+        self._batch_checked = True
+
+    def _describe(self) -> str:
+        return repr(self.dataloader) if isinstance(self.dataloader, str) else type(self.dataloader).__name__
+
+    def _check_loader(self, loader: Any) -> None:
+        """Check a user-given loader's first batch now (a re-iterable only: an iterator would lose it)."""
+        try:
+            if iter(loader) is loader:
+                return
+        except TypeError:
+            raise TypeError(
+                f"LMCMonitor(dataloader=...): expected 'val', 'train' or an iterable of batches, got "
+                f"{type(loader).__name__}"
+            ) from None
+        with _isolated(nn.Module(), [loader]):
+            first = next(iter(loader), None)
+        if first is None:
+            raise ValueError("LMCMonitor(dataloader=...): the dataloader yields no batches")
+        self._check_batch(first)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # the batch format is checked on the first batch, not after the first epoch
+        if self.dataloader == "train":
+            self._check_batch(batch)
+
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.dataloader == "val" and dataloader_idx == 0 and trainer.state.fn == "fit":
+            self._check_batch(batch)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         self.evaluate(trainer, pl_module, in_loop=in_loop)
@@ -622,27 +877,66 @@ class LMCMonitor(_EpochEndCallback):
         return loader
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool = False) -> dict:
-        """Evaluate (and log) the curves now; returns ``{"epoch", "naive", "rebasin"}``."""
+        """Evaluate (and log) the curves now; returns ``{"epoch", "naive", "rebasin", "rebasin_source"}``."""
         from rebasin_callbacks.lmc import lmc_curve
 
         assert self._reference is not None, "setup() was not called"
         target = _target(pl_module, self.submodule)
-        reference = self._reference.to(next(target.parameters()).device)
-        evaluate = Evaluator(self._loader(trainer), self.loss_fn, self.max_batches, trainer.strategy.reduce)
+        reference = _reference_for(self, target)
+        loader = self._loader(trainer)
+        evaluate = Evaluator(loader, self.loss_fn, self.max_batches, trainer.strategy.reduce)
+        progress = _show_progress(trainer, self.progress)
         kwargs: dict[str, Any] = {"n_points": self.n_points, "reset_bn": self.reset_bn, "repair": self.repair}
+        kwargs["progress"] = progress
         if self.reset_bn or self.repair:
             kwargs["train_data"] = trainer.train_dataloader
         out: dict[str, Any] = {"epoch": trainer.current_epoch}
-        with _isolated(pl_module):
+        with _isolated(pl_module, [loader, *_trainer_loaders(trainer)]):
+            records = _records(target, trainer.global_step)
+            applied = [r for r in records if r.applied]
             model = copy.deepcopy(target).eval()
-            out["naive"] = lmc_curve(model, reference, evaluate, progress=False, label="naive", **kwargs)
+            for r in reversed(applied):  # naive: the model as it was before this step's in-place alignments
+                model = permute(model, r.spec, _inverse(r.perms))
+            out["naive"] = lmc_curve(model, reference, evaluate, label="naive", **kwargs)
             if self.align:
-                spec = self._spec.get(model, pl_module)
-                perms, _, _ = _compute_perms(trainer, model, reference, spec, self.cost, self.align_kwargs)
-                model = permute(model, spec, perms)
-                out["rebasin"] = lmc_curve(
-                    model, reference, evaluate, progress=False, label="re-based", **kwargs
-                )
+                last = applied[-1] if applied else None
+                if last is not None and last.cost == self.cost and _same_reference(last.reference, reference):
+                    rebased = copy.deepcopy(target).eval()  # already aligned in place: reuse, no re-alignment
+                    out["rebasin_source"] = last.owner
+                    if not self._told_reuse:
+                        rank_zero_info(
+                            f"LMCMonitor: the re-based curve reuses {last.owner}'s in-place alignment of "
+                            "the same step (same reference and cost); 'naive' is the model before it"
+                        )
+                        self._told_reuse = True
+                else:
+                    spec = self._spec.get(model, pl_module)
+                    shared = _find(records, 0, reference, spec, self.cost, self.align_kwargs)
+                    if shared is not None:
+                        perms, before, after, source = shared.perms, shared.before, shared.after, shared.owner
+                    else:
+                        perms, before, after = _compute_perms(
+                            trainer, model, reference, spec, self.cost, self.align_kwargs, progress
+                        )
+                        source = "LMCMonitor"
+                        records.append(
+                            _Alignment(
+                                trainer.global_step,
+                                0,
+                                reference,
+                                spec,
+                                self.cost,
+                                dict(self.align_kwargs),
+                                perms,
+                                before,
+                                after,
+                                applied=False,
+                                owner="LMCMonitor",
+                            )
+                        )
+                    rebased = permute(model, spec, perms)
+                    out["rebasin_source"] = source
+                out["rebasin"] = lmc_curve(rebased, reference, evaluate, label="re-based", **kwargs)
         metrics: dict[str, float] = {}
         for name in ("naive", "rebasin"):
             if name in out:
@@ -672,7 +966,11 @@ class LMCMonitor(_EpochEndCallback):
         out["figure_path"] = str(path)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_epoch": self._last_epoch, "history": [dict(h) for h in self.history]}
+        return {
+            "settings": self._settings(),
+            "last_epoch": self._last_epoch,
+            "history": [dict(h) for h in self.history],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_epoch = int(state_dict["last_epoch"])

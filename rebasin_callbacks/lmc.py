@@ -46,6 +46,7 @@ from rebasin_callbacks.spec import SpecMismatchError
 from rebasin_callbacks.utils import (
     check_compatible,
     eval_mode,
+    follow,
     interpolate_state,
     module_device,
     module_dtype,
@@ -83,25 +84,6 @@ def _check_compatible(sa: Mapping[str, Tensor], sb: Mapping[str, Tensor]) -> Non
         check_compatible(sa, sb, names=("model_a", "model_b"))
     except SpecMismatchError as err:
         raise SpecMismatchError(f"interpolate: {err}") from None
-
-
-def follow(model: nn.Module, leader: nn.Module) -> nn.Module:
-    """``model`` on ``leader``'s device and dtype: ``model`` itself when it is there already, else a copy.
-
-    The functions that combine two models compute where the first one lives; the second is copied and
-    moved, never mutated.
-
-    Example:
-        >>> import torch
-        >>> a, b = torch.nn.Linear(2, 2).double(), torch.nn.Linear(2, 2)
-        >>> follow(b, a).weight.dtype, b.weight.dtype
-        (torch.float64, torch.float32)
-    """
-    device, dtype = module_device(leader), module_dtype(leader)
-    tensors = [*model.parameters(), *model.buffers()]
-    if all(t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in tensors):
-        return model
-    return copy.deepcopy(model).to(device=device, dtype=dtype)
 
 
 def interpolate_state_dict(

@@ -4,7 +4,7 @@ This is the bottom layer: it imports nothing of the package except the leaf :mod
 (for its error type), so any module can import it without a cycle.
 
 * batches: :func:`to_device`, :func:`split_batch`, :func:`take_batches`;
-* modules: :func:`module_device`, :func:`module_dtype`, :func:`eval_mode`, :func:`train_mode`;
+* modules: :func:`module_device`, :func:`module_dtype`, :func:`follow`, :func:`eval_mode`, :func:`train_mode`;
 * state dicts: :func:`check_compatible`, :func:`check_finite`, :func:`l2_distance`, :func:`interpolate_state`;
 * threads: :func:`thread_limit` (caps torch's intra-op threads inside heavy calls).
 
@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -39,6 +40,7 @@ __all__ = [
     "take_batches",
     "module_device",
     "module_dtype",
+    "follow",
     "eval_mode",
     "train_mode",
     "check_compatible",
@@ -176,6 +178,25 @@ def module_dtype(module: nn.Module) -> torch.dtype:
         if t.is_floating_point():
             return t.dtype
     return torch.get_default_dtype()
+
+
+def follow(model: nn.Module, leader: nn.Module) -> nn.Module:
+    """``model`` on ``leader``'s device and dtype: ``model`` itself when it is there already, else a copy.
+
+    The functions that combine two models compute where the first one lives; the second is copied and
+    moved, never mutated.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.nn.Linear(2, 2).double(), torch.nn.Linear(2, 2)
+        >>> follow(b, a).weight.dtype, b.weight.dtype
+        (torch.float64, torch.float32)
+    """
+    device, dtype = module_device(leader), module_dtype(leader)
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == device and (not t.is_floating_point() or t.dtype == dtype) for t in tensors):
+        return model
+    return copy.deepcopy(model).to(device=device, dtype=dtype)
 
 
 @contextlib.contextmanager

@@ -352,7 +352,7 @@ def test_evaluator_counts_loss_and_accuracy():
         out = model(x)
     assert got["loss"] == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-5)
     assert got["accuracy"] == pytest.approx(float((out.argmax(1) == y).float().mean()))
-    with pytest.raises(TypeError, match=r"\(inputs, targets\)"):
+    with pytest.raises(ValueError, match=r"\(inputs, targets\)"):
         Evaluator([x])(model)
 
 
