@@ -25,13 +25,14 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from rebasin_callbacks.io import atomic_torch_save
 from rebasin_callbacks.spec import SpecMismatchError
 
 __all__ = [
     "ReferenceLike",
     "load_reference_state",
     "match_reference",
-    "load_weights",
+    "AmbiguousReferenceError",
     "save_state_dict",
     "CHECKPOINT_KEYS",
 ]
@@ -102,23 +103,67 @@ def load_reference_state(reference: ReferenceLike, *, parameter: str = "referenc
     return dict(obj)
 
 
+class AmbiguousReferenceError(SpecMismatchError):
+    """A checkpoint holds several submodules that fit the model (``model.*`` and ``ema_model.*``).
+
+    ``candidates`` lists their prefixes (without the trailing dot); choose one with ``prefix_hint=``
+    (``submodule=`` of the Lightning callbacks, ``--submodule`` of the ``rebasin`` command)."""
+
+    def __init__(self, message: str, candidates: list[str]):
+        super().__init__(message)
+        self.candidates = candidates
+
+
+def _key_maps(
+    reference: Mapping[str, Tensor], keys: list[str], prefix_hint: str | None
+) -> list[tuple[str, str]]:
+    """Candidate key maps ``(add, strip)``: reference key = ``add + key[len(strip):]``."""
+    maps: list[tuple[str, str]] = [("", "")]
+    if prefix_hint:
+        maps.append((prefix_hint.rstrip(".") + ".", ""))
+    if keys:
+        first = keys[0]
+        maps += [(r[: -len(first)], "") for r in reference if r.endswith("." + first)]
+        maps += [("", first[: -len(r)]) for r in reference if first.endswith("." + r)]
+    return list(dict.fromkeys(maps))
+
+
+def _rekey(key: str, add: str, strip: str) -> str:
+    return add + key[len(strip) :] if key.startswith(strip) else "\0" + key  # "\0": never in a reference
+
+
+def _scope(reference: Mapping[str, Tensor], add: str) -> list[str]:
+    """The reference keys a key map claims: all of them, or those under its prefix."""
+    return [r for r in reference if r.startswith(add)]
+
+
 def match_reference(
     reference: Mapping[str, Tensor],
     model: nn.Module,
     *,
     prefix_hint: str | None = None,
     parameter: str = "reference",
+    model_name: str | None = None,
 ) -> dict[str, Tensor]:
-    """``reference`` re-keyed to ``model``'s state_dict names, checked entry by entry.
+    """``reference`` re-keyed to ``model``'s state_dict names, checked entry by entry, as strict loading does.
 
     The reference may carry a prefix on every key (a Lightning checkpoint of the whole LightningModule
     when only its ``model`` submodule is aligned: ``"model.0.weight"`` for ``"0.weight"``), or lack one the
-    model has; the prefix is found automatically (``prefix_hint`` is tried first). Entries the model does
-    not have are ignored (a LightningModule's loss weights, an EMA copy).
+    model has; the prefix is found automatically. Entries outside the chosen prefix are ignored (a
+    LightningModule's loss weights); inside it, every entry must be one of the model's.
+
+    Args:
+        reference: the state dict to match (e.g. from :func:`load_reference_state`).
+        model: the module whose names and shapes the result must have.
+        prefix_hint: the submodule to take when the reference holds several that fit (``"ema_model"``).
+        parameter: how messages call the reference (e.g. ``"checkpoint a.pt"``).
+        model_name: how messages call the model (default: its class name).
 
     Raises:
-        SpecMismatchError: the first model key the reference lacks, or the first differing shape (both
-            shapes named).
+        AmbiguousReferenceError: several submodules of the reference fit and ``prefix_hint`` picks none.
+        SpecMismatchError: a model key the reference lacks, a differing shape (both named), a reference entry
+            the model does not have (the first few named: another architecture), or an integer tensor where
+            the model has floating-point weights.
 
     Example:
         >>> import torch
@@ -129,61 +174,60 @@ def match_reference(
     """
     target = model.state_dict()
     keys = list(target)
-    # key maps (add, strip): reference key = add + key (checkpoint of a wrapper), or key = strip + reference
-    # key (the whole LightningModule aligned to a bare copy of its only child)
-    maps: list[tuple[str, str]] = [("", "")]
-    if prefix_hint:
-        maps.append((prefix_hint + ".", ""))
-    if keys:
-        first = keys[0]
-        maps += [(r[: -len(first)], "") for r in reference if r.endswith("." + first)]
-        maps += [("", first[: -len(r)]) for r in reference if first.endswith("." + r)]
-
-    def rekey(key: str, add: str, strip: str) -> str:
-        return add + key[len(strip) :] if key.startswith(strip) else "\0" + key  # "\0": never in reference
-
-    key_map = next(((a, s) for a, s in maps if all(rekey(k, a, s) in reference for k in keys)), None)
-    if key_map is None:
-        best = max(maps, key=lambda m: sum(rekey(k, *m) in reference for k in keys))
-        missing = next(k for k in keys if rekey(k, *best) not in reference)
+    model_name = model_name or type(model).__name__
+    maps = _key_maps(reference, keys, prefix_hint)
+    full = [m for m in maps if all(_rekey(k, *m) in reference for k in keys)]
+    if not full:
+        best = max(maps, key=lambda m: sum(_rekey(k, *m) in reference for k in keys))
+        missing = next(k for k in keys if _rekey(k, *best) not in reference)
         raise SpecMismatchError(
-            f"{parameter} does not match {type(model).__name__}: it has no entry {rekey(missing, *best).lstrip(chr(0))!r} "
-            f"(the model's {missing!r} has shape {tuple(target[missing].shape)}); reference keys look like "
-            f"{list(reference)[:3]}"
+            f"{parameter} does not match {model_name}: it has no entry "
+            f"{_rekey(missing, *best).lstrip(chr(0))!r} ({model_name} has {missing!r} "
+            f"{tuple(target[missing].shape)}); its keys look like {list(reference)[:3]}"
+        )
+    hint = (prefix_hint.rstrip(".") + ".", "") if prefix_hint else None
+    if hint in full:
+        key_map = hint
+    elif ("", "") in full:
+        key_map = ("", "")
+    elif len({a for a, _ in full}) > 1 and all(s == "" for _, s in full):
+        names = [a.rstrip(".") for a, _ in full]
+        raise AmbiguousReferenceError(
+            f"{parameter} holds {len(names)} submodules that fit {model_name}: "
+            + ", ".join(f"{n}.*" for n in names)
+            + "; choose one (--submodule NAME on the command line, prefix_hint= / submodule= in Python)",
+            names,
+        )
+    else:
+        key_map = full[0]
+    wanted = {_rekey(k, *key_map): k for k in keys}
+    extra = [r for r in _scope(reference, key_map[0]) if r not in wanted]
+    if extra:
+        raise SpecMismatchError(
+            f"{parameter} does not match {model_name}: it has {len(extra)} entries {model_name} does not "
+            f"have, e.g. {extra[:3]} (another architecture or size?)"
         )
     out = {}
-    for k in keys:
-        ref, own = reference[rekey(k, *key_map)], target[k]
+    for r, k in wanted.items():
+        ref, own = reference[r], target[k]
         if tuple(ref.shape) != tuple(own.shape):
             raise SpecMismatchError(
-                f"{parameter} does not match {type(model).__name__}: {rekey(k, *key_map)!r} has shape "
-                f"{tuple(ref.shape)} in the reference but {k!r} has shape {tuple(own.shape)} in the model"
+                f"{parameter}: {r!r} has shape {tuple(ref.shape)}; {model_name} expects "
+                + (f"{tuple(own.shape)}" if r == k else f"{tuple(own.shape)} for {k!r}")
+            )
+        if own.is_floating_point() and not (ref.is_floating_point() or ref.is_complex()):
+            raise SpecMismatchError(
+                f"{parameter} has {r!r} of dtype {ref.dtype}, but {model_name}'s {k!r} is {own.dtype}: "
+                "integer weights are not a trained model's (truncated or quantised?)"
             )
         out[k] = ref
     return out
 
 
-def load_weights(
-    model: nn.Module, source: ReferenceLike, *, prefix_hint: str | None = None, parameter: str = "checkpoint"
-) -> nn.Module:
-    """Load ``source`` (module, state dict or checkpoint path) into ``model`` in place; returns ``model``.
-
-    Tensors are copied to each entry's device and dtype, so a CPU checkpoint loads into a CUDA model.
-
-    Example:
-        >>> import torch
-        >>> a, b = torch.nn.Linear(2, 3), torch.nn.Linear(2, 3)
-        >>> torch.equal(load_weights(b, a).weight, a.weight)
-        True
-    """
-    state = load_reference_state(source, parameter=parameter)
-    state = match_reference(state, model, prefix_hint=prefix_hint, parameter=parameter)
-    model.load_state_dict(state)
-    return model
-
-
 def save_state_dict(model: nn.Module | Mapping[str, Tensor], path: str | os.PathLike) -> Path:
     """Save a model's state dict (CPU tensors) so ``torch.load(path, weights_only=True)`` reads it back.
+
+    The write is atomic: a failure leaves a previous file at ``path`` intact and no partial file.
 
     Example:
         >>> import tempfile, torch
@@ -193,8 +237,4 @@ def save_state_dict(model: nn.Module | Mapping[str, Tensor], path: str | os.Path
         ['bias', 'weight']
     """
     state = model.state_dict() if isinstance(model, nn.Module) else model
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, path)
-    return path
+    return atomic_torch_save({k: v.detach().cpu() for k, v in state.items()}, path)

@@ -1,8 +1,9 @@
 """The ``rebasin`` command: one subcommand per task (``rebasin demo``, ...).
 
 A subcommand is a module with ``add_arguments(parser)``, ``run(args) -> int`` and optionally a plain-text
-``DESCRIPTION``, registered in
-:data:`COMMANDS`; modules are imported when the parser is built, so keep their top level light.
+``DESCRIPTION``, registered in :data:`COMMANDS`. Only the subcommand being run is imported, and the arguments
+are parsed before torch is: keep the modules' top level free of torch, Lightning and timm imports (import
+them inside ``run``), so ``rebasin --help`` and usage errors answer at once.
 
 Example:
     $ rebasin demo --smoke
@@ -30,17 +31,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every registered subcommand."""
-    from rebasin_callbacks import __version__
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("rebasin-callbacks")
+    except PackageNotFoundError:  # a source checkout that is not installed
+        return "unknown"
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every registered subcommand.
+
+    ``only``: import and describe only this subcommand (the others are listed by name and help), which is
+    how :func:`main` keeps its start fast.
+    """
     parser = argparse.ArgumentParser(
         prog="rebasin",
         description="Differentiable Sinkhorn re-basin: align models, measure linear mode connectivity.",
     )
-    parser.add_argument("--version", action="version", version=f"rebasin-callbacks {__version__}")
+    parser.add_argument("--version", action="version", version=f"rebasin-callbacks {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:  # a missing optional dependency disables that subcommand only
@@ -66,7 +81,9 @@ def _unavailable(name: str, exc: ImportError):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()

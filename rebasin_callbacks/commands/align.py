@@ -4,11 +4,18 @@ Model A is permuted (Sinkhorn re-basin, :func:`~rebasin_callbacks.align`: a weig
 refined by Sinkhorn on the chosen cost); the saved state dict computes exactly what A computes (checked on a
 random batch) but its weights lie close to B's, so interpolating it with B works (see ``rebasin lmc``).
 
+``--steps 0`` is weight matching only (seconds, no refinement). The head size and the stem's input channels
+of ``timm:`` / ``torchvision:`` architectures are read from MODEL_A (printed; ``--num-classes`` /
+``--in-chans`` override). Output paths are checked before any work (never an input, never a directory, a
+writable folder) and written atomically; nothing is written when the result would not compute what A
+computes.
+
 Exit status: 0 on success, 2 for a missing / unreadable file or a bad option, 3 when a checkpoint does not
 fit the architecture (the first mismatching key and shapes are named).
 
 Example:
-    $ rebasin align a.pt b.pt --arch torchvision:resnet18 --num-classes 10 --input-shape 3 32 32 --out a_aligned.pt
+    $ rebasin align a.pt b.pt --arch torchvision:resnet18 --out a_aligned.pt   # head size read from a.pt
+    $ rebasin align a.pt b.pt --arch torchvision:resnet18 --input-shape 3 32 32 --steps 0 --out a_wm.pt
     $ rebasin align a.ckpt b.ckpt --arch mypackage.models:mlp --cost mid --data mnist --out a_aligned.pt
 """
 
@@ -17,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from rebasin_callbacks.commands.common import (
     EXIT_MISMATCH,
@@ -28,15 +33,24 @@ from rebasin_callbacks.commands.common import (
     add_data_arguments,
     add_model_arguments,
     align_kwargs,
+    check_outputs,
     example_input,
     guarded,
     input_shape,
     load_models,
     load_spec,
     make_loader,
+    say,
 )
 
-__all__ = ["add_arguments", "run", "l2_distance"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["add_arguments", "run", "l2_distance", "stop_reason"]
+
+#: Largest ``max |out(A) - out(aligned)| / max |out(A)|`` accepted before saving (float32 round-off is
+#: ~1e-6; CUDA's TF32 convolutions ~1e-3); a wrong spec gives errors of order 1.
+FUNCTION_RTOL = {"cpu": 1e-3, "cuda": 1e-2}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_align_arguments(parser)
     add_data_arguments(parser)
-    parser.add_argument("--out", required=True, help="where to save the aligned model A (a plain state dict)")
+    parser.add_argument(
+        "--out", required=True, help="where to save the aligned model A (a plain state dict; never an input)"
+    )
     parser.add_argument("--perms", default=None, help="also save the permutations {group: LongTensor} here")
     parser.add_argument(
         "--json", default=None, help="also write a summary (distances, cost history, seconds) as JSON here"
@@ -61,44 +77,90 @@ def l2_distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return math.sqrt(total)
 
 
+def stop_reason(result: Any, max_steps: int) -> str:
+    """Why the refinement ended, in words (``--steps 0``, early stop, or all steps run).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> stop_reason(SimpleNamespace(steps=0, history={}), 0)
+        'weight matching only (--steps 0)'
+    """
+    own = getattr(result, "stop_reason", None)
+    if isinstance(own, str) and own:
+        return own
+    if max_steps == 0:
+        return "weight matching only (--steps 0)"
+    if result.steps == 0:
+        return "the Sinkhorn refinement could not improve on the weight-matching warm start"
+    if result.steps < max_steps:
+        return f"stopped early after {result.steps} of {max_steps} steps: the cost stopped improving"
+    return f"ran all {max_steps} steps (--steps)"
+
+
 @guarded("align")
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rebasin align``."""
+    check_outputs(args, {"--out": args.out, "--perms": args.perms, "--json": args.json})
+    import torch
+
     from rebasin_callbacks.align import align
     from rebasin_callbacks.checkpoints import save_state_dict
+    from rebasin_callbacks.io import atomic_torch_save, atomic_write_text
 
     kwargs = align_kwargs(args)
     if args.cost in ("mid", "rnd") and args.data == "none":
         raise CommandError(f"--cost {args.cost} needs data: add --data mnist (or digits)")
+    say(f"loading {args.model_a} and {args.model_b} as {args.arch}")
     model_a, model_b = load_models(args)
     shape = input_shape(args, model_a)
     x = example_input(model_a, args.arch, shape)
+    say(
+        "reading the permutation spec" if args.spec else f"tracing the permutation spec (input {list(shape)})"
+    )
     spec = load_spec(args, model_a, x)
     device = x.device
     data = None
     if args.cost in ("mid", "rnd"):
         data = make_loader(args, shape, train=True, device=device)
         kwargs["loss_fn"] = torch.nn.functional.cross_entropy
-    print(f"aligning {args.model_a} to {args.model_b}: {args.arch}, {len(spec)} groups, cost {args.cost}")
+    plan = (
+        "weight matching only"
+        if args.steps == 0
+        else f"weight matching, then up to {args.steps} Sinkhorn steps"
+    )
+    say(
+        f"aligning {args.model_a} to {args.model_b}: {len(spec)} groups, cost {args.cost}, {plan}, on {device}"
+    )
     try:
         result = align(model_a, model_b, spec=spec, data=data, **kwargs)
     except ValueError as exc:  # e.g. model and reference disagree although both fit --arch
         raise CommandError(f"align failed: {exc}", EXIT_MISMATCH) from None
+    say(f"refinement: {stop_reason(result, args.steps)}")
 
     with torch.no_grad():
         out_a, out_aligned = model_a(x), result.model(x)
     diff = float((out_a - out_aligned).abs().max() / out_a.abs().max().clamp_min(1e-12))
+    tol = FUNCTION_RTOL["cuda" if device.type == "cuda" else "cpu"]
+    if not diff <= tol:  # also catches NaN
+        raise CommandError(
+            f"the aligned model does not compute what {args.model_a} computes (max relative output difference "
+            f"{diff:.3g} > {tol:g}): the spec is wrong for {args.arch}; nothing was written",
+            EXIT_MISMATCH,
+        )
     before, after = l2_distance(model_a, model_b), l2_distance(result.model, model_b)
     out = save_state_dict(result.model, args.out)
     if args.perms:
-        torch.save({g: p.cpu() for g, p in result.perms.items()}, args.perms)
+        atomic_torch_save({g: p.cpu() for g, p in result.perms.items()}, args.perms)
     summary = {
         "model_a": args.model_a,
         "model_b": args.model_b,
         "arch": args.arch,
+        "num_classes": args.num_classes,
+        "in_chans": getattr(args, "in_chans", None),
         "groups": len(spec),
         "cost": args.cost,
         "steps": result.steps,
+        "stop_reason": stop_reason(result, args.steps),
         "best_cost": result.cost,
         "l2_before": before,
         "l2_after": after,
@@ -107,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         "out": str(out),
     }
     if args.json:
-        Path(args.json).write_text(json.dumps({**summary, "history": result.history}, indent=1))
+        atomic_write_text(args.json, json.dumps({**summary, "history": result.history}, indent=1))
     print(
         f"L2 distance to B: {before:.4g} -> {after:.4g}  ({result.steps} Sinkhorn steps, {result.seconds:.1f} s)"
     )

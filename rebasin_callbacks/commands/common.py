@@ -4,7 +4,12 @@ example inputs, datasets adapted to the model's input shape, and user errors tur
 An architecture is named ``timm:NAME`` (``timm.create_model(NAME, pretrained=False)``),
 ``torchvision:NAME`` (``torchvision.models.get_model(NAME, weights=None)``), ``module.path:factory`` or
 ``path/to/file.py:factory`` (any callable returning an ``nn.Module``; ``--num-classes`` is passed to it as
-``num_classes=`` when given). Nothing is downloaded: weights come from the checkpoints only.
+``num_classes=`` when given). Nothing is downloaded: weights come from the checkpoints only. For timm and
+torchvision architectures the head size and the stem's input channels are read from the checkpoint
+(:func:`infer_arch_options`) unless ``--num-classes`` / ``--in-chans`` say otherwise.
+
+Output paths are checked before any work (:func:`check_outputs`: never an input, never a directory, the folder
+writable) and written atomically (:mod:`rebasin_callbacks.io`).
 
 Example:
     >>> model = build_model("torchvision:resnet18", num_classes=10)
@@ -22,17 +27,20 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from rebasin_callbacks.io import OutputPathError, check_output_paths
+
+if TYPE_CHECKING:  # torch is imported inside the functions: `rebasin --help` must not wait for it
+    import torch
+    from torch import Tensor, nn
 
 __all__ = [
     "EXIT_USAGE",
     "EXIT_MISMATCH",
+    "EXIT_IO",
     "CommandError",
     "guarded",
     "add_model_arguments",
@@ -45,12 +53,17 @@ __all__ = [
     "load_spec",
     "make_loader",
     "align_kwargs",
+    "check_outputs",
+    "infer_arch_options",
+    "say",
 ]
 
 #: Exit status for bad usage: a missing or unreadable file, an unknown architecture or option value.
 EXIT_USAGE = 2
 #: Exit status for checkpoints that do not fit the architecture (or each other).
 EXIT_MISMATCH = 3
+#: Exit status for a failed write (disk full, ...); the previous file, if any, is left as it was.
+EXIT_IO = 1
 
 
 class CommandError(Exception):
@@ -65,7 +78,8 @@ def guarded(
     name: str,
 ) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
     """Decorate a subcommand's ``run``: a :class:`CommandError` prints ``rebasin NAME: error: ...`` to stderr
-    and returns its exit status; Ctrl-C returns 130."""
+    and returns its exit status; a failed write (``OSError``) prints its reason and returns :data:`EXIT_IO`;
+    Ctrl-C returns 130."""
 
     def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         @functools.wraps(run)
@@ -75,6 +89,13 @@ def guarded(
             except CommandError as err:
                 print(f"rebasin {name}: error: {err}", file=sys.stderr)
                 return err.code
+            except OutputPathError as err:
+                print(f"rebasin {name}: error: {err}", file=sys.stderr)
+                return EXIT_USAGE
+            except OSError as err:  # a write that failed (disk full, ...): atomic, so nothing was damaged
+                where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+                print(f"rebasin {name}: error: {err.strerror or err}{where}", file=sys.stderr)
+                return EXIT_IO
             except KeyboardInterrupt:
                 print(f"rebasin {name}: interrupted", file=sys.stderr)
                 return 130
@@ -82,6 +103,33 @@ def guarded(
         return inner
 
     return wrap
+
+
+def say(message: str) -> None:
+    """A phase message on stdout, flushed at once (so a slow phase is visible while it runs)."""
+    print(message, flush=True)
+
+
+def check_outputs(args: argparse.Namespace, outputs: Mapping[str, str | None]) -> None:
+    """Check the output paths before any work (see :func:`rebasin_callbacks.io.check_output_paths`).
+
+    The inputs are the checkpoints, ``--spec`` and a ``file.py`` given in ``--arch``.
+
+    Raises:
+        CommandError: an output is an input or another output, a directory, or not writable.
+    """
+    inputs: dict[str, str | None] = {
+        "MODEL_A": getattr(args, "model_a", None),
+        "MODEL_B": getattr(args, "model_b", None),
+        "--spec": getattr(args, "spec", None),
+    }
+    module = getattr(args, "arch", "").rpartition(":")[0]
+    if module.endswith(".py") or os.sep in module:
+        inputs["--arch"] = module
+    try:
+        check_output_paths(outputs, inputs)
+    except OutputPathError as exc:
+        raise CommandError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -102,7 +150,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoints: int = 2) -
         "--num-classes",
         type=int,
         default=None,
-        help="passed to the factory as num_classes= (default: its own)",
+        help="head size, passed to the factory as num_classes= (default: read from MODEL_A for timm: and "
+        "torchvision: architectures, else the factory's own)",
+    )
+    parser.add_argument(
+        "--in-chans",
+        type=int,
+        default=None,
+        help="input channels of the stem (default: read from MODEL_A for timm: and torchvision: "
+        "architectures, else the factory's own)",
     )
     parser.add_argument(
         "--input-shape",
@@ -120,6 +176,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoints: int = 2) -
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
     )
+    if checkpoints == 2:
+        parser.add_argument(
+            "--submodule",
+            default=None,
+            metavar="NAME",
+            help="in a checkpoint holding several models of the architecture (e.g. a Lightning .ckpt with "
+            "model.* and ema_model.*), the one to use (e.g. model or ema_model)",
+        )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -158,7 +222,11 @@ def add_align_arguments(parser: argparse.ArgumentParser) -> None:
         "midpoint / a random point of the segment to the other model; need --data) (default: %(default)s)",
     )
     parser.add_argument(
-        "--steps", type=int, default=200, help="most Sinkhorn optimisation steps (default: %(default)s)"
+        "--steps",
+        type=int,
+        default=200,
+        help="most Sinkhorn refinement steps after the warm start; it stops earlier when the cost stops "
+        "improving; 0 = weight matching only (fast, no refinement) (default: %(default)s)",
     )
     parser.add_argument(
         "--lr", type=float, default=0.1, help="Adam learning rate of the scores (default: %(default)s)"
@@ -212,12 +280,17 @@ def _import_factory(target: str, arch: str) -> Callable[..., Any]:
     return factory
 
 
-def build_model(arch: str, num_classes: int | None = None) -> nn.Module:
+def build_model(arch: str, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
     """A freshly initialised model of architecture ``arch`` (no pretrained weights are downloaded).
+
+    ``in_chans`` changes the stem's input channels: timm's ``in_chans=``; for torchvision the first
+    convolution is replaced by one with that many input channels; other factories get ``in_chans=``.
 
     Raises:
         CommandError: unknown architecture, missing optional package, or a factory that fails.
     """
+    from torch import nn
+
     kind, sep, name = arch.partition(":")
     if not sep or not name or not kind:
         raise CommandError(
@@ -231,6 +304,8 @@ def build_model(arch: str, num_classes: int | None = None) -> nn.Module:
             raise CommandError(
                 "--arch timm:...: timm is not installed (pip install 'rebasin-callbacks[timm]')"
             ) from None
+        if in_chans is not None:
+            kwargs["in_chans"] = in_chans
         try:
             model = timm.create_model(name, pretrained=False, **kwargs)
         except RuntimeError as exc:  # timm: "Unknown model (...)"
@@ -244,8 +319,12 @@ def build_model(arch: str, num_classes: int | None = None) -> nn.Module:
             model = torchvision.models.get_model(name, weights=None, **kwargs)
         except (ValueError, KeyError) as exc:
             raise CommandError(f"--arch {arch}: unknown torchvision model ({exc})") from None
+        if in_chans is not None:
+            _set_stem_channels(model, in_chans, arch)
     else:
         factory = _import_factory(arch, arch)
+        if in_chans is not None:
+            kwargs["in_chans"] = in_chans
         try:
             model = factory(**kwargs)
         except TypeError as exc:
@@ -255,8 +334,99 @@ def build_model(arch: str, num_classes: int | None = None) -> nn.Module:
     return model
 
 
+def _stem_key(model: nn.Module) -> str | None:
+    """The state key of the first convolution's weight (4-D), the stem."""
+    return next((k for k, v in model.state_dict().items() if v.ndim == 4), None)
+
+
+def _set_stem_channels(model: nn.Module, in_chans: int, arch: str) -> None:
+    from torch import nn
+
+    key = _stem_key(model)
+    if key is None:
+        raise CommandError(f"--arch {arch} has no convolution stem: --in-chans does not apply")
+    name = key.rpartition(".")[0]
+    conv = model.get_submodule(name)
+    if conv.in_channels == in_chans:
+        return
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+        raise CommandError(f"--arch {arch}: cannot change the input channels of its stem {name!r}")
+    new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+                    conv.dilation, 1, conv.bias is not None, conv.padding_mode)  # type: ignore[arg-type]  # fmt: skip
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def _head_key(model: nn.Module, arch: str) -> str | None:
+    """The state key of the classifier's weight: timm's ``get_classifier()``, else the last weight whose
+    first dimension is the default head size (1000 for torchvision)."""
+    state = model.state_dict()
+    get_classifier = getattr(model, "get_classifier", None)
+    if arch.startswith("timm:") and callable(get_classifier):
+        head = get_classifier()
+        names = {id(p): n for n, p in model.named_parameters()}
+        weight = getattr(head, "weight", None)
+        if weight is not None and id(weight) in names and weight.ndim >= 2:
+            return names[id(weight)]
+    classes = getattr(model, "num_classes", None) or 1000
+    keys = [k for k, v in state.items() if v.ndim >= 2 and v.shape[0] == classes and k.endswith("weight")]
+    return keys[-1] if keys else None
+
+
+def _lookup(state: Mapping[str, Tensor], key: str, submodule: str | None) -> tuple[str, Tensor] | None:
+    """The checkpoint entry for a model key, with or without a prefix (``model.fc.weight``); ``None`` when
+    absent or ambiguous (loading then names the problem)."""
+    if submodule:
+        full = f"{submodule.rstrip('.')}.{key}"
+        return (full, state[full]) if full in state else None
+    if key in state:
+        return key, state[key]
+    hits = [r for r in state if r.endswith("." + key)]
+    return (hits[0], state[hits[0]]) if len(hits) == 1 else None
+
+
+def infer_arch_options(
+    arch: str, state: Mapping[str, Tensor], *, submodule: str | None = None
+) -> tuple[dict[str, int], list[str]]:
+    """Head size and stem channels of a ``timm:`` / ``torchvision:`` architecture, read from a checkpoint.
+
+    Returns ``({"num_classes": n, "in_chans": c}, notes)``, with only what differs from the architecture's
+    defaults, and one note per inferred value naming the entry it was read from. Other architectures: ``{}``.
+
+    Example:
+        >>> import torch, torchvision
+        >>> net = torchvision.models.resnet18(num_classes=10)
+        >>> infer_arch_options("torchvision:resnet18", net.state_dict())[0]
+        {'num_classes': 10}
+    """
+    if not arch.startswith(("timm:", "torchvision:")):
+        return {}, []
+    default = build_model(arch)
+    own = default.state_dict()
+    found: dict[str, int] = {}
+    notes: list[str] = []
+    head = _head_key(default, arch)
+    entry = _lookup(state, head, submodule) if head else None
+    if head and entry is not None:
+        key, value = entry
+        if value.ndim == own[head].ndim and tuple(value.shape[1:]) == tuple(own[head].shape[1:]):
+            if value.shape[0] != own[head].shape[0]:
+                found["num_classes"] = int(value.shape[0])
+                notes.append(f"num_classes={value.shape[0]} (from {key!r} {tuple(value.shape)})")
+    stem = _stem_key(default)
+    entry = _lookup(state, stem, submodule) if stem else None
+    if stem and entry is not None:
+        key, value = entry
+        if value.ndim == 4 and value.shape[0] == own[stem].shape[0] and value.shape[1] != own[stem].shape[1]:
+            found["in_chans"] = int(value.shape[1])
+            notes.append(f"in_chans={value.shape[1]} (from {key!r} {tuple(value.shape)})")
+    return found, notes
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else the CPU; anything else is checked."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -268,49 +438,92 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _load_checkpoint(model: nn.Module, path: str, what: str) -> None:
-    from rebasin_callbacks.checkpoints import load_reference_state, match_reference
-    from rebasin_callbacks.spec import SpecMismatchError
+def _read_checkpoint(path: str, what: str) -> dict[str, Tensor]:
+    from rebasin_callbacks.checkpoints import load_reference_state
 
     try:
-        state = load_reference_state(path, parameter=what)
+        return load_reference_state(path, parameter=what)
     except FileNotFoundError:
         raise CommandError(f"{what}: no such file: {path}") from None
     except ValueError as exc:
         raise CommandError(str(exc)) from None
+
+
+def _arch_name(args: argparse.Namespace) -> str:
+    extra = [f"{k}={getattr(args, k)}" for k in ("num_classes", "in_chans") if getattr(args, k, None)]
+    return f"architecture {args.arch}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], args: argparse.Namespace, path: str,
+                     what: str) -> None:  # fmt: skip
+    from rebasin_callbacks.checkpoints import AmbiguousReferenceError, match_reference
+    from rebasin_callbacks.spec import SpecMismatchError
+
     try:
-        state = match_reference(state, model, parameter=f"{what} ({path})")
+        matched = match_reference(state, model, prefix_hint=getattr(args, "submodule", None),
+                                  parameter=f"checkpoint {path} ({what})", model_name=_arch_name(args))  # fmt: skip
+    except AmbiguousReferenceError as exc:
+        names = ", ".join(f"{c}.*" for c in exc.candidates)
+        raise CommandError(
+            f"checkpoint {path} ({what}) holds {len(exc.candidates)} models that fit {_arch_name(args)} "
+            f"({names}); choose one with --submodule (e.g. --submodule {exc.candidates[0]})",
+            EXIT_MISMATCH,
+        ) from None
     except SpecMismatchError as exc:
         raise CommandError(str(exc), EXIT_MISMATCH) from None
-    model.load_state_dict(state)
+    model.load_state_dict(matched)
 
 
 def load_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
-    """Models A and B: ``--arch`` built twice, the checkpoints loaded, on ``--device``, in eval mode."""
+    """Models A and B: ``--arch`` built twice, the checkpoints loaded, on ``--device``, in eval mode.
+
+    For ``timm:`` / ``torchvision:`` architectures, ``--num-classes`` and ``--in-chans`` default to what
+    MODEL_A holds (printed); ``args`` is updated with the values used.
+    """
     for what, path in (("MODEL_A", args.model_a), ("MODEL_B", args.model_b)):
         if not Path(path).is_file():
             raise CommandError(f"{what}: no such file: {path}")
     device = resolve_device(args.device)
+    states = [_read_checkpoint(args.model_a, "MODEL_A"), _read_checkpoint(args.model_b, "MODEL_B")]
+    if args.num_classes is None or getattr(args, "in_chans", None) is None:
+        found, notes = infer_arch_options(args.arch, states[0], submodule=getattr(args, "submodule", None))
+        notes = [n for n in notes if getattr(args, n.split("=")[0], None) is None]
+        for name, value in found.items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, value)
+        if notes:
+            say(
+                f"read from {args.model_a}: "
+                + ", ".join(notes)
+                + " (override with --num-classes / --in-chans)"
+            )
     models = []
-    for what, path in (("MODEL_A", args.model_a), ("MODEL_B", args.model_b)):
-        model = build_model(args.arch, args.num_classes)
-        _load_checkpoint(model, path, what)
+    for what, path, state in (("MODEL_A", args.model_a, states[0]), ("MODEL_B", args.model_b, states[1])):
+        model = build_model(args.arch, args.num_classes, getattr(args, "in_chans", None))
+        _load_checkpoint(model, state, args, path, what)
         models.append(model.to(device).eval())
     return models[0], models[1]
 
 
 def default_input_shape(model: nn.Module, arch: str) -> tuple[int, ...] | None:
     """The input shape a model expects, when it says so (timm's cfg, ``example_input_array``)."""
+    from torch import Tensor
+
     example = getattr(model, "example_input_array", None)
     if isinstance(example, Tensor) and example.dim() >= 1:
         return tuple(example.shape[1:])
+    shape: tuple[int, ...] | None = None
     if arch.startswith("timm:"):
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         if "input_size" in cfg:
-            return tuple(int(s) for s in cfg["input_size"])
+            shape = tuple(int(s) for s in cfg["input_size"])
     if arch.startswith("torchvision:"):
-        return (3, 224, 224)
-    return None
+        shape = (3, 224, 224)
+    if shape is not None and len(shape) == 3:  # the stem may have been built for other channels
+        key = _stem_key(model)
+        if key is not None:
+            shape = (int(model.state_dict()[key].shape[1]), *shape[1:])
+    return shape
 
 
 def input_shape(args: argparse.Namespace, model: nn.Module) -> tuple[int, ...]:
@@ -336,6 +549,8 @@ def example_input(model: nn.Module, arch: str, shape: Sequence[int], batch: int 
     Raises:
         CommandError: the model does not accept that shape (the message names it).
     """
+    import torch
+
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     was_training = model.training
@@ -356,7 +571,7 @@ def example_input(model: nn.Module, arch: str, shape: Sequence[int], batch: int 
 def load_spec(args: argparse.Namespace, model: nn.Module, example: Tensor) -> Any:
     """``--spec`` (checked against the model) or a spec traced from ``example``; boundary warnings printed."""
     from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-    from rebasin_callbacks.trace import UntraceableModelError, trace_spec
+    from rebasin_callbacks.trace import SpecCheckError, UntraceableModelError, check_spec, trace_spec
 
     if args.spec:
         if not Path(args.spec).is_file():
@@ -368,6 +583,10 @@ def load_spec(args: argparse.Namespace, model: nn.Module, example: Tensor) -> An
             raise CommandError(f"--spec {args.spec}: {exc}", EXIT_MISMATCH) from None
         except (ValueError, KeyError) as exc:
             raise CommandError(f"--spec {args.spec}: not a permutation spec ({exc})") from None
+        try:  # a hand-written spec is verified before any work: a wrong one would change the model's function
+            check_spec(model, spec, example)
+        except SpecCheckError as exc:
+            raise CommandError(f"--spec {args.spec}: {exc}; nothing was written", EXIT_MISMATCH) from None
         return spec
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -391,11 +610,14 @@ def fit_to_shape(x: Tensor, shape: Sequence[int]) -> Tensor:
     repeated as needed.
 
     Example:
+        >>> import torch
         >>> fit_to_shape(torch.zeros(4, 1, 28, 28), (3, 32, 32)).shape
         torch.Size([4, 3, 32, 32])
         >>> fit_to_shape(torch.zeros(4, 1, 28, 28), (784,)).shape
         torch.Size([4, 784])
     """
+    import torch.nn.functional as F
+
     shape = tuple(shape)
     if tuple(x.shape[1:]) == shape:
         return x
@@ -422,6 +644,7 @@ def make_loader(args: argparse.Namespace, shape: Sequence[int], *, train: bool, 
     when ``--max-batches`` is set, else a DataLoader). ``None`` for ``--data none``."""
     if args.data == "none":
         return None
+    import torch
     from torch.utils.data import DataLoader
 
     from rebasin_callbacks import data as datasets

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from rebasin_callbacks.commands.common import (
     EXIT_MISMATCH,
@@ -31,13 +29,18 @@ from rebasin_callbacks.commands.common import (
     add_data_arguments,
     add_model_arguments,
     align_kwargs,
+    check_outputs,
     example_input,
     guarded,
     input_shape,
     load_models,
     load_spec,
     make_loader,
+    say,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["add_arguments", "run", "format_table"]
 
@@ -71,7 +74,11 @@ def format_table(curves: dict[str, Any]) -> str:
 @guarded("lmc")
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rebasin lmc``."""
+    check_outputs(args, {"--plot": args.plot, "--json": args.json})
+    import torch
+
     from rebasin_callbacks.align import align
+    from rebasin_callbacks.io import atomic_write, atomic_write_text
     from rebasin_callbacks.lmc import lmc_curve, plot_lmc
     from rebasin_callbacks.matching import weight_matching
     from rebasin_callbacks.permute import permute
@@ -79,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n_points < 2:
         raise CommandError(f"--n-points must be >= 2, got {args.n_points}")
     kwargs = align_kwargs(args)
+    say(f"loading {args.model_a} and {args.model_b} as {args.arch}")
     model_a, model_b = load_models(args)
     shape = input_shape(args, model_a)
     x = example_input(model_a, args.arch, shape)
@@ -90,10 +98,16 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     versions: dict[str, torch.nn.Module] = {"naive": model_a}
     if args.align:
+        say(
+            "reading the permutation spec"
+            if args.spec
+            else f"tracing the permutation spec (input {list(shape)})"
+        )
         spec = load_spec(args, model_a, x)
         if args.cost in ("mid", "rnd"):
             kwargs.update(data=make_loader(args, shape, train=True, device=x.device),
                           loss_fn=torch.nn.functional.cross_entropy)  # fmt: skip
+        say(f"aligning {args.model_a} to {args.model_b} (Sinkhorn, then weight matching)")
         try:
             versions["re-based (Sinkhorn)"] = align(model_a, model_b, spec=spec, **kwargs).model
             versions["weight matching"] = permute(
@@ -101,15 +115,17 @@ def run(args: argparse.Namespace) -> int:
             )
         except ValueError as exc:
             raise CommandError(f"align failed: {exc}", EXIT_MISMATCH) from None
-    curves = {}
+    curves: dict[str, Any] = {}
     for label, model in versions.items():
+        say(f"evaluating {args.n_points} points of the {label} curve")
         curves[label] = lmc_curve(model, model_b, test, label=label, **options)
     print(format_table(curves))
     if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot_lmc(curves, path=args.plot, title=f"{args.arch}: A -> B")
+        fig = plot_lmc(curves, title=f"{args.arch}: A -> B")
+        fmt = Path(args.plot).suffix.lstrip(".").lower() or "png"
+        atomic_write(args.plot, lambda f: fig.savefig(f, format=fmt, dpi=100))
         print(f"plot: {args.plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: c.to_dict() for k, c in curves.items()}, indent=1))
+        atomic_write_text(args.json, json.dumps({k: c.to_dict() for k, c in curves.items()}, indent=1))
         print(f"json: {args.json}")
     return 0

@@ -13,11 +13,11 @@ Example:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from rebasin_callbacks.commands.common import (
     add_model_arguments,
     build_model,
+    check_outputs,
     example_input,
     guarded,
     input_shape,
@@ -52,7 +52,10 @@ def describe(spec, state, max_groups: int = 50) -> str:  # type: ignore[no-untyp
 @guarded("spec")
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rebasin spec``."""
-    model = build_model(args.arch, args.num_classes).to(resolve_device(args.device)).eval()
+    check_outputs(args, {"--json": args.json})
+    from rebasin_callbacks.io import atomic_write_text
+
+    model = build_model(args.arch, args.num_classes, args.in_chans).to(resolve_device(args.device)).eval()
     shape = input_shape(args, model)
     x = example_input(model, args.arch, shape)
     spec = load_spec(args, model, x)
@@ -64,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
     print(describe(spec, state, args.max_groups))
     print(f"{len(spec)} groups; {spec.coverage(state):.1%} of the values lie on a permuted axis")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        spec.to_json(args.json)
+        atomic_write_text(args.json, spec.to_json())
         print(f"spec: {args.json}")
     return 0
