@@ -1,15 +1,35 @@
-"""Re-basin incremental learning (Procedure 1) against Avalanche's baselines.
+"""Re-basin incremental learning (Procedure 1) against Avalanche's baselines on Rotated MNIST.
 
-Rotated MNIST (default): 20 episodes, each rotated 9.47 degrees more than the last; MLP 784-256-10 ReLU;
-the supplement's hyper-parameters (5 epochs per episode, batch 500, Adam lr 0.001 on the first task,
-Adam lr 0.1 for the permutations, SGD lr 0.05 for the residual, alpha 0.8, beta 0.1). Every method runs
-as an Avalanche strategy on the same stream and the same initial weights: ReBasinStrategy over a grid of
-alpha x beta with both fusion readings, and Naive, EWC, LwF, SI and Replay. After every episode the model
-is evaluated on every task's test set, which gives the supplement's metrics:
+Two protocols (``--protocol``):
 
-* accuracy = mean over all tasks' test sets of the final model;
-* forgetting = per task (all but the last), max over earlier episodes of its accuracy minus its final
-  accuracy, averaged.
+* ``authors`` (default; the paper's row): the authors' released experiment. Full MNIST (torchvision files
+  under ``$REBASIN_DATA``, or ``--download``; the 5,000-image offline subset is used, with a warning,
+  when neither is there), Avalanche ``RotatedMNIST`` preprocessing (nearest-neighbour rotation,
+  normalisation with mean 0.1307 / std 0.3081), 20 experiences rotated counter-clockwise by
+  ``linspace(0, 180, 20)`` degrees, MLP 784-256-10. Re-basin: the released settings
+  (:data:`~rebasin_callbacks.incremental.RELEASED_SETTINGS`, AdamW for P and for the first task, SGD with
+  weight decay for the residual, their fusion weight 0.8 = our ``alpha`` 0.2) with a fixed 50 samples per
+  past experience (``ExperienceBalancedBuffer(1000, adaptive_size=False, num_experiences=20)``), batch
+  500, 5 epochs of 60,000 images = 600 steps per experience (``--steps`` uses ``100 * steps`` images per
+  experience, e.g. ``--steps 120`` for a fifth of the budget). The authors' baselines in the same run:
+  Finetune, EWC, LwF, A-GEM (SGD, batch 10, 5 epochs over the same images) and Joint training on all
+  experiences (upper bound); context rows: Naive, SI and Replay with the re-basin row's optimiser, batch
+  and buffer.
+* ``quick``: the offline 5,000-image subset, clockwise 9.47-degree steps, no normalisation, the
+  supplement's hyper-parameters (Adam), an alpha x beta grid with both fusion readings, Naive, EWC, LwF,
+  SI and Replay(1000) (minutes on a laptop).
+
+Metrics, after every experience on every task seen so far (``acc[e][t]``: accuracy on task ``t`` after
+experience ``e``; ``n`` experiences):
+
+* accuracy = mean over all tasks of the final model's accuracy;
+* forgetting (Avalanche) = Avalanche's ``StreamForgetting``: mean over tasks ``t < n - 1`` of
+  ``acc[t][t] - acc[n-1][t]`` (accuracy right after the task's own experience minus final accuracy);
+* forgetting (supplement) = the supplement's wording: mean over ``t < n - 1`` of
+  ``max_{t <= e < n-1} acc[e][t] - acc[n-1][t]`` (never smaller than Avalanche's);
+* plasticity = mean over tasks of ``acc[t][t]`` (how well each experience is learnt).
+
+``--seeds 0 1 2`` repeats everything and reports mean and spread (population std).
 
 Split CIFAR-100 (``--benchmark split-cifar100``): 20 tasks of 5 classes, a multi-head ResNet18 (torchvision,
 3x3 stem, one head per task), task-incremental. Needs torchvision's CIFAR-100 on disk or ``--download``;
@@ -17,7 +37,9 @@ Split CIFAR-100 (``--benchmark split-cifar100``): 20 tasks of 5 classes, a multi
 
 Usage::
 
-    python benchmarks/incremental.py                     # full Rotated MNIST run, writes results
+    python benchmarks/incremental.py --seeds 0 1 2 --out benchmarks/results/incremental_authors
+    python benchmarks/incremental.py --steps 120 --methods rebasin finetune replay   # reduced check
+    python benchmarks/incremental.py --protocol quick --out benchmarks/results/incremental
     python benchmarks/incremental.py --smoke             # a few episodes, a seconds-long check
     python benchmarks/incremental.py --benchmark split-cifar100 --synthetic --smoke
 """
@@ -172,20 +194,46 @@ class RunResult:
 
     @property
     def forgetting(self) -> float:
+        """The supplement's (max-based): best accuracy on a task before the end minus its final accuracy."""
         n = len(self.acc_matrix)
+        if n < 2:
+            return float("nan")
         drops = [
             max(self.acc_matrix[e][t] for e in range(t, n - 1)) - self.acc_matrix[-1][t] for t in range(n - 1)
         ]
-        return sum(drops) / len(drops) if drops else 0.0
+        return sum(drops) / len(drops)
+
+    @property
+    def forgetting_avalanche(self) -> float:
+        """Avalanche's StreamForgetting: accuracy right after a task's own experience minus final accuracy."""
+        n = len(self.acc_matrix)
+        if n < 2:
+            return float("nan")
+        drops = [self.acc_matrix[t][t] - self.acc_matrix[-1][t] for t in range(n - 1)]
+        return sum(drops) / len(drops)
+
+    @property
+    def plasticity(self) -> float:
+        """Mean accuracy on each task right after its own experience."""
+        n = len(self.acc_matrix)
+        if n < 2:
+            return float("nan")
+        return sum(self.acc_matrix[t][t] for t in range(n)) / n
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, stream: Stream, device: torch.device, batch: int = 1000) -> list[float]:
+def evaluate(
+    model: nn.Module, stream: Stream, device: torch.device, batch: int = 1000, upto: int | None = None
+) -> list[float]:
+    """Accuracy on every task's test set (tasks after ``upto`` are NaN when it is given)."""
     from avalanche.models import MultiTaskModule
 
     model.eval()
     accs = []
-    for (x, y), t in zip(stream.test, stream.task_labels):
+    for i, ((x, y), t) in enumerate(zip(stream.test, stream.task_labels)):
+        if upto is not None and i > upto:
+            accs.append(float("nan"))
+            continue
         if isinstance(model, MultiTaskModule) and t not in model.known_train_tasks_labels:
             accs.append(float("nan"))  # a multi-head model has no head for a task it has not met yet
             continue
@@ -210,7 +258,8 @@ def run_strategy(
     stream: Stream,
     device: torch.device,
     log: Callable[[str], None],
-) -> RunResult:
+    seen_only: bool = False,
+) -> tuple[RunResult, Any]:
     from avalanche.benchmarks import tensors_benchmark
 
     bench = tensors_benchmark(stream.train, stream.test, task_labels=stream.task_labels)
@@ -224,11 +273,11 @@ def run_strategy(
             # Avalanche 0.6's own ReplayPlugin calls a method it deprecates, once per experience
             warnings.filterwarnings("ignore", category=DeprecationWarning, message="Call to deprecated")
             strategy.train(exp, eval_streams=[])
-        result.acc_matrix.append(evaluate(model, stream, device))
+        result.acc_matrix.append(evaluate(model, stream, device, upto=e if seen_only else None))
         seen = result.acc_matrix[-1][: e + 1]
         log(f"  {name} episode {e + 1}: current {seen[-1]:.3f}, mean over seen {sum(seen) / len(seen):.3f}")
     result.seconds = time.perf_counter() - start
-    return result
+    return result, strategy
 
 
 def recipe(
@@ -319,6 +368,293 @@ def strategies(
     return out
 
 
+# ---------------------------------------------------------------------------------------------- authors
+AUTHORS_METHODS = ["rebasin", "finetune", "ewc", "lwf", "agem", "joint", "naive", "si", "replay"]
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class MNISTNormalize(nn.Module):
+    """uint8 pixels -> Avalanche's RotatedMNIST input (``ToTensor`` then ``Normalize(0.1307, 0.3081)``).
+
+    Inside the model so the rotated experiences are kept as uint8 (a quarter of the memory)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.float() / 255.0 - MNIST_MEAN) / MNIST_STD
+
+
+def make_authors_mlp() -> tuple[nn.Module, PermutationSpec]:
+    net = nn.Sequential(MNISTNormalize(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    axes = {"1.weight": ("H", None), "1.bias": ("H",), "3.weight": (None, "H"), "3.bias": (None,)}
+    return net, PermutationSpec.from_axes(axes, net.state_dict())
+
+
+def authors_rotated_mnist(
+    episodes: int, images_per_episode: int | None, seed: int, download: bool, log: Callable[[str], None]
+) -> Stream:
+    """Avalanche ``RotatedMNIST(n_experiences, rotations_list=linspace(0, 180, n))``: every experience is
+    the training set rotated counter-clockwise (nearest neighbour, torchvision's ``RandomRotation``
+    default), test sets likewise. ``images_per_episode`` draws that many training images per experience
+    (a seeded subset; ``None``: all)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import rotate
+
+    from rebasin_callbacks.data import mnist
+
+    train, test = mnist(True, download=download, seed=seed), mnist(False, download=download, seed=seed)
+    source = getattr(train, "source", "?")
+    if source != "torchvision":
+        warnings.warn(
+            "full MNIST not found (set REBASIN_DATA to a torchvision MNIST folder or pass --download): "
+            "running the authors' protocol on the 5,000-image offline subset",
+            stacklevel=2,
+        )
+
+    def as_uint8(ds: Any) -> tuple[Tensor, Tensor]:
+        x = ds.tensors[0].reshape(-1, 1, 28, 28)
+        return (x * 255.0).round().clamp(0, 255).to(torch.uint8), ds.tensors[1]
+
+    (x_tr, y_tr), (x_te, y_te) = as_uint8(train), as_uint8(test)
+    angles = torch.linspace(0.0, 180.0, episodes).tolist() if episodes > 1 else [0.0]
+    g = torch.Generator().manual_seed(seed)
+    tr, te = [], []
+    for angle in angles:
+        idx = torch.arange(len(y_tr))
+        if images_per_episode is not None and images_per_episode < len(y_tr):
+            idx = torch.randperm(len(y_tr), generator=g)[:images_per_episode]
+        for xs, ys, out in ((x_tr[idx], y_tr[idx], tr), (x_te, y_te, te)):
+            rot = torch.cat(
+                [
+                    rotate(xs[i : i + 10000], angle, interpolation=InterpolationMode.NEAREST)
+                    for i in range(0, len(xs), 10000)
+                ]
+            )
+            out.append((rot.flatten(1).contiguous(), ys.clone()))
+    log(f"angles: {', '.join(f'{a:.1f}' for a in angles)}")
+    return Stream(tr, te, [0] * episodes, source)
+
+
+def authors_strategies(
+    args: argparse.Namespace, spec: PermutationSpec, device: torch.device, episodes: int
+) -> dict[str, Callable[[nn.Module], Any]]:
+    """name -> factory(model) -> Avalanche strategy, as the authors' experiment runs them."""
+    from avalanche.training import AGEM, EWC, JointTraining, LwF, Naive, SynapticIntelligence
+
+    from rebasin_callbacks.avalanche import ReBasinStrategy, released_replay
+
+    big = dict(
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=args.batch,
+        train_epochs=args.epochs,
+        eval_mb_size=1000,
+        device=device,
+        evaluator=None,
+    )
+    small = {**big, "train_mb_size": args.baseline_batch, "train_epochs": args.baseline_epochs}
+
+    def adamw(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(m.parameters(), lr=args.lr)
+
+    def sgd(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(m.parameters(), lr=args.baseline_lr)
+
+    def buffer() -> list[Any]:
+        return [released_replay(episodes, args.per_experience)] if args.per_experience > 0 else []
+
+    alpha = args.alphas[0] if args.alphas else 0.2
+    beta = args.betas[0] if args.betas else 0.1
+    factories: dict[str, Callable[[nn.Module], Any]] = {
+        "rebasin": lambda m: ReBasinStrategy(
+            model=m,
+            optimizer=adamw(m),
+            spec=spec,
+            plugins=buffer(),
+            **recipe(args.recipe, alpha, beta, args.lr_perm, args.lr_delta, args.override),
+            **big,
+        ),
+        "finetune": lambda m: Naive(model=m, optimizer=sgd(m), **small),
+        "ewc": lambda m: EWC(model=m, optimizer=sgd(m), ewc_lambda=args.ewc_lambda, **small),
+        "lwf": lambda m: LwF(model=m, optimizer=sgd(m), alpha=args.lwf_alpha, temperature=2.0, **small),
+        "agem": lambda m: AGEM(
+            model=m,
+            optimizer=sgd(m),
+            patterns_per_exp=args.per_experience or 50,
+            sample_size=args.agem_sample,
+            **small,
+        ),
+        "joint": lambda m: JointTraining(model=m, optimizer=sgd(m), **small),
+        "naive": lambda m: Naive(model=m, optimizer=adamw(m), **big),
+        "si": lambda m: SynapticIntelligence(model=m, optimizer=adamw(m), si_lambda=args.si_lambda, **big),
+        "replay": lambda m: Naive(model=m, optimizer=adamw(m), plugins=buffer(), **big),
+    }
+    return {name: factories[name] for name in args.methods}
+
+
+AUTHORS_LABELS = {
+    "rebasin": "re-basin (released settings, fixed 50/exp buffer, AdamW, batch 500)",
+    "finetune": "Finetune (SGD, batch 10)",
+    "ewc": "EWC (SGD, batch 10)",
+    "lwf": "LwF (SGD, batch 10)",
+    "agem": "A-GEM (SGD, batch 10)",
+    "joint": "Joint, all experiences at once (SGD, batch 10; upper bound)",
+    "naive": "context: Naive (AdamW, batch 500)",
+    "si": "context: SI (AdamW, batch 500)",
+    "replay": "context: Replay, same buffer (AdamW, batch 500)",
+}
+
+
+def run_joint(
+    make_strategy: Callable[[nn.Module], Any], model: nn.Module, stream: Stream, device: torch.device
+) -> RunResult:
+    from avalanche.benchmarks import tensors_benchmark
+
+    bench = tensors_benchmark(stream.train, stream.test, task_labels=stream.task_labels)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No loggers specified")
+        strategy = make_strategy(model)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        strategy.train(bench.train_stream, eval_streams=[])
+    result = RunResult("joint", [evaluate(model, stream, device)])
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def summarise(runs: list[RunResult]) -> dict[str, Any]:
+    """mean and population std over seeds of accuracy, both forgettings and plasticity."""
+
+    def stats(values: list[float]) -> dict[str, float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        return {"mean": float(t.mean()), "std": float(t.std(unbiased=False)) if len(values) > 1 else 0.0}
+
+    out: dict[str, Any] = {"seeds": len(runs), "seconds": stats([r.seconds for r in runs])}
+    for key in ("accuracy", "forgetting_avalanche", "forgetting", "plasticity"):
+        values = [getattr(r, key) for r in runs]
+        out[key] = stats(values) if all(v == v for v in values) else None
+    return out
+
+
+def authors_table(summary: dict[str, dict[str, Any]]) -> str:
+    def cell(s: dict[str, float] | None) -> str:
+        if s is None:
+            return "-"
+        return f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if summary_seeds > 1 else "")
+
+    summary_seeds = max(v["seeds"] for v in summary.values())
+    lines = [
+        "| method | accuracy | forgetting (Avalanche StreamForgetting) | forgetting (supplement, max-based) "
+        "| plasticity | time per seed (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {AUTHORS_LABELS.get(name, name)} | {cell(s['accuracy'])} | {cell(s['forgetting_avalanche'])} "
+            f"| {cell(s['forgetting'])} | {cell(s['plasticity'])} | {s['seconds']['mean']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_authors(args: argparse.Namespace, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+    per_episode = None if args.steps is None else args.steps * args.batch // args.epochs
+    runs: dict[str, list[RunResult]] = {name: [] for name in args.methods}
+    extras: dict[str, list[Any]] = {name: [] for name in args.methods}
+    source = "?"
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        stream = authors_rotated_mnist(args.episodes, per_episode, seed, args.download, log)
+        source = stream.source
+        log(
+            f"seed {seed}: {args.episodes} experiences, {len(stream.train[0][1])} train / "
+            f"{len(stream.test[0][1])} test images each ({stream.source}); re-basin "
+            f"{len(stream.train[0][1]) * args.epochs // args.batch} steps per experience"
+        )
+        torch.manual_seed(seed)
+        init_model, spec = make_authors_mlp()
+        init_state = {k: v.clone() for k, v in init_model.state_dict().items()}
+        for name, factory in authors_strategies(args, spec, device, args.episodes).items():
+            torch.manual_seed(seed)
+            model = make_authors_mlp()[0]
+            model.load_state_dict(init_state)
+            model.to(device)
+            log(f"{name} (seed {seed}):")
+            if name == "joint":
+                r = run_joint(factory, model, stream, device)
+                strategy = None
+            else:
+                r, strategy = run_strategy(name, factory, model, stream, device, log, seen_only=True)
+            plugin = getattr(strategy, "rebasin_plugin", None)
+            extras[name].append(plugin.history if plugin is not None else None)
+            log(
+                f"{name} (seed {seed}): accuracy {r.accuracy:.3f}, forgetting avalanche "
+                f"{r.forgetting_avalanche:.3f} / supplement {r.forgetting:.3f}, plasticity "
+                f"{r.plasticity:.3f}, {r.seconds:.0f} s"
+            )
+            runs[name].append(r)
+            if args.out is not None:  # partial results survive an interrupted run
+                write_json_atomic(
+                    args.out.with_suffix(".json"), authors_payload(args, device, source, runs, extras)
+                )
+    payload = authors_payload(args, device, source, runs, extras)
+    print(authors_table(payload["summary"]), flush=True)
+    if args.out is not None:
+        write_json_atomic(args.out.with_suffix(".json"), payload)
+        first = {name: rs[0] for name, rs in runs.items() if name != "joint" and rs}
+        if first:
+            plot(list(first.values()), args.plot_tasks, args.out.with_suffix(".png"))
+    return payload
+
+
+def authors_payload(
+    args: argparse.Namespace,
+    device: torch.device,
+    source: str,
+    runs: dict[str, list[RunResult]],
+    extras: dict[str, list[Any]],
+) -> dict[str, Any]:
+    summary = {name: summarise(rs) for name, rs in runs.items() if rs}
+    return {
+        "protocol": "authors",
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "override"},
+        "override": args.override,
+        "source": source,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "summary": summary,
+        "runs": {
+            name: [
+                {
+                    "seed": seed,
+                    "accuracy": r.accuracy,
+                    "forgetting_avalanche": r.forgetting_avalanche,
+                    "forgetting_supplement": r.forgetting,
+                    "plasticity": r.plasticity,
+                    "seconds": r.seconds,
+                    "acc_matrix": r.acc_matrix,
+                    "rebasin_history": extra,
+                }
+                for seed, r, extra in zip(args.seeds, rs, extras[name])
+            ]
+            for name, rs in runs.items()
+            if rs
+        },
+    }
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 # ---------------------------------------------------------------------------------------------- report
 def plot(results: list[RunResult], tasks: list[int], path: Path) -> None:
     import matplotlib
@@ -349,9 +685,32 @@ def table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[RunResult]:
+def main(argv: list[str] | None = None) -> Any:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark", choices=["rotated-mnist", "split-cifar100"], default="rotated-mnist")
+    p.add_argument(
+        "--protocol",
+        choices=["authors", "quick"],
+        default="authors",
+        help="rotated-mnist: the authors' released experiment (default) or the quick offline setting",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="authors: re-basin steps per experience (100 * steps training images each; default all "
+        "60,000 = 600 steps)",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="authors: seeds (mean and spread)")
+    p.add_argument(
+        "--methods", nargs="+", choices=AUTHORS_METHODS, default=AUTHORS_METHODS, help="authors: methods"
+    )
+    p.add_argument("--baseline-lr", type=float, default=0.01, help="authors: SGD lr of the baselines")
+    p.add_argument("--baseline-batch", type=int, default=10, help="authors: baselines' batch size")
+    p.add_argument("--baseline-epochs", type=int, default=5, help="authors: baselines' epochs")
+    p.add_argument("--per-experience", type=int, default=50, help="authors: buffer samples per experience")
+    p.add_argument("--agem-sample", type=int, default=256, help="authors: A-GEM reference batch")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--step-deg", type=float, default=9.47)
     p.add_argument("--epochs", type=int, default=5)
@@ -359,8 +718,16 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the first task (and of the baselines)")
     p.add_argument("--lr-perm", type=float, default=0.1)
     p.add_argument("--lr-delta", type=float, default=0.05)
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8, 1.0])
-    p.add_argument("--betas", type=float, nargs="+", default=[1e-4, 1e-1, 1.0])
+    p.add_argument(
+        "--alphas", type=float, nargs="+", default=None, help="quick: grid (0 .. 1); authors: first (0.2)"
+    )
+    p.add_argument(
+        "--betas",
+        type=float,
+        nargs="+",
+        default=None,
+        help="quick: grid (1e-4, 0.1, 1); authors: first (0.1)",
+    )
     p.add_argument("--recipe", choices=["procedure", "released"], default="released", help=recipe.__doc__)
     p.add_argument(
         "--set",
@@ -404,6 +771,24 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         args.override = {k: float(v) for k, v in (item.split("=", 1) for item in args.override)}
     except ValueError:
         p.error(f"--set takes NAME=NUMBER items, got {args.override}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    authors = args.benchmark == "rotated-mnist" and args.protocol == "authors"
+    if args.alphas is None:
+        args.alphas = [0.2] if authors else [0.0, 0.2, 0.5, 0.8, 1.0]
+    if args.betas is None:
+        args.betas = [0.1] if authors else [1e-4, 1e-1, 1.0]
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if authors:
+        if args.smoke:
+            args.episodes, args.steps, args.baseline_epochs = min(args.episodes, 3), 2, 1
+            args.plot_tasks = [1, 2, 3]
+            args.methods = [m for m in args.methods if m in ("rebasin", "finetune", "joint")] or ["rebasin"]
+        args.seeds = args.seeds or [args.seed]
+        device = torch.device(args.device)
+        log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+        return run_authors(args, device, log)
     if args.smoke:
         args.episodes, args.epochs = min(args.episodes, 3), 1
         args.alphas, args.betas, args.baselines = [0.8], [0.1], ["naive", "ewc"][: len(args.baselines)]
@@ -433,7 +818,7 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         model.load_state_dict(init_state)
         model.to(device)
         log(f"{name}:")
-        r = run_strategy(name, factory, model, stream, device, log)
+        r, _ = run_strategy(name, factory, model, stream, device, log)
         log(f"{name}: accuracy {r.accuracy:.3f}, forgetting {r.forgetting:.3f}, {r.seconds:.0f} s")
         results.append(r)
 
