@@ -150,8 +150,10 @@ def permute(model, spec, perms, *, optimizer=None, inplace=False):
         model: an ``nn.Module`` or a state dict.
         spec: which axes each group acts on.
         perms: ``{group: LongTensor}``; groups left out stay as they are.
-        optimizer: with ``inplace=True``, its per-parameter state (Adam moments, SGD momentum, ...) is
-            permuted the same way, so training continues exactly as it would have.
+        optimizer: with ``inplace=True``, its per-parameter state (Adam moments, SGD momentum, factored
+            statistics such as Adafactor's; see :func:`permute_optimizer_state`) is permuted the same way.
+            Every entry is checked before anything changes: an entry that cannot be permuted raises and
+            leaves the model and the optimizer untouched.
         inplace: permute the module's own tensors (parameter identity is kept, so optimizers and hooks
             that hold them still work). Otherwise a permuted deep copy is returned.
 
@@ -180,12 +182,15 @@ def permute(model, spec, perms, *, optimizer=None, inplace=False):
     target = model if inplace else copy.deepcopy(model)
     state = target.state_dict(keep_vars=True)
     _check_perms(spec, perms)
+    # all-or-nothing: every new tensor (parameters, buffers, optimizer state) is computed and checked first;
+    # only then is anything written, so a bad entry leaves the model and the optimizer as they were
     new_values = permute_state_dict({k: v.detach() for k, v in state.items()}, spec, perms)
+    plan = _optimizer_plan(optimizer, state, spec, perms) if optimizer is not None else []
     with torch.no_grad():
         for key in spec.axes_to_perm:
             state[key].copy_(new_values[key])
-    if optimizer is not None:
-        permute_optimizer_state(optimizer, state, spec, perms)
+        for tensor, value in plan:
+            tensor.copy_(value)
     return target
 
 
@@ -196,17 +201,84 @@ def permute_optimizer_state(
 
     ``state`` is the model's ``state_dict(keep_vars=True)``, which maps spec keys to the parameter objects
     the optimizer holds. :func:`permute` calls this with ``inplace=True, optimizer=...``; call it directly
-    for further optimizers of the same model."""
+    for further optimizers of the same model.
+
+    Which state entries are permuted, and how:
+
+    - the parameter's shape (Adam's moments, SGD's momentum): like the parameter;
+    - the parameter's number of dimensions with some sizes 1 (factored statistics, e.g. Adafactor's
+      ``row_var`` ``(out, 1)`` and ``col_var`` ``(1, in)``): along the full-size axes; a size-1 axis is a
+      reduction over that axis, which a permutation does not change;
+    - a vector whose length is that of exactly one axis of the parameter (a row or column factor): along
+      that axis (several axes of that length are accepted only when they are permuted the same way);
+    - scalars (step counts): untouched.
+
+    Anything else is refused with :class:`SpecMismatchError` before any state is changed (all-or-nothing).
+
+    Example:
+        >>> import torch
+        >>> from rebasin_callbacks import random_permutations, trace_spec
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+        >>> opt = torch.optim.SGD(mlp.parameters(), lr=0.1, momentum=0.9)
+        >>> mlp(torch.randn(3, 2)).sum().backward(); opt.step()
+        >>> spec = trace_spec(mlp, torch.randn(3, 2))
+        >>> _ = permute(mlp, spec, random_permutations(spec), optimizer=opt, inplace=True)
+    """
+    _check_perms(spec, perms)
+    plan = _optimizer_plan(optimizer, state, spec, perms)
+    with torch.no_grad():
+        for tensor, value in plan:
+            tensor.copy_(value)
+
+
+def _optimizer_plan(
+    optimizer: torch.optim.Optimizer, state: Mapping[str, Tensor], spec: PermutationSpec, perms: Perms
+) -> list[tuple[Tensor, Tensor]]:
+    """``[(state tensor, its permuted value)]`` for every entry to change; raises before anything changes."""
     by_id = {id(t): key for key, t in state.items()}
+    plan: list[tuple[Tensor, Tensor]] = []
     for param, param_state in optimizer.state.items():
         key = by_id.get(id(param))
         if key is None or key not in spec.axes_to_perm:
             continue
         for name, value in param_state.items():
-            if isinstance(value, Tensor) and value.shape == param.shape and value.ndim > 0:
-                value.copy_(_permute_tensor(value, spec, key, perms))
-            elif isinstance(value, Tensor) and value.ndim > 0 and value.numel() > 1:
-                raise SpecMismatchError(
-                    f"optimizer state {name!r} of {key!r} has shape {tuple(value.shape)}, not the parameter's "
-                    f"{tuple(param.shape)}; cannot permute it (factored optimizers are not supported)"
-                )
+            if not isinstance(value, Tensor) or value.ndim == 0 or value.numel() == 1:
+                continue  # scalars (step counts) do not depend on the order of hidden units
+            new = _permute_state_entry(value, param, spec, key, perms, name)
+            if new is not None:
+                plan.append((value, new))
+    return plan
+
+
+def _permute_state_entry(
+    value: Tensor, param: Tensor, spec: PermutationSpec, key: str, perms: Perms, name: str
+) -> Tensor | None:
+    shape, pshape = tuple(value.shape), tuple(param.shape)
+    if shape == pshape:
+        return _permute_tensor(value, spec, key, perms)
+    if len(shape) == len(pshape) and all(s in (1, p) for s, p in zip(shape, pshape)):
+        out = value
+        for axis, (s, p) in enumerate(zip(shape, pshape)):
+            index = axis_index(spec, key, axis, perms, value.device)
+            if index is not None and s == p and p > 1:
+                out = out.index_select(axis, index)
+        return out
+    if len(shape) == 1:
+        axes = [axis for axis, p in enumerate(pshape) if p == shape[0]]
+        indices = [axis_index(spec, key, axis, perms, value.device) for axis in axes]
+        identity = torch.arange(shape[0], device=value.device)
+        distinct = {tuple((i if i is not None else identity).tolist()) for i in indices}
+        if len(distinct) == 1:
+            index = indices[0]
+            return value if index is None else value.index_select(0, index)
+        if len(axes) > 1:
+            raise SpecMismatchError(
+                f"optimizer state {name!r} of {key!r} has shape {shape}, which fits axes {axes} of the "
+                f"parameter's {pshape}, and they are permuted differently: cannot tell which it follows; "
+                "nothing was changed"
+            )
+    raise SpecMismatchError(
+        f"optimizer state {name!r} of {key!r} has shape {shape}, neither the parameter's {pshape}, a factored "
+        "statistic of it (same dimensions, some of size 1), a row/column vector of one axis nor a scalar: "
+        "cannot permute it; nothing was changed"
+    )

@@ -23,6 +23,31 @@ def _data(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
+class FactoredSGD(torch.optim.Optimizer):
+    """Adafactor-like: per 2-D parameter a row vector ``(out,)`` and a column vector ``(in,)`` of squared
+    gradient means, and a scalar step; other parameters keep a full second moment."""
+
+    def __init__(self, params, lr: float = 0.1, beta: float = 0.9):
+        super().__init__(params, {"lr": lr, "beta": beta})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st, g2, b = self.state[p], p.grad.pow(2) + 1e-12, group["beta"]
+                st["step"] = st.get("step", torch.tensor(0.0)) + 1
+                if p.ndim == 2:
+                    st["row"] = b * st.get("row", torch.zeros_like(g2[:, 0])) + (1 - b) * g2.mean(1)
+                    st["col"] = b * st.get("col", torch.zeros_like(g2[0])) + (1 - b) * g2.mean(0)
+                    v = st["row"][:, None] * st["col"][None, :] / st["row"].mean()
+                else:
+                    st["v"] = b * st.get("v", torch.zeros_like(g2)) + (1 - b) * g2
+                    v = st["v"]
+                p.sub_(group["lr"] * p.grad / v.sqrt())
+
+
 def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
@@ -35,8 +60,15 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
         lambda p: torch.optim.Adam(p, lr=1e-2),
         lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, amsgrad=True),
         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+        pytest.param(
+            lambda p: torch.optim.Adafactor(
+                p, lr=1e-2, eps=(1e-6, 1e-3)
+            ),  # eps: 0.bias has only round-off gradients (BN follows)
+            marks=pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"), reason="torch without Adafactor"),
+        ),
+        lambda p: FactoredSGD(p, lr=0.1),
     ],
-    ids=["adam", "adamw-amsgrad", "sgd-momentum"],
+    ids=["adam", "adamw-amsgrad", "sgd-momentum", "adafactor", "factored-vectors"],
 )
 def test_inplace_permutation_with_optimizer_follows_the_mapped_trajectory(make_opt):
     x, y = _data()
