@@ -413,3 +413,157 @@ def test_cli_without_command_prints_help(capsys):
 
     assert main([]) == 2
     assert "demo" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- composition
+def _count_alignments(monkeypatch) -> list[int]:
+    import importlib
+
+    align_module = importlib.import_module("rebasin_callbacks.align")  # the package's `align` is the function
+
+    calls: list[int] = []
+    real = align_module.align
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(align_module, "align", counting)
+    return calls
+
+
+@pytest.mark.parametrize("align_first", [True, False])
+def test_align_and_monitor_share_one_alignment_naive_is_before_it(tmp_path, monkeypatch, align_first):
+    calls = _count_alignments(monkeypatch)
+    alone = LMCMonitor(_reference(), submodule="model", n_points=3, save_dir=str(tmp_path))
+    _fit(tmp_path, [alone], max_epochs=2)
+    assert len(calls) == 2  # the monitor alone aligns once per epoch
+    calls.clear()
+    aligner = ReBasinAlign(_reference(), submodule="model")
+    monitor = LMCMonitor(_reference(), submodule="model", n_points=3, save_dir=str(tmp_path))
+    _fit(tmp_path, [aligner, monitor] if align_first else [monitor, aligner], max_epochs=2)
+    assert len(calls) == 2  # one alignment per epoch, shared by the two callbacks
+    for res in monitor.results:
+        assert res["naive"].values["loss"] != pytest.approx(res["rebasin"].values["loss"], rel=1e-3)
+        assert res["rebasin_source"] == ("ReBasinAlign" if align_first else "LMCMonitor")
+    # epoch 0: both runs trained identically, so "naive" is the same model: the one before the alignment
+    first, ref_first = monitor.results[0], alone.results[0]
+    assert first["naive"].values["loss"] == pytest.approx(ref_first["naive"].values["loss"], rel=1e-5)
+    assert first["rebasin"].values["loss"] == pytest.approx(ref_first["rebasin"].values["loss"], rel=1e-4)
+    assert aligner.history[0]["l2_after"] < aligner.history[0]["l2_before"]
+
+
+def test_inplace_alignment_guarantee_function_and_optimizer_state(tmp_path):
+    """At the moment of alignment: same function (round-off only), optimizer state exactly permuted."""
+    from lightning.pytorch.callbacks import Callback
+
+    x = _data(32, seed=7).tensors[0]
+
+    class Snapshot(Callback):
+        def __init__(self):
+            self.outputs, self.moments = [], []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            with torch.no_grad():
+                self.outputs.append(pl_module(x).clone())
+            opt = trainer.optimizers[0]
+            self.moments.append(
+                {
+                    k: {n: v.clone() for n, v in opt.state[p].items()}
+                    for k, p in pl_module.model.named_parameters()
+                }
+            )
+
+    before, after = Snapshot(), Snapshot()
+    cb = ReBasinAlign(_reference(), submodule="model")
+    model = _fit(tmp_path, [before, cb, after], max_epochs=1)
+    assert cb.history[0]["l2_after"] < cb.history[0]["l2_before"] - 1e-3  # the weights did move
+    torch.testing.assert_close(after.outputs[0], before.outputs[0], rtol=1e-5, atol=1e-6)
+    for name in ("exp_avg", "exp_avg_sq"):
+        moments = {k: m[name] for k, m in before.moments[0].items()}
+        expected = permute_state_dict(moments, cb.spec, cb.last_perms)
+        for k in moments:
+            assert torch.equal(after.moments[0][k][name], expected[k]), (k, name)  # exact, not close
+        assert any(not torch.equal(after.moments[0][k][name], moments[k]) for k in moments)
+    for k, m in before.moments[0].items():
+        assert torch.equal(after.moments[0][k]["step"], m["step"])
+    assert model.losses  # trained
+
+
+class TinyBN(Tiny):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+        )
+
+
+def test_monitor_on_train_loader_with_bn_reset_does_not_change_training(tmp_path):
+    def run(callbacks):
+        pl.seed_everything(1, verbose=False)
+        model = TinyBN()
+        train, val = _loaders(shuffle=True)  # shuffled by the DataLoader's own generator
+        _trainer(tmp_path, callbacks, max_epochs=3).fit(model, train, val)
+        return model
+
+    plain = run([])
+    torch.manual_seed(3)
+    reference = TinyBN().model
+    monitor = LMCMonitor(reference, submodule="model", dataloader="train", reset_bn=True, n_points=3)
+    monitored = run([monitor])
+    assert len(monitor.results) == 3
+    assert monitored.losses == plain.losses  # identical, not close
+    for a, b in zip(monitored.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+
+
+class DictTiny(Tiny):
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["image"], batch["label"]), batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        return super().validation_step((batch["image"], batch["label"]), batch_idx)
+
+
+class _DictData(torch.utils.data.Dataset):
+    def __init__(self, base, keys=("image", "label")):
+        self.base, self.keys = base, keys
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return {self.keys[0]: x, self.keys[1]: y}
+
+
+def test_monitor_with_dict_batches(tmp_path):
+    monitor = LMCMonitor(_reference(), submodule="model", n_points=3, save_dir=str(tmp_path))
+    pl.seed_everything(1, verbose=False)
+    train = DataLoader(_DictData(_data(96)), batch_size=16)
+    val = DataLoader(_DictData(_data(48, 100)), batch_size=24)
+    _trainer(tmp_path, [monitor], max_epochs=1).fit(DictTiny(), train, val)
+    assert len(monitor.results) == 1 and monitor.results[0]["naive"].values["accuracy"]
+
+
+def test_resume_with_changed_every_n_epochs_restores_and_warns(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    first = [
+        ReBasinAlign(_reference(), submodule="model", every_n_epochs=1),
+        LMCMonitor(_reference(), n_points=3, every_n_epochs=1, save_dir=str(tmp_path)),
+    ]
+    _fit(tmp_path / "a", [*first, ckpt_cb], max_epochs=2, shuffle=False, enable_checkpointing=True)
+    second = [
+        ReBasinAlign(_reference(), submodule="model", every_n_epochs=2),
+        LMCMonitor(_reference(), n_points=3, every_n_epochs=2, save_dir=str(tmp_path)),
+    ]
+    pl.seed_everything(1, verbose=False)
+    train, val = _loaders(shuffle=False)
+    with pytest.warns(UserWarning, match=r"every_n_epochs=1 -> 2"):
+        _trainer(tmp_path / "b", second, max_epochs=4).fit(
+            Tiny(), train, val, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+    assert [h["epoch"] for h in second[0].history] == [0, 1, 3]  # restored two, then every 2nd epoch
+    assert [h["epoch"] for h in second[1].history] == [0.0, 1.0, 3.0]
