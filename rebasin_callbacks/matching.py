@@ -13,6 +13,11 @@ Two details make it exact on planted permutations far more often than the textbo
 * the first sweep is *greedy*: a group is solved from the entries whose other axes are already known
   (unpermuted, or solved earlier in the sweep), most-constrained group first, instead of from the
   identity guess for every other group, which sends coordinate descent into local optima.
+
+Speed: similarities are computed on the model's device, in its precision; a group is solved again only
+when a group it shares a tensor with changed since its last solve (otherwise its similarity, hence its
+answer, is the same), and the descent stops once no group is left to solve. An assignment whose row
+maxima already fall in distinct columns needs no solver (the common case near a permutation).
 """
 
 from __future__ import annotations
@@ -119,7 +124,16 @@ class _Problem:
                 S = term if S is None else S + term
         if S is None:
             return torch.zeros(n, n)
-        return S.to(torch.float64)
+        return S
+
+    def dependents(self) -> dict[str, set[str]]:
+        """``{h: groups whose similarity depends on h's permutation}`` (a group may depend on itself)."""
+        out: dict[str, set[str]] = {g: set() for g in self.terms}
+        for g, terms in self.terms.items():
+            for key, axis, _ in terms:
+                for h in self.other_groups(key, axis):
+                    out[h].add(g)
+        return out
 
     def greedy(self, rng: torch.Generator) -> dict[str, Tensor]:
         """One sweep, most-constrained group first, each solved from what is already known."""
@@ -134,7 +148,7 @@ class _Problem:
                 )
 
             g = max(remaining, key=mass)
-            perms[g] = assignment(self.similarity(g, perms, known))
+            perms[g] = _assign(self.similarity(g, perms, known), g)
             known.add(g)
             remaining.remove(g)
         return perms
@@ -220,18 +234,44 @@ def weight_matching(
         perms = problem.greedy(rng)
 
     groups = list(spec.perm_to_axes)
+    dependents = problem.dependents()
+    # Every group is solved once with all the others known; after that only the groups whose
+    # similarity changed (a group they depend on got a new permutation) can change.
+    dirty = set(groups)
     for _ in range(max_iter):
-        progress = False
+        if not dirty:
+            break
         for i in torch.randperm(len(groups), generator=rng).tolist():
             g = groups[i]
-            S = problem.similarity(g, perms).cpu()
-            rows = torch.arange(S.shape[0])
-            old = float(S[rows, perms[g]].sum())
-            new_perm = assignment(S)
-            new = float(S[rows, new_perm].sum())
+            if g not in dirty:
+                continue
+            dirty.discard(g)
+            S = problem.similarity(g, perms)
+            new_perm = _assign(S, g)
+            if torch.equal(new_perm, perms[g]):
+                continue
+            rows = torch.arange(S.shape[0], device=S.device)
+            # Scores summed in float64 on the device; two numbers come back.
+            picked = [S[rows, p.to(S.device)].double().sum() for p in (perms[g], new_perm)]
+            old, new = torch.stack(picked).tolist()
             if new > old + 1e-12 * max(1.0, abs(old)):
                 perms[g] = new_perm
-                progress = True
-        if not progress:
-            break
+                dirty |= dependents[g]
     return perms
+
+
+def _assign(scores: Tensor, group: str) -> Tensor:
+    """:func:`~rebasin_callbacks.rebasin.assignment` of a similarity matrix on any device (a CPU
+    LongTensor): the row-maximum shortcut runs where the scores are, the solver (when needed) on the CPU
+    in float64."""
+    best = scores.argmax(-1)
+    unique = (torch.bincount(best, minlength=scores.shape[-1]) == 1).all()
+    unique_h, finite_h = torch.stack([unique, torch.isfinite(scores).all()]).tolist()
+    if not finite_h:
+        raise ValueError(
+            f"weight matching: the similarity of group {group!r} (n={scores.shape[-1]}) overflows to NaN/inf "
+            f"in {scores.dtype}: the weights are too large (rescale them, or match in float64)"
+        )
+    if unique_h:
+        return best.cpu()
+    return assignment(scores.to(torch.float64))
