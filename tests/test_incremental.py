@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -269,3 +271,83 @@ def test_soft_start_is_not_the_identity() -> None:
     assert sharp.rebasin is not None
     (q,) = [t.detach() for t in sharp.rebasin.soft_permutations().values()]
     assert float(q.diagonal().mean()) > 0.99
+
+
+def _benchmark_module() -> Any:
+    """``benchmarks/incremental.py`` (a script, not a package) loaded by path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "incremental.py"
+    spec = importlib.util.spec_from_file_location("_bench_incremental", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_forgetting_definitions_on_a_hand_matrix() -> None:
+    nan = float("nan")
+    acc = [[0.9, nan, nan], [0.95, 0.8, nan], [0.7, 0.6, 0.85]]
+    r = _benchmark_module().RunResult("x", acc)
+    assert r.accuracy == pytest.approx((0.7 + 0.6 + 0.85) / 3)
+    # Avalanche: right after the task's own experience; supplement: the best before the end
+    assert r.forgetting_avalanche == pytest.approx(((0.9 - 0.7) + (0.8 - 0.6)) / 2)
+    assert r.forgetting == pytest.approx(((0.95 - 0.7) + (0.8 - 0.6)) / 2)
+    assert r.plasticity == pytest.approx((0.9 + 0.8 + 0.85) / 3)
+
+
+def test_benchmark_forgetting_equals_avalanche_stream_forgetting() -> None:
+    pytest.importorskip("avalanche")
+    import warnings
+
+    from avalanche.benchmarks import tensors_benchmark
+    from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(4):
+        x = torch.randn(60, 6, generator=g)
+        data.append((x, (x @ torch.randn(6, 3, generator=g)).argmax(1)))
+    bench = tensors_benchmark(data, data, task_labels=[0] * 4)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = EvaluationPlugin(
+            accuracy_metrics(experience=True), forgetting_metrics(stream=True), loggers=[]
+        )
+        strategy = Naive(
+            model=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            criterion=nn.CrossEntropyLoss(),
+            train_mb_size=10,
+            train_epochs=3,
+            evaluator=evaluator,
+        )
+        acc = []
+        for e, exp in enumerate(bench.train_stream):
+            strategy.train(exp, eval_streams=[])
+            res = strategy.eval(bench.test_stream[: e + 1])
+            row = [res[f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{t:03d}"] for t in range(e + 1)]
+            acc.append(row + [float("nan")] * (3 - e))
+    r = _benchmark_module().RunResult("naive", acc)
+    assert r.forgetting_avalanche == pytest.approx(res["StreamForgetting/eval_phase/test_stream"], abs=1e-12)
+    assert r.forgetting_avalanche > 0.05  # the check has something to compare
+
+
+@pytest.mark.slow
+def test_benchmark_authors_protocol_smoke(tmp_path: Any) -> None:
+    pytest.importorskip("avalanche")
+    payload = _benchmark_module().main(
+        ["--smoke", "--quiet", "--threads", "1", "--out", str(tmp_path / "authors")]
+    )
+    assert set(payload["summary"]) == {"rebasin", "finetune", "joint"}
+    run = payload["runs"]["rebasin"][0]
+    assert len(run["acc_matrix"]) == 3 and len(run["rebasin_history"]) == 2
+    assert 0.0 <= payload["summary"]["rebasin"]["accuracy"]["mean"] <= 1.0
+    assert (tmp_path / "authors.json").exists()
