@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 Block = tuple[str | None, int, int]
+#: memory for cached similarity terms (per call), e.g. 16 MiB per 2048-wide term in float32
+_CACHE_BYTES = 1 << 30
 
 
 def check_finite(model: nn.Module | Mapping[str, Tensor], name: str = "model") -> None:
@@ -90,6 +92,14 @@ class _Problem:
                 blocks = [(s, e) for grp, s, e in self.blocks(key, axis) if grp == g]
                 terms.append((key, axis, blocks))
             self.terms[g] = terms
+        self._deps = {
+            (k, ax): sorted(self.other_groups(k, ax)) for ts in self.terms.values() for k, ax, _ in ts
+        }
+        # (group, key, axis) -> (the permutations it was computed with, its n x n term). A term is computed
+        # again only when one of those changed: after one group changes, its dependents recompute the
+        # terms it appears in, not their whole similarity. Bounded, as these are n x n each.
+        self._cache: dict[tuple[str, str, int], tuple[tuple[Tensor, ...], Tensor]] = {}
+        self._cache_budget = _CACHE_BYTES
 
     def blocks(self, key: str, axis: int) -> list[Block]:
         return self.spec.axis_blocks(key, axis)
@@ -108,23 +118,46 @@ class _Problem:
         n = self.spec.sizes[g]
         S: Tensor | None = None
         for key, axis, blocks in self.terms[g]:
-            if known is not None and not self.other_groups(key, axis) <= known:
+            deps = self._deps[(key, axis)]
+            if known is not None and not set(deps) <= known:
                 continue
-            a, b = self.a[key], self.b[key]
-            for ax in range(a.ndim):
-                if ax == axis:
-                    continue
-                idx = axis_index(self.spec, key, ax, perms, a.device)
-                if idx is not None:
-                    a = a.index_select(ax, idx)
-            for start, stop in blocks:
-                a_blk = a.narrow(axis, start, stop - start).movedim(axis, 0).reshape(n, -1)
-                b_blk = b.narrow(axis, start, stop - start).movedim(axis, 0).reshape(n, -1)
-                term = b_blk @ a_blk.T
-                S = term if S is None else S + term
+            used = tuple(perms[h] for h in deps)
+            hit = self._cache.get((g, key, axis))
+            if hit is not None and all(x is y for x, y in zip(hit[0], used)):
+                term = hit[1]
+            else:
+                term = self._term(n, key, axis, blocks, perms)
+                size = term.numel() * term.element_size()
+                if hit is not None:
+                    self._cache_budget += size
+                if size <= self._cache_budget:
+                    self._cache[(g, key, axis)] = (used, term)
+                    self._cache_budget -= size
+                else:
+                    self._cache.pop((g, key, axis), None)
+            S = term if S is None else S + term
         if S is None:
-            return torch.zeros(n, n)
+            device = next(iter(self.a.values())).device if self.a else None
+            return torch.zeros(n, n, device=device)
         return S
+
+    def _term(
+        self, n: int, key: str, axis: int, blocks: list[tuple[int, int]], perms: Mapping[str, Tensor]
+    ) -> Tensor:
+        a, b = self.a[key], self.b[key]
+        for ax in range(a.ndim):
+            if ax == axis:
+                continue
+            idx = axis_index(self.spec, key, ax, perms, a.device)
+            if idx is not None:
+                a = a.index_select(ax, idx)
+        out: Tensor | None = None
+        for start, stop in blocks:
+            a_blk = a.narrow(axis, start, stop - start).movedim(axis, 0).reshape(n, -1)
+            b_blk = b.narrow(axis, start, stop - start).movedim(axis, 0).reshape(n, -1)
+            out = b_blk @ a_blk.T if out is None else out.add_(b_blk @ a_blk.T)
+        assert out is not None  # every term has at least one block of its group
+        return out
 
     def dependents(self) -> dict[str, set[str]]:
         """``{h: groups whose similarity depends on h's permutation}`` (a group may depend on itself)."""
