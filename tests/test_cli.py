@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +238,117 @@ def test_help_explains_every_option(rebasin, name):
     sub = next(a for a in parser._actions if a.dest == "command").choices[name]
     undocumented = [a.dest for a in sub._actions if a.dest != "help" and not a.help]
     assert not undocumented
+
+
+# ----------------------------------------------------------------------------- head size / stem inferred
+def _torchvision_pair(tmp, num_classes: int = 10, in_chans: int = 1) -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = torchvision.models.resnet18(num_classes=num_classes)
+        m.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)  # a grey-scale stem, as users build it
+        models.append(m.eval())
+    torch.save(models[0].state_dict(), tmp / "a.pt")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in models[1].state_dict().items()}}, tmp / "b.ckpt")
+    return models[0]
+
+
+def test_align_torchvision_needs_no_flag_for_head_size_and_stem(rebasin, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = _torchvision_pair(tmp_path)
+    code, out, err = rebasin(
+        "align", "a.pt", "b.ckpt", "--arch", "torchvision:resnet18", "--out", "c.pt", "--steps", "0", "--no-progress"
+    )  # fmt: skip
+    assert code == 0, err
+    assert "num_classes=10 (from 'fc.weight' (10, 512))" in out
+    assert "in_chans=1 (from 'conv1.weight' (64, 1, 7, 7))" in out
+    assert "refinement: weight matching only (--steps 0)" in out
+    for phase in ("loading", "tracing the permutation spec (input [1, 224, 224])", "aligning"):
+        assert phase in out
+    aligned = copy.deepcopy(a)
+    aligned.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(x), a(x), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(aligned.conv1.weight, a.conv1.weight)  # it was permuted
+
+
+def test_flags_override_what_the_checkpoint_says_and_errors_name_file_and_architecture(
+    rebasin, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    _torchvision_pair(tmp_path)
+    code, out, err = rebasin(
+        "align", "a.pt", "b.ckpt", "--arch", "torchvision:resnet18", "--num-classes", "100", "--out", "c.pt"
+    )  # fmt: skip
+    assert code == EXIT_MISMATCH, (out, err)
+    assert (
+        "checkpoint a.pt (MODEL_A): 'fc.weight' has shape (10, 512); "
+        "architecture torchvision:resnet18 (num_classes=100, in_chans=1) expects (100, 512)"
+    ) in err
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_timm_head_size_and_stem_are_inferred(rebasin, tmp_path, monkeypatch):
+    timm = pytest.importorskip("timm")
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("a.pt", 0), ("b.pt", 1)):
+        torch.manual_seed(seed)
+        torch.save(timm.create_model("resnet10t", num_classes=5, in_chans=2).state_dict(), tmp_path / name)
+    code, out, err = rebasin("align", "a.pt", "b.pt", "--arch", "timm:resnet10t", "--input-shape", "2", "32", "32",
+                             "--out", "c.pt", "--steps", "0", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert "num_classes=5" in out and "in_chans=2" in out
+
+
+def test_steps_zero_is_documented_as_weight_matching_only():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["align"]
+    steps = next(a for a in sub._actions if a.dest == "steps")
+    assert "0 = weight matching only" in steps.help
+
+
+# ----------------------------------------------------------------------------- fast start
+def _run_without_root(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` with the package's own modules but a stub package root, so what ``cli`` and the
+    subcommands import is measured apart from the root's exports."""
+    folder = Path(cli.__file__).parent
+    prelude = textwrap.dedent(
+        f"""
+        import sys, types
+        pkg = types.ModuleType("rebasin_callbacks"); pkg.__path__ = [{str(folder)!r}]
+        sys.modules["rebasin_callbacks"] = pkg
+        """
+    )
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["align", "--help"], ["lmc", "--help"], ["spec", "--help"],
+                                  ["demo", "--help"], ["align", "a.pt"], ["nosuchcommand"]])  # fmt: skip
+def test_help_and_usage_errors_do_not_import_torch(argv):
+    result = _run_without_root(
+        f"""
+        from rebasin_callbacks import cli
+        try:
+            cli.main({argv!r})
+        except SystemExit:
+            pass
+        print("TORCH", "torch" in sys.modules)
+        """
+    )
+    assert "TORCH False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_the_rebasin_entry_point_starts_without_torch():
+    probe = subprocess.run([sys.executable, "-c", "import sys, rebasin_callbacks; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    if probe.stdout.strip() == "True":
+        pytest.xfail("the package root imports torch eagerly; `rebasin --help` waits for it")
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom rebasin_callbacks import cli\ntry:\n cli.main(['--help'])\n"
+         "except SystemExit:\n pass\nprint('TORCH', 'torch' in sys.modules)"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "TORCH False" in result.stdout
