@@ -58,7 +58,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rebasin_callbacks.incremental import RELEASED_SETTINGS
 from rebasin_callbacks.spec import PermutationSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -299,15 +298,9 @@ def recipe(
             "incremental_kwargs": dict(init_scale=10.0, init_noise=0.0, delta_grad_clip=None),
         }
     elif name == "released":
-        out = {
-            **kwargs,
-            "beta": 0.0,
-            "incremental_kwargs": dict(
-                **RELEASED_SETTINGS,
-                delta_weight_decay=beta,
-                perm_optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr_perm),
-            ),
-        }
+        from rebasin_callbacks.avalanche import released_settings
+
+        out = {**released_settings(lr_perm=lr_perm, weight_decay=beta), "alpha": alpha, "lr_delta": lr_delta}
     else:
         raise ValueError(f"unknown recipe {name!r}")
     out["incremental_kwargs"].update(override)

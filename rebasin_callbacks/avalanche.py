@@ -13,9 +13,10 @@ them as ``ReBasin/<quantity>/Exp<k>``.
 :class:`ReBasinStrategy` is the convenient form: a ``SupervisedTemplate`` with the plugin first in its
 plugin list. Its training budget defaults are Naive's (``train_mb_size=1``, ``train_epochs=1``,
 ``eval_mb_size=None``); :data:`PAPER_SETTINGS` holds the supplement's (batch 500, 5 epochs).
-The authors' released experiment is ``ReBasinStrategy(..., incremental_kwargs=RELEASED_SETTINGS,
-plugins=[released_replay(20)], **PAPER_SETTINGS)`` (:data:`~rebasin_callbacks.incremental.RELEASED_SETTINGS`;
-measured in ``benchmarks/incremental.py --protocol authors``).
+The authors' released experiment is ``ReBasinStrategy(..., **released_settings(),
+plugins=[released_replay(20)], **PAPER_SETTINGS)`` with AdamW for the first experience and inputs
+normalised as Avalanche's ``RotatedMNIST`` does (:func:`released_settings`; measured in
+``benchmarks/incremental.py``, whose default protocol it is).
 
 A failed or interrupted experience (an exception, Ctrl-C) leaves the last fused model in place; the next
 ``train()`` or ``eval()`` drops the unfinished episode and gives the strategy back its model and optimizer.
@@ -57,6 +58,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
 from rebasin_callbacks.incremental import (
+    RELEASED_SETTINGS,
     Fusion,
     ReBasinIncremental,
     SpecSource,
@@ -66,11 +68,41 @@ from rebasin_callbacks.incremental import (
 )
 from rebasin_callbacks.spec import PermutationSpec
 
-__all__ = ["ReBasinPlugin", "ReBasinStrategy", "PAPER_SETTINGS", "released_replay"]
+__all__ = ["ReBasinPlugin", "ReBasinStrategy", "PAPER_SETTINGS", "released_replay", "released_settings"]
 
 #: The supplement's training budget per experience (batch 500, 5 epochs; evaluation batch 500). Use as
 #: ``ReBasinStrategy(..., **PAPER_SETTINGS)``; the strategy's own defaults are Naive's.
 PAPER_SETTINGS: dict[str, int] = {"train_mb_size": 500, "train_epochs": 5, "eval_mb_size": 500}
+
+
+def released_settings(lr_perm: float = 0.1, weight_decay: float = 0.1) -> dict[str, Any]:
+    """Keyword arguments of :class:`ReBasinPlugin` / :class:`ReBasinStrategy` for the authors' released
+    code: :data:`~rebasin_callbacks.incremental.RELEASED_SETTINGS` (soft start, residual gradient clamp),
+    AdamW for the permutations, SGD weight decay ``weight_decay`` on the residual instead of the penalty
+    (``beta = 0``), and their fusion weight 0.8 on ``theta_{e-1}`` (our ``alpha = 0.2``). With
+    :func:`released_replay` and :data:`PAPER_SETTINGS` this is their Rotated MNIST experiment.
+
+    Example:
+        >>> kw = released_settings()
+        >>> kw["alpha"], kw["beta"], kw["incremental_kwargs"]["delta_grad_clip"]
+        (0.2, 0.0, 0.001)
+    """
+    lr_perm = check_non_negative("lr_perm", lr_perm)
+    weight_decay = check_non_negative("weight_decay", weight_decay)
+
+    def adamw(params: list[Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=lr_perm)
+
+    return {
+        "alpha": 0.2,
+        "beta": 0.0,
+        "lr_perm": lr_perm,
+        "incremental_kwargs": {
+            **RELEASED_SETTINGS,
+            "delta_weight_decay": weight_decay,
+            "perm_optimizer": adamw,
+        },
+    }
 
 
 def released_replay(num_experiences: int, per_experience: int = 50) -> SupervisedPlugin:
