@@ -33,21 +33,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
-from rebasin_callbacks.permute import permute_state_dict
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+from rebasin_callbacks.verify import SpecCheckError, check_spec, normalize_inputs, validate_inputs
 
 __all__ = ["trace_spec", "check_spec", "check_compatible", "SpecCheckError", "UntraceableModelError"]
-
-
-class SpecCheckError(AssertionError):
-    """A spec changes what the model computes. ``failing`` maps each culprit group to its relative error."""
-
-    def __init__(self, message: str, failing: Mapping[str, float]):
-        super().__init__(message)
-        self.failing = dict(failing)
 
 
 class UntraceableModelError(RuntimeError):
@@ -207,19 +198,6 @@ class _Tracer(fx.Tracer):
             raise
         except Exception as e:  # noqa: BLE001 - any failure inside a submodule makes it a leaf candidate
             raise _Untraceable(self.path_of_module(m), e) from e
-
-
-def _normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise TypeError(
-        f"example_inputs must be a Tensor, a tuple of positional inputs or a dict of keyword inputs, "
-        f"got {type(example_inputs).__name__}"
-    )
 
 
 def _concrete_args(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -689,15 +667,34 @@ class _Walker:
 
     def sdpa(self, q: Any, k: Any, v: Any, mask: Any) -> Any:
         lq, lk, lv = self.lab(q), self.lab(k), self.lab(v)
+        sq, sk, sv = self.shape(q), self.shape(k), self.shape(v)
+        assert sq is not None and sk is not None and sv is not None
         self.sp.merge(lq[-1], lk[-1])  # q.k^T sums over the head dim
         self.sp.merge(lk[-2], lv[-2])  # attn @ v sums over the keys
-        batch = [self.sp.merge(a, b) for a, b in zip(lq[:-2], lv[:-2])]
+        # the batch / head dims of q, k, v (and of the mask) broadcast together, as for `+`
+        operands = [(lq[:-2], sq[:-2]), (lk[:-2], sk[:-2]), (lv[:-2], sv[:-2])]
         if mask is not None and isinstance(mask, fx.Node) and self.is_tensor(mask):
+            # The mask is added to the scores (batch..., L, S): its last two dims follow the queries and
+            # the keys, every other non-singleton dim is tied to the scores' batch / head dim.
             lm, sm = self.lab(mask), self.shape(mask)
             assert sm is not None
-            for dim_label, j in ((lq[-2], -2), (lk[-2], -1)):
-                if len(sm) >= -j and sm[j] != 1:
-                    self.sp.merge(dim_label, lm[j])
+            if len(sm) > len(sq):
+                self.sp.fix(lm)  # more dims than the scores: nothing to tie them to safely
+            else:
+                for label, j in ((lq[-2], -2), (lk[-2], -1)):
+                    if len(sm) >= -j and sm[j] != 1:
+                        self.sp.merge(label, lm[j])
+                operands.append((lm[:-2], sm[:-2]))
+        nb = len(sq) - 2
+        batch: list[DimLabel] = []
+        for i in range(nb):
+            cur: Any = ...
+            for labels, shape in operands:
+                j = len(shape) - nb + i
+                if j < 0 or (shape[j] == 1 and sq[i] != 1):
+                    continue
+                cur = labels[j] if cur is ... else self.sp.merge(cur, labels[j])
+            batch.append(None if cur is ... else cur)
         return tuple(batch) + (lq[-2], lv[-1])
 
     # ------------------------------------------------------------------ attention units
@@ -771,7 +768,10 @@ class _Walker:
     # ------------------------------------------------------------------ dispatch
     def run(self) -> None:
         for node in self.gm.graph.nodes:
-            label = self.visit(node)
+            try:
+                label = self.visit(node)
+            except Exception as e:  # noqa: BLE001 - a surprise inside a handler: a boundary, never a crash
+                label = self.boundary(node, f"not understood: {type(e).__name__}: {str(e)[:80]}")
             structure = self.shapes.get(node)
             if isinstance(structure, torch.Size) and not self._fits(label, structure):
                 # a safety net: a handler produced labels that do not match the recorded shape
@@ -1240,7 +1240,7 @@ def trace_spec(
     *,
     check: bool = True,
     leaf_modules: Iterable[type | str] | None = None,
-    rtol: float = 1e-4,
+    rtol: float | None = None,
     generator: torch.Generator | None = None,
 ) -> PermutationSpec:
     """Derive the permutation spec of ``model`` from its computation graph.
@@ -1249,17 +1249,22 @@ def trace_spec(
         model: any ``nn.Module`` that ``torch.fx`` can trace (untraceable submodules become boundaries).
         example_inputs: a Tensor, a tuple of positional inputs or a dict of keyword inputs; used to record
             shapes (and by the check). A small batch is enough.
-        check: verify the spec with :func:`check_spec` and drop any group that changes the outputs.
+        check: verify the spec with :func:`check_spec` (float64, on a CPU copy) and drop any group that
+            changes the outputs; the achieved error is kept in ``spec.check_error``.
         leaf_modules: module types or qualified names not to trace into; they become boundaries.
-        rtol: tolerance of the check, relative to the output's magnitude.
-        generator: seeds the check's random permutations and parameter perturbation.
+        rtol: tolerance of the check, relative to the output's magnitude (default: near float64 round-off,
+            see :data:`~rebasin_callbacks.verify.DEFAULT_RTOL`).
+        generator: seeds the check's random permutations, parameters and inputs.
 
     Returns:
         A :class:`PermutationSpec` keyed by ``model.state_dict()`` names (buffers included), with a size for
         every group. Group names follow the first module that produces the space, e.g. ``"P_layer1.0.conv1"``.
 
     Raises:
-        UntraceableModelError: the model's own ``forward`` cannot be traced (names the construct).
+        UntraceableModelError: the model's own ``forward`` cannot be traced (names the construct). Anything
+            inside it the tracer does not understand becomes a boundary instead, with a warning.
+        ValueError: ``example_inputs`` are empty or not finite (with ``check=True``), or the model fails on
+            them.
 
     Warns:
         UserWarning: once, listing the nodes that became boundaries and the groups dropped by the check.
@@ -1274,7 +1279,9 @@ def trace_spec(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    args, kwargs = _normalize_inputs(example_inputs)
+    args, kwargs = normalize_inputs(example_inputs)
+    if check:
+        validate_inputs(args, kwargs)  # before any work: an empty or NaN input cannot verify anything
     state = model.state_dict(keep_vars=True)
     was_training = model.training
     model.eval()  # trace the inference graph: no batch-statistics updates, dropout off
@@ -1282,7 +1289,10 @@ def trace_spec(
         gm, leaves = _build_graph(model, args, kwargs, leaf_modules)
         recorder = _Recorder(gm)
         with torch.no_grad():
-            recorder.run(*_placeholder_values(gm, args, kwargs))
+            try:
+                recorder.run(*_placeholder_values(gm, args, kwargs))
+            except Exception as e:  # noqa: BLE001 - tell a bad input from a graph that does not run
+                raise _run_error(model, args, kwargs, e) from e
         walker = _Walker(gm, recorder.shapes, state)
         walker.run()
     finally:
@@ -1292,19 +1302,8 @@ def trace_spec(
     notes: list[str] = [f"untraceable submodule {leaf}" for leaf in leaves]
     notes += walker.boundaries
     if check and len(spec):
-        for _ in range(3):
-            try:
-                check_spec(model, spec, example_inputs, rtol=rtol, generator=generator)
-                break
-            except SpecCheckError as e:
-                notes.append(
-                    "dropped groups that changed the outputs: "
-                    + ", ".join(f"{g} (rel. error {err:.2g})" for g, err in e.failing.items())
-                )
-                spec = _drop_groups(spec, e.failing, plain_state)
-        else:
-            spec = _drop_groups(spec, spec.groups, plain_state)
-            notes.append("the check kept failing: every group dropped")
+        spec, check_notes = _verified(model, spec, example_inputs, rtol, generator, plain_state)
+        notes += check_notes
     if notes:
         shown = notes[:12] + ([f"... {len(notes) - 12} more"] if len(notes) > 12 else [])
         warnings.warn(
@@ -1315,150 +1314,53 @@ def trace_spec(
     return spec
 
 
-def _float_inputs(
-    example_inputs: Any, dtype: torch.dtype | None, device: torch.device | None
-) -> tuple[tuple, dict]:
-    args, kwargs = _normalize_inputs(example_inputs)
-
-    def cast(v: Any) -> Any:
-        if isinstance(v, Tensor):
-            v = v.to(device) if device is not None else v
-            return v.to(dtype) if dtype is not None and v.is_floating_point() else v
-        return v
-
-    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
-
-
-def _perturb(state: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-    """Randomised copies of every floating state entry (fresh BatchNorm stats are 0/1 and would hide
-    mistakes); other entries are shared."""
-    out = dict(state)
-    for key, v in state.items():
-        if not (isinstance(v, Tensor) and v.is_floating_point()) or v.numel() == 0:
-            continue
-        noise = torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
-        if key.endswith("running_var"):
-            out[key] = v * torch.exp(0.3 * noise)
-        else:
-            scale = float(v.float().pow(2).mean().sqrt()) or 1.0
-            out[key] = v + 0.2 * scale * noise
-    return out
-
-
-def _derangement_like(n: int, generator: torch.Generator) -> Tensor:
-    perm = torch.randperm(n, generator=generator)
-    if n > 1 and torch.equal(perm, torch.arange(n)):
-        perm = perm.roll(1)
-    return perm
-
-
-def _outputs_error(a: Any, b: Any) -> float:
-    la = [x for x in tree_leaves(a) if isinstance(x, Tensor) and x.is_floating_point()]
-    lb = [x for x in tree_leaves(b) if isinstance(x, Tensor) and x.is_floating_point()]
-    if len(la) != len(lb) or any(x.shape != y.shape for x, y in zip(la, lb)):
-        return math.inf
-    err = 0.0
-    for x, y in zip(la, lb):
-        scale = float(x.detach().abs().max()) if x.numel() else 0.0
-        diff = float((x.detach() - y.detach()).abs().max()) if x.numel() else 0.0
-        err = max(err, diff / max(scale, 1e-12))
-    return err
-
-
-def check_spec(
+def _verified(
     model: nn.Module,
     spec: PermutationSpec,
     example_inputs: Any,
-    *,
-    rtol: float = 1e-4,
-    generator: torch.Generator | None = None,
-    groups: Iterable[str] | None = None,
-    dtype: torch.dtype | None = None,
-) -> float:
-    """Verify that permuting by ``spec`` does not change what ``model`` computes.
+    rtol: float | None,
+    generator: torch.Generator | None,
+    state: Mapping[str, Tensor],
+) -> tuple[PermutationSpec, list[str]]:
+    """``spec`` without the groups :func:`check_spec` blames (the achieved error in ``spec.check_error``)."""
+    notes: list[str] = []
+    for _ in range(3):
+        try:
+            err = check_spec(model, spec, example_inputs, rtol=rtol, generator=generator)
+        except SpecCheckError as e:
+            notes.append(
+                "dropped groups that changed the outputs: "
+                + ", ".join(f"{g} (rel. error {err:.2g})" for g, err in e.failing.items())
+            )
+            spec = _drop_groups(spec, e.failing, state)
+            if not len(spec):
+                break
+        except ValueError:
+            raise  # the model's outputs are not finite: a bad model or input, said as such
+        except Exception as e:  # noqa: BLE001 - a spec that cannot be verified is not returned
+            notes.append(f"the check could not run ({type(e).__name__}: {str(e)[:120]}): every group dropped")
+            return _drop_groups(spec, spec.groups, state), notes
+        else:
+            spec.check_error = err
+            return spec, notes
+    if len(spec):
+        notes.append("the check kept failing: every group dropped")
+        spec = _drop_groups(spec, spec.groups, state)
+    return spec, notes
 
-    The model (in eval mode, evaluated with ``torch.func.functional_call`` on a perturbed copy of its state:
-    fresh BatchNorm statistics are 0 / 1 and would hide a missing buffer) is compared with its permutation
-    under one random permutation per group (never the identity). The model itself is not modified.
 
-    Args:
-        model: the model the spec is for.
-        spec: the spec to verify (sizes filled in).
-        example_inputs: a Tensor, a tuple of positional inputs or a dict of keyword inputs.
-        rtol: allowed ``max |out - out_perm| / max |out|`` over all floating outputs.
-        generator: seeds the permutations and the perturbation (default: a fixed seed).
-        groups: check only these groups (default: all).
-        dtype: compute in this dtype (float64 makes round-off negligible, but is slow on CPU); None keeps
-            the model's dtype (half precision is upcast to float32).
-
-    Returns:
-        The relative error.
-
-    Raises:
-        SpecCheckError: the error exceeds ``rtol``; groups are then checked one at a time and the message
-            (and ``.failing``) names the culprits.
-
-    Example:
-        >>> import torch
-        >>> from rebasin_callbacks import check_spec, trace_spec
-        >>> mlp = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-        >>> x = torch.randn(4, 2)
-        >>> check_spec(mlp, trace_spec(mlp, x, check=False), x) < 1e-10
-        True
-    """
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    chosen = list(spec.groups if groups is None else groups)
-    unknown = [g for g in chosen if g not in spec.sizes]
-    if unknown:
-        raise SpecMismatchError(f"groups {unknown[:5]} are not in the spec (or have no size)")
-    state = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
-    spec.validate(state)
-    floats = [v.dtype for v in state.values() if v.is_floating_point()]
-    work_dtype = dtype or (torch.float32 if floats and floats[0] in (torch.float16, torch.bfloat16) else None)
-    if work_dtype is not None:
-        state = {k: v.to(work_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    device = next((v.device for v in state.values()), None)
-    base_state = _perturb(state, gen)
-    args, kwargs = _float_inputs(example_inputs, work_dtype, device)
-    was_training = model.training
-    model.eval()
-
-    def run(st: Mapping[str, Tensor]) -> Any:
-        with torch.no_grad():
-            return functional_call(model, dict(st), args, kwargs, tie_weights=False, strict=False)
-
-    perms = {g: _derangement_like(spec.sizes[g], gen) for g in chosen}
-
-    def error(subset: Iterable[str]) -> float:
-        return _outputs_error(ref, run(permute_state_dict(base_state, spec, {g: perms[g] for g in subset})))
-
+def _run_error(model: nn.Module, args: tuple, kwargs: dict, error: BaseException) -> Exception:
+    """A ValueError when the model itself fails on the example inputs; else the traced graph is at fault."""
     try:
-        ref = run(base_state)
-        return _check_or_raise(model, chosen, error, rtol)
-    finally:
-        model.train(was_training)
-
-
-def _check_or_raise(
-    model: nn.Module, chosen: list[str], error: Callable[[Iterable[str]], float], rtol: float
-) -> float:
-    err = error(chosen)
-    if err <= rtol:
-        return err
-    failing = {}
-    for g in chosen:
-        e = error([g])
-        if e > rtol:
-            failing[g] = e
-    if not failing:  # only a combination fails: blame them all
-        failing = dict.fromkeys(chosen, err)
-    raise SpecCheckError(
-        f"the spec changes the outputs of {type(model).__name__} (relative error {err:.3g} > rtol={rtol:g}); "
-        f"failing groups: "
-        + ", ".join(f"{g} ({e:.3g})" for g, e in list(failing.items())[:10])
-        + (f" and {len(failing) - 10} more" if len(failing) > 10 else ""),
-        failing,
-    )
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as eager:  # noqa: BLE001
+        shapes = [tuple(a.shape) for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
+        return ValueError(
+            f"{type(model).__name__} fails on example_inputs (tensor shapes {shapes}): "
+            f"{type(eager).__name__}: {str(eager).splitlines()[0] if str(eager) else ''}"
+        )
+    return _untraceable_error(model, error)
 
 
 def check_compatible(
