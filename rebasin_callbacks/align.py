@@ -17,8 +17,10 @@ a fixed temperature, 512-wide layers sit at an almost uniform matrix and barely 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,16 +28,26 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rebasin_callbacks.costs import RndCost, resolve_cost
+from rebasin_callbacks.costs import CosineCost, L2Cost, RndCost, resolve_cost
 from rebasin_callbacks.matching import check_finite, resolve_spec, weight_matching
 from rebasin_callbacks.permute import identity_permutations, permute, random_permutations
-from rebasin_callbacks.rebasin import PermutedView, ReBasin
+from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
+from rebasin_callbacks.sinkhorn import SinkhornConvergenceWarning
 from rebasin_callbacks.spec import PermutationSpec
 from rebasin_callbacks.trace import check_compatible
+from rebasin_callbacks.utils import module_device, split_batch, to_device
 
 __all__ = ["align", "AlignResult"]
 
 Init = Literal["weight_matching", "identity", "random"]
+Method = Literal["ste", "soft", "anneal", "entropy"]
+METHODS: tuple[str, ...] = ("ste", "soft", "anneal", "entropy")
+
+# "anneal": tau_t = tau * max(_ANNEAL_FLOOR, _ANNEAL_RATE ** t); "entropy": penalty weight relative to
+# the warm start's cost (a cost-scale-free weight).
+_ANNEAL_RATE = 0.9
+_ANNEAL_FLOOR = 0.01
+_ENTROPY_WEIGHT = 0.1
 
 
 @dataclass
@@ -67,28 +79,120 @@ class AlignResult:
         return float(best[-1])
 
 
-def _cycle(data: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("data yielded no batches")
+class _Batches:
+    """Cycles through ``data`` as long as needed. A one-shot iterator (a generator) cannot be iterated
+    twice, so its batches are kept as they come and replayed once it is exhausted."""
+
+    def __init__(self, data: Iterable[Any], device: torch.device):
+        self.data, self.device = data, device
+        self.one_shot = iter(data) is data
+        self.seen: list[Any] = []
+        self._it: Iterator[Any] = iter(data)
+        self._replay: int | None = None
+
+    def __next__(self) -> Any:
+        if self._replay is not None:
+            batch = self.seen[self._replay % len(self.seen)]
+            self._replay += 1
+            return batch
+        try:
+            raw = next(self._it)
+        except StopIteration:
+            if not self.seen:
+                raise ValueError("data yielded no batches") from None
+            if self.one_shot:
+                self._replay = 1
+                return self.seen[0]
+            self._it = iter(self.data)
+            try:
+                raw = next(self._it)
+            except StopIteration:
+                raise ValueError(
+                    "data yielded no batches on its second pass (pass a list or a DataLoader)"
+                ) from None
+        batch = _as_pair(raw, self.device)
+        if self.one_shot or not self.seen:
+            self.seen.append(batch)
+        return batch
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    return batch
+def _as_pair(batch: Any, device: torch.device) -> Any:
+    """A batch on ``device``; a dict batch becomes ``(inputs, targets)`` (keys as :func:`split_batch`)."""
+    if isinstance(batch, Mapping):
+        try:
+            batch = split_batch(batch)
+        except TypeError as err:
+            raise TypeError(f"data: {err}") from None
+    return to_device(batch, device)
 
 
-def _device(module: nn.Module) -> torch.device:
-    for t in module.state_dict().values():
-        return t.device
-    return torch.device("cpu")
+def _unwrap(module: Any, name: str) -> nn.Module:
+    """The module inside ``torch.compile`` / ``DataParallel`` / ``DistributedDataParallel`` wrappers
+    (their state dict keys carry a prefix, and the permutation acts on the wrapped module)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
+    for _ in range(8):
+        inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = module.module
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+    return module
+
+
+def _check_magnitude(module: nn.Module, name: str) -> None:
+    """Name a tensor whose squared sum overflows its dtype: every squared-distance cost would be inf."""
+    for key, value in module.state_dict().items():
+        if not value.is_floating_point() or value.numel() == 0:
+            continue
+        big = float(value.detach().abs().max())
+        if big * big * value.numel() > torch.finfo(value.dtype).max:
+            raise OverflowError(
+                f"{name}: {key!r} (shape {tuple(value.shape)}, {value.dtype}) holds values up to {big:.3g}: "
+                f"its squared sum overflows {value.dtype}, so the costs would be inf. Rescale the "
+                "weights or convert both models to float64"
+            )
+
+
+def _follow_model(model: nn.Module, reference: nn.Module) -> nn.Module:
+    """``reference``, or a copy of it moved and cast to ``model``'s device and per-entry dtypes
+    (the reference itself is never moved)."""
+    device = module_device(model)
+    target = model.state_dict()
+    mismatch = any(
+        t.device != device or (t.is_floating_point() and t.dtype != target[k].dtype)
+        for k, t in reference.state_dict().items()
+        if k in target
+    )
+    if not mismatch:
+        return reference
+    ref = copy.deepcopy(reference).to(device)
+    with torch.no_grad():
+        for key, t in [*ref.named_parameters(), *ref.named_buffers()]:
+            want = target.get(key)
+            if want is not None and t.is_floating_point() and t.dtype != want.dtype:
+                t.data = t.data.to(want.dtype)
+    return ref
+
+
+def _check_cost_value(value: Any, cost_fn: Any, *, need_grad: bool) -> Tensor:
+    cost = getattr(cost_fn, "__name__", None) or repr(cost_fn)
+    if not isinstance(value, Tensor) or value.numel() != 1 or value.ndim > 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else None
+        raise TypeError(
+            f"the cost {cost} must return a scalar Tensor, got {type(value).__name__}"
+            + (f" of shape {shape}" if shape is not None else "")
+            + " (reduce it, e.g. with .mean())"
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"the cost {cost} must return a floating-point Tensor, got {value.dtype}")
+    if need_grad and not value.requires_grad:
+        raise TypeError(
+            f"the cost {cost} returned a tensor with no gradient with respect to the permuted model: it "
+            "must be computed from view.state / view(...) without .detach(), .item() or torch.no_grad()"
+        )
+    return value.reshape(())
 
 
 def _perm_key(perms: Mapping[str, Tensor]) -> tuple:
@@ -108,6 +212,7 @@ def align(
     lr: float = 0.1,
     init: Init | Mapping[str, Tensor] = "weight_matching",
     tau: float = 1.0,
+    method: Method = "soft",
     early_stopping: int | None = 30,
     progress: bool = True,
     seed: int | None = None,
@@ -118,23 +223,39 @@ def align(
     """Permute ``model``'s hidden units to bring it into ``reference``'s basin (Sinkhorn re-basin).
 
     Args:
-        model: the model to permute (never modified).
-        reference: the model to align to (same architecture; never modified).
+        model: the model to permute (never modified). ``torch.compile`` and ``DataParallel`` wrappers are
+            looked through: the wrapped module is aligned and ``result.model`` is a plain module.
+        reference: the model to align to (same architecture; never modified). The computation follows
+            ``model``: when the reference lives on another device or holds another floating-point dtype,
+            a converted copy of it is used.
         spec: the permutation spec; traced from ``example_inputs`` (or the first batch of ``data``) if omitted.
-        example_inputs: inputs for :func:`~rebasin_callbacks.trace_spec`.
+        example_inputs: inputs for :func:`~rebasin_callbacks.trace_spec` (a tensor or a tuple of tensors).
         cost: ``"l2"`` (data-free, the paper's Eq. 7), ``"cosine"`` (data-free), ``"mid"`` / ``"rnd"``
-            (task loss on the line between the models; need ``data`` and ``loss_fn``), or any callable
-            ``(view, reference, batch) -> scalar``.
-        data: an iterable of ``(inputs, targets)`` batches (a DataLoader), cycled as long as needed; the
-            first batch also scores the hard permutations, so results compare on the same data.
+            (task loss on the line between the models; need ``data`` and ``loss_fn``; BatchNorm layers
+            use batch statistics there), or any callable ``(view, reference, batch) -> scalar Tensor``.
+        data: an iterable of ``(inputs, targets)`` batches (a DataLoader, a list, a generator; dict batches
+            with keys such as ``"x"`` / ``"y"`` or ``"image"`` / ``"label"`` work too), cycled as long as
+            needed; the first batch also scores the hard permutations, so results compare on the same data.
         loss_fn: ``(outputs, targets) -> loss`` for ``cost="mid" | "rnd"``.
         steps: most optimisation steps.
-        lr: Adam learning rate, relative to each group's score scale.
+        lr: Adam learning rate, relative to each group's score scale (in ``(0, 100]``).
         init: ``"weight_matching"`` (warm start), ``"identity"`` (the paper's start), ``"random"``, or
             ``{group: LongTensor}``.
-        tau: Sinkhorn temperature (on top of the per-size score scale).
-        early_stopping: stop after this many steps without a better hard cost or a lower soft cost
-            (``None``: run all ``steps``).
+        tau: Sinkhorn temperature (on top of the per-size score scale), in ``[1e-3, 1e3]``.
+        method: how the relaxation is trained.
+
+            * ``"soft"`` (default): the cost of the doubly-stochastic matrices themselves (the paper's
+              relaxation; it recovers the most planted permutations, see BENCHMARKS.md).
+            * ``"ste"``: straight-through estimator: the cost is evaluated at the hard permutation the
+              scores project to, its gradient flows through the Sinkhorn matrix (as Git Re-Basin's STE):
+              the optimiser sees exactly what is returned, and a step needs no separate scoring.
+            * ``"anneal"``: ``"soft"`` with the temperature lowered by 10% per step (to ``tau / 100``), so
+              the matrices approach permutations.
+            * ``"entropy"``: ``"soft"`` plus a penalty on the matrices' row entropy.
+        early_stopping: stop after this many steps without a better hard permutation (``None``: run all
+            ``steps``). After a weight-matching warm start the refinement also stops once it has spent
+            as long as the warm start took without improving (but not before two steps), so a
+            refinement with nothing to gain costs about one more warm start.
         progress: show a progress bar (tqdm, when installed).
         seed: makes the run repeatable (initial jitter, weight-matching order, random init, ``"rnd"``'s
             interpolation points, dropout); the global random state is left untouched.
@@ -160,23 +281,32 @@ def align(
         True
     """
     start = time.perf_counter()
-    for name, value in (("model", model), ("reference", reference)):
-        if not isinstance(value, nn.Module):
-            raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
+    model = _unwrap(model, "model")
+    reference = _unwrap(reference, "reference")
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= 100):
+        raise ValueError(
+            f"lr must be a number in (0, 100] (relative to each group's score scale), got {lr!r}"
+        )
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and 1e-3 <= tau <= 1e3):
+        raise ValueError(f"tau must be a number in [1e-3, 1e3], got {tau!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     if early_stopping is not None and not (isinstance(early_stopping, int) and early_stopping >= 1):
         raise ValueError(f"early_stopping must be an int >= 1 or None, got {early_stopping!r}")
+    if isinstance(example_inputs, Mapping):
+        raise TypeError(
+            f"example_inputs is a dict (keys {list(example_inputs)[:5]}): pass the model's positional "
+            "input(s), a tensor or a tuple of tensors, e.g. example_inputs=batch['x']"
+        )
     check_compatible(model, reference)
     check_finite(model, "model")
     check_finite(reference, "reference")
-    device = _device(model)
-    if _device(reference) != device:
-        raise ValueError(
-            f"model is on {device} but reference is on {_device(reference)}: move them to one device"
-        )
+    _check_magnitude(model, "model")
+    _check_magnitude(reference, "reference")
+    device = module_device(model)
+    reference = _follow_model(model, reference)
 
     cost_fn = resolve_cost(cost, loss_fn)
     if getattr(cost_fn, "needs_data", False) and data is None:
@@ -187,14 +317,16 @@ def align(
         cost_fn.generator = torch.Generator().manual_seed(int(seed))
     score_fn = getattr(cost_fn, "score", cost_fn)
 
-    batches: Iterator[Any] | None = None
+    batches: _Batches | None = None
     first: Any = None
     if data is not None:
         # A single (inputs, targets) pair is accepted as a one-batch dataset.
         if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
             data = [data]
-        batches = _cycle(data)
-        first = _to_device(next(batches), device)
+        if isinstance(data, (Tensor, Mapping)):
+            data = [data]
+        batches = _Batches(data, device)
+        first = next(batches)
         if example_inputs is None and spec is None:
             example_inputs = first[0] if isinstance(first, (tuple, list)) else first
     if spec is None and example_inputs is None:
@@ -202,17 +334,21 @@ def align(
             "align needs a permutation spec: pass spec=..., example_inputs=... (to trace one) or data=..."
         )
     spec = resolve_spec(model, spec, example_inputs)
+    if not isinstance(cost_fn, (L2Cost, CosineCost)):
+        _probe_cost(model, reference, cost_fn, first)
 
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None)
     with fork:
         if seed is not None:
             torch.manual_seed(int(seed))
+        t0 = time.perf_counter()
         perms0 = _initial_permutations(model, reference, spec, init, gen, seed)
+        warm = time.perf_counter() - t0 if isinstance(init, str) and init == "weight_matching" else None
         result = _refine(
             model, reference, spec, perms0, cost_fn, score_fn, batches, first,
             steps=steps, lr=lr, tau=tau, n_iters=n_iters, noise=noise, init_scale=init_scale, gen=gen,
-            early_stopping=early_stopping, progress=progress,
+            early_stopping=early_stopping, progress=progress, method=method, budget=warm,
         )  # fmt: skip
     perms, history, n_steps = result
     aligned = permute(model, spec, perms)
@@ -224,6 +360,17 @@ def align(
         steps=n_steps,
         seconds=time.perf_counter() - start,
     )
+
+
+def _probe_cost(model: nn.Module, reference: nn.Module, cost_fn: Any, batch: Any) -> None:
+    """Call a cost once on the unpermuted model, before any work, so a cost that returns a vector, a
+    detached tensor or fails on the batch says so at once."""
+    params = {n for n, _ in model.named_parameters()}
+    state = {
+        k: (v.detach().requires_grad_(True) if k in params and v.is_floating_point() else v.detach())
+        for k, v in model.state_dict(keep_vars=True).items()
+    }
+    _check_cost_value(cost_fn(PermutedView(model, state), reference, batch), cost_fn, need_grad=True)
 
 
 def _initial_permutations(
@@ -249,6 +396,13 @@ def _initial_permutations(
     )
 
 
+def _one_hot(perm: Tensor, like: Tensor) -> Tensor:
+    # row i holds a 1 at column perm[i]: the matrix P with (P @ W)[i] = W[perm[i]], as permute() applies
+    out = torch.zeros_like(like)
+    out[torch.arange(len(perm), device=like.device), perm.to(like.device)] = 1
+    return out
+
+
 def _refine(
     model: nn.Module,
     reference: nn.Module,
@@ -256,7 +410,7 @@ def _refine(
     perms0: dict[str, Tensor],
     cost_fn: Callable[..., Tensor],
     score_fn: Callable[..., Tensor],
-    batches: Iterator[Any] | None,
+    batches: _Batches | None,
     first: Any,
     *,
     steps: int,
@@ -268,21 +422,31 @@ def _refine(
     gen: torch.Generator | None,
     early_stopping: int | None,
     progress: bool,
+    method: Method,
+    budget: float | None,
 ) -> tuple[dict[str, Tensor], dict[str, list[float]], int]:
     rb = ReBasin(
         model, spec, init=perms0, tau=tau, n_iters=n_iters, init_scale=init_scale, noise=noise, generator=gen
     )
     cache: dict[tuple, float] = {}
 
+    def remember(key: tuple, value: float) -> float:
+        if math.isnan(value):
+            raise FloatingPointError(f"the cost of a hard permutation is NaN (cost {cost_fn!r})")
+        if math.isinf(value):
+            raise FloatingPointError(
+                f"the cost of a hard permutation is {value} (cost {cost_fn!r}): it overflows"
+            )
+        cache[key] = value
+        return value
+
     def hard_cost(perms: Mapping[str, Tensor]) -> float:
         key = _perm_key(perms)
-        if key not in cache:
-            with torch.no_grad():
-                value = score_fn(PermutedView(model, rb.permuted_state(dict(perms))), reference, first)
-            cache[key] = float(value)
-            if math.isnan(cache[key]):
-                raise FloatingPointError(f"the cost of a hard permutation is NaN (cost {cost_fn!r})")
-        return cache[key]
+        if key in cache:
+            return cache[key]
+        with torch.no_grad():
+            value = score_fn(PermutedView(model, rb.permuted_state(dict(perms))), reference, first)
+        return remember(key, float(_check_cost_value(value, cost_fn, need_grad=False)))
 
     best_perms = dict(perms0)
     best = hard_cost(best_perms)
@@ -302,46 +466,88 @@ def _refine(
     opt = torch.optim.Adam([{"params": [p], "lr": lr * rb.scales[b]} for b, p in rb.scores.items()])
     bar = _progress_bar(steps, progress)
     rb.train()
-    best_soft = math.inf
+    base = rb.base_state()
+    penalty = _ENTROPY_WEIGHT * abs(best) if method == "entropy" else 0.0
     t_start = time.perf_counter()
+    t_best = t_start
     stale = 0
     step = 0
-    try:
-        for step in range(1, steps + 1):
-            batch = first if step == 1 or batches is None else _to_device(next(batches), _device(model))
-            opt.zero_grad(set_to_none=True)
-            value = cost_fn(rb(), reference, batch)
-            if not isinstance(value, Tensor) or value.ndim != 0:
-                raise TypeError(
-                    f"the cost must return a scalar Tensor, got {type(value).__name__} {getattr(value, 'shape', '')}"
-                )
-            soft = float(value.detach())
-            if not math.isfinite(soft):
-                raise FloatingPointError(f"the cost is {soft} at step {step} (cost {cost_fn!r})")
-            value.backward()
-            opt.step()
-            perms = rb.project()
-            hard = hard_cost(perms)
-            stale += 1
-            if hard < best:
-                best, best_perms, stale = hard, perms, 0
-            if soft < best_soft - 1e-4 * abs(best_soft):
-                best_soft, stale = soft, 0
-            history["cost"].append(soft)
-            history["hard_cost"].append(hard)
-            history["best_cost"].append(best)
-            history["time"].append(time.perf_counter() - t_start)
+    with warnings.catch_warnings():
+        # The soft matrices are a relaxation, never returned: what counts is the hard permutation, scored
+        # exactly at every step. Low temperatures ("anneal") leave them unconverged on purpose.
+        warnings.simplefilter("ignore", SinkhornConvergenceWarning)
+        try:
+            for step in range(1, steps + 1):
+                batch = first if step == 1 or batches is None else next(batches)
+                if method == "anneal":
+                    rb.tau = tau * max(_ANNEAL_FLOOR, _ANNEAL_RATE**step)
+                opt.zero_grad(set_to_none=True)
+                soft_mats = rb.soft_permutations()
+                if method == "ste":
+                    # Straight-through: the forward pass sees the projected permutation exactly (P - P.detach()
+                    # is zero), the backward pass the Sinkhorn gradient.
+                    perms = rb.project()
+                    mats = {g: _one_hot(perms[g], P) + (P - P.detach()) for g, P in soft_mats.items()}
+                else:
+                    mats = soft_mats
+                view = PermutedView(model, apply_soft_permutations(base, spec, mats))
+                value = _check_cost_value(cost_fn(view, reference, batch), cost_fn, need_grad=True)
+                soft = float(value.detach())
+                if not math.isfinite(soft):
+                    raise FloatingPointError(f"the cost is {soft} at step {step} (cost {cost_fn!r})")
+                if penalty:
+                    value = value + penalty * _mean_entropy(soft_mats)
+                value.backward()
+                opt.step()
+                if method == "ste":
+                    key = _perm_key(perms)
+                    if batch is first and score_fn is cost_fn and key not in cache:
+                        remember(key, soft)  # the forward pass was the hard cost on the scoring batch
+                    hard = hard_cost(perms)
+                else:
+                    perms = rb.project()
+                    hard = hard_cost(perms)
+                stale += 1
+                if hard < best:
+                    best, best_perms, stale = hard, perms, 0
+                    t_best = time.perf_counter()
+                now = time.perf_counter()
+                history["cost"].append(soft)
+                history["hard_cost"].append(hard)
+                history["best_cost"].append(best)
+                history["time"].append(now - t_start)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(cost=f"{soft:.4g}", best=f"{best:.4g}", refresh=False)
+                if lower is not None and best <= lower + 1e-12:
+                    break
+                if early_stopping is not None and stale >= early_stopping:
+                    break
+                # A refinement that has not improved for as long as the warm start took gives up: without a
+                # gain it costs about one more warm start.
+                if (
+                    early_stopping is not None
+                    and budget is not None
+                    and stale >= 2
+                    and now - t_best >= budget
+                ):
+                    break
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(cost=f"{soft:.4g}", best=f"{best:.4g}", refresh=False)
-            if lower is not None and best <= lower + 1e-12:
-                break
-            if early_stopping is not None and stale >= early_stopping:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
     return best_perms, history, step
+
+
+def _mean_entropy(mats: Mapping[str, Tensor]) -> Tensor:
+    """Mean row entropy of the soft permutations, each divided by its maximum ``log n`` (0 at a
+    permutation, 1 at the uniform matrix)."""
+    terms = []
+    for P in mats.values():
+        n = P.shape[-1]
+        if n > 1:
+            h = -(P * P.clamp_min(1e-12).log()).sum(-1).mean()
+            terms.append(h / math.log(n))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:

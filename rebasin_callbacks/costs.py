@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["Cost", "L2Cost", "MidCost", "RndCost", "CosineCost", "interpolate_state", "resolve_cost"]
 
@@ -150,12 +151,13 @@ class _LineCost:
     needs_data = True
     lower_bound: float | None = None
 
-    def __init__(self, loss_fn: Callable[[Any, Any], Tensor]):
+    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], *, batch_stats: bool = True):
         if not callable(loss_fn):
             raise TypeError(
                 f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}"
             )
         self.loss_fn = loss_fn
+        self.batch_stats = batch_stats
 
     def _lambda(self, device: torch.device) -> float | Tensor:
         raise NotImplementedError
@@ -172,12 +174,23 @@ class _LineCost:
         inputs, targets = batch[0], batch[1]
         ref = _reference_state(reference)
         state = interpolate_state(view.state, ref, self._lambda(next(iter(ref.values())).device))
-        if reference.training:
-            # Train-mode BatchNorm updates its running statistics in place: give it detached copies.
+        norms = [m for m in reference.modules() if isinstance(m, _BatchNorm)] if self.batch_stats else []
+        if reference.training or norms:
+            # BatchNorm in train mode normalises with the batch's statistics and updates its running
+            # statistics in place: give it detached copies, so neither autograd nor the user's buffers see it.
             buffers = {k for k, _ in reference.named_buffers()}
             state = {k: (v.detach().clone() if k in buffers else v) for k, v in state.items()}
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        outputs = functional_call(reference, state, args, tie_weights=True, strict=False)
+        # The interpolated model's running statistics are meaningless (the literature resets them): its
+        # BatchNorm layers normalise with the batch statistics instead, the other layers keep their mode.
+        modes = [m.training for m in norms]
+        try:
+            for m in norms:
+                m.training = True
+            outputs = functional_call(reference, state, args, tie_weights=True, strict=False)
+        finally:
+            for m, mode in zip(norms, modes):
+                m.training = mode
         return self.loss_fn(outputs, targets)
 
 
@@ -185,7 +198,11 @@ class MidCost(_LineCost):
     """Task loss of the midpoint ``(pi_P(theta_A) + theta_B) / 2`` on a batch (the paper's C_Mid).
 
     The midpoint is evaluated with the reference's structure (``functional_call``) in the reference's
-    current mode; floating-point buffers (BatchNorm statistics) are interpolated like the parameters.
+    current mode, except that BatchNorm layers normalise with the batch's statistics (``batch_stats=True``,
+    the default: an interpolated model's running statistics do not describe its activations, which is why
+    the literature resets them; this also keeps BatchNorm networks in eval mode differentiable). The
+    reference's buffers are never updated. With ``batch_stats=False`` BatchNorm follows the reference's
+    mode and uses the interpolated running statistics.
 
     Example:
         >>> import torch
@@ -218,8 +235,14 @@ class RndCost(_LineCost):
         >>> cost = RndCost(torch.nn.functional.mse_loss, generator=torch.Generator().manual_seed(0))
     """
 
-    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], generator: torch.Generator | None = None):
-        super().__init__(loss_fn)
+    def __init__(
+        self,
+        loss_fn: Callable[[Any, Any], Tensor],
+        generator: torch.Generator | None = None,
+        *,
+        batch_stats: bool = True,
+    ):
+        super().__init__(loss_fn, batch_stats=batch_stats)
         self.generator = generator
         self._fixed: float | None = None
 

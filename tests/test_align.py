@@ -151,5 +151,55 @@ def test_errors_are_clear():
         value = sum(((view.state[k] - v) ** 2).sum() for k, v in reference.state_dict().items())
         return value * float("nan") if len(calls) > 3 else value
 
-    with pytest.raises(FloatingPointError, match="step 3"):
+    with pytest.raises(FloatingPointError, match=r"at step \d"):
         align(a, b, spec=spec, cost=nan_after_two, init="identity", early_stopping=None, progress=False)
+
+
+def test_data_costs_work_on_batchnorm_networks_in_eval_mode():
+    a, b = small_cnn(seed=0), small_cnn(seed=1)
+    before = copy.deepcopy(b)
+    data = [(torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))) for _ in range(2)]
+    for cost in ("mid", "rnd"):
+        result = align(a, b, spec=cnn_spec(a), cost=cost, data=data, loss_fn=nn.functional.cross_entropy,
+                       steps=4, early_stopping=None, progress=False, seed=0)  # fmt: skip
+        assert result.steps == 4 and result.cost <= result.history["init_cost"][0]
+    assert same_state(b, before) and not b.training
+
+
+def test_mid_cost_on_a_torchvision_resnet():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    a = torchvision.models.resnet18(num_classes=3).eval()
+    b = torchvision.models.resnet18(num_classes=3).eval()
+    data = [(torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,)))]
+    result = align(a, b, cost="mid", data=data, loss_fn=nn.functional.cross_entropy, steps=2,
+                   progress=False, seed=0)  # fmt: skip
+    assert result.steps >= 1 and len(result.perms) == 12
+
+
+def test_a_refinement_with_nothing_to_gain_stops_early():
+    # independent random networks: weight matching is already a local optimum the refinement cannot beat
+    a, b = mlp([16, 64, 64, 4], seed=0), mlp([16, 64, 64, 4], seed=1)
+    result = align(a, b, spec=mlp_spec(a), progress=False, seed=0)
+    assert result.cost == result.history["init_cost"][0]
+    assert 1 <= result.steps <= 10  # the step patience alone would allow 30
+
+
+@pytest.mark.parametrize("method", ["ste", "soft", "anneal", "entropy"])
+def test_every_method_recovers_a_small_planted_permutation_and_repeats(method):
+    model = mlp([3, 8, 8, 2], normal_init=True, seed=3)
+    spec = mlp_spec(model)
+    target = _planted(model, spec, seed=3)
+    kwargs = dict(spec=spec, init="identity", steps=150, method=method, progress=False, seed=0)
+    r1, r2 = align(model, target, **kwargs), align(model, target, **kwargs)
+    assert r1.history["cost"] == r2.history["cost"]
+    assert r1.cost <= r1.history["init_cost"][0]
+    assert same_state(r1.model, target)
+
+
+def test_ste_sees_the_hard_cost_in_its_forward_pass():
+    a, b = mlp([4, 12, 12, 2], seed=0), mlp([4, 12, 12, 2], seed=1)
+    result = align(a, b, spec=mlp_spec(a), init="random", method="ste", steps=6, early_stopping=None,
+                   progress=False, seed=0)  # fmt: skip
+    # step 1 evaluates the initial (random) permutation exactly: the soft value is its hard cost
+    assert result.history["cost"][0] == pytest.approx(result.history["init_cost"][0], rel=1e-5)

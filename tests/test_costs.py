@@ -40,10 +40,32 @@ def test_mid_cost_is_the_loss_of_the_midpoint_model():
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     mid = small_cnn(seed=2)
     mid.load_state_dict(interpolate_state(a.state_dict(), b.state_dict(), 0.5))
-    # the BatchNorm statistics are interpolated too (eval mode uses them)
+    # with batch_stats=False the interpolated BatchNorm statistics are used (eval mode)
     torch.testing.assert_close(mid[1].running_mean, (a[1].running_mean + b[1].running_mean) / 2)
     expected = nn.functional.cross_entropy(mid(x), y)
-    torch.testing.assert_close(MidCost(nn.functional.cross_entropy)(_view(a), b, (x, y)), expected)
+    cost = MidCost(nn.functional.cross_entropy, batch_stats=False)
+    torch.testing.assert_close(cost(_view(a), b, (x, y)), expected)
+    # by default BatchNorm normalises with the batch statistics (what a BatchNorm reset estimates)
+    mid.train()
+    expected_batch = nn.functional.cross_entropy(mid(x), y)
+    torch.testing.assert_close(MidCost(nn.functional.cross_entropy)(_view(a), b, (x, y)), expected_batch)
+    assert not torch.allclose(expected, expected_batch)
+
+
+def test_mid_cost_differentiates_through_batchnorm_in_eval_mode():
+    # eval-mode BatchNorm is not differentiable with respect to its running statistics: the cost must
+    # not need that, and must leave the reference's buffers and modes alone
+    a, b = small_cnn(seed=0), small_cnn(seed=1)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    scale = torch.ones((), requires_grad=True)
+    view = PermutedView(a, {k: v * scale if v.is_floating_point() else v for k, v in a.state_dict().items()})
+    value = MidCost(nn.functional.cross_entropy)(
+        view, b, (torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    )
+    value.backward()
+    assert scale.grad is not None and torch.isfinite(scale.grad)
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())
+    assert not any(m.training for m in b.modules())
 
 
 def test_mid_cost_in_train_mode_leaves_the_reference_statistics_alone():
