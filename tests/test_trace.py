@@ -445,3 +445,58 @@ def test_trace_and_check_follow_the_model_device():
     assert spec.axes_to_perm["1.running_var"] == ("P_0",)
     assert check_spec(cnn, spec, x) < 1e-4
     _assert_preserved(cnn, spec, x)
+
+
+# --------------------------------------------------------------------------------------------- attention masks
+class _RelPosAttention(nn.Module):
+    """Window attention with a head-wise relative-position bias table passed to SDPA as ``attn_mask`` (the
+    construct of timm's MaxViT "tf" attention: table -> einsum with fixed lookups -> mask)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, window: int = 3):
+        super().__init__()
+        self.heads, self.head_dim, self.window = heads, dim // heads, window
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(0.02 * torch.randn(heads, 2 * window - 1))
+        idx = torch.arange(window)
+        lookup = torch.nn.functional.one_hot(idx[:, None] - idx[None, :] + window - 1, 2 * window - 1)
+        self.register_buffer("lookup", lookup.float(), persistent=False)
+
+    def forward(self, x):  # x: (B, N=window, C)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = torch.einsum("hv,ijv->hij", self.relative_position_bias_table, self.lookup)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class _RelPosBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(5, 16), _RelPosAttention(), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + self.attn(h))
+
+
+def test_attention_mask_head_axis_is_tied_to_the_heads():
+    torch.manual_seed(0)
+    model = _RelPosBlock().eval()
+    x = torch.randn(2, 3, 5)
+    spec = _quiet_trace(model, x, check=False)  # the tracer alone must get it right
+    # the heads of q/k/v are fixed (split out of the channel dim): so must be the table's head axis
+    assert spec.axes_to_perm["attn.relative_position_bias_table"] == (None, None)
+    assert spec.axes_to_perm["inp.weight"] == ("P_inp", None)  # the residual stream is still permuted
+    with torch.no_grad():
+        model.attn.relative_position_bias_table.mul_(50)  # a trained-size table
+    assert check_spec(model, spec, x) < 1e-12
+    # a spec that permutes the table's heads (what the tracer used to emit) is caught in float64 even at
+    # the init scale, where it moved float32 outputs by less than 1e-4
+    with torch.no_grad():
+        model.attn.relative_position_bias_table.div_(50)
+    axes = dict(spec.axes_to_perm)
+    axes["attn.relative_position_bias_table"] = ("T", None)
+    bad = PermutationSpec.from_axes(axes, model.state_dict())
+    with pytest.raises(SpecCheckError) as info:
+        check_spec(model, bad, x)
+    assert set(info.value.failing) == {"T"}
