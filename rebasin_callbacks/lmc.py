@@ -79,11 +79,16 @@ Evaluate = (
 
 
 # --------------------------------------------------------------------------------------------- interpolation
-def _check_compatible(sa: Mapping[str, Tensor], sb: Mapping[str, Tensor]) -> None:
+def _check_compatible(
+    sa: Mapping[str, Tensor],
+    sb: Mapping[str, Tensor],
+    names: tuple[str, str] = ("model_a", "model_b"),
+    what: str = "interpolate",
+) -> None:
     try:
-        check_compatible(sa, sb, names=("model_a", "model_b"))
+        check_compatible(sa, sb, names=names)
     except SpecMismatchError as err:
-        raise SpecMismatchError(f"interpolate: {err}") from None
+        raise SpecMismatchError(f"{what}: {err}") from None
 
 
 def interpolate_state_dict(
@@ -626,8 +631,8 @@ def repair(
         True
     """
     lam = _check_lambda(lam)
-    _check_compatible(model_a.state_dict(), interpolated.state_dict())
-    _check_compatible(model_b.state_dict(), interpolated.state_dict())
+    _check_compatible(model_a.state_dict(), interpolated.state_dict(), ("model_a", "interpolated"), "repair")
+    _check_compatible(model_b.state_dict(), interpolated.state_dict(), ("model_b", "interpolated"), "repair")
     batches = take_batches(
         data, n_batches, module_device(interpolated), "repair", dtype=module_dtype(interpolated)
     )
