@@ -382,7 +382,12 @@ def make_authors_mlp() -> tuple[nn.Module, PermutationSpec]:
 
 
 def authors_rotated_mnist(
-    episodes: int, images_per_episode: int | None, seed: int, download: bool, log: Callable[[str], None]
+    episodes: int,
+    images_per_episode: int | None,
+    seed: int,
+    download: bool,
+    log: Callable[[str], None],
+    test_images: int | None = None,
 ) -> Stream:
     """Avalanche ``RotatedMNIST(n_experiences, rotations_list=linspace(0, 180, n))``: every experience is
     the training set rotated counter-clockwise (nearest neighbour, torchvision's ``RandomRotation``
@@ -407,6 +412,8 @@ def authors_rotated_mnist(
         return (x * 255.0).round().clamp(0, 255).to(torch.uint8), ds.tensors[1]
 
     (x_tr, y_tr), (x_te, y_te) = as_uint8(train), as_uint8(test)
+    if test_images is not None:  # the same test images in every rotation
+        x_te, y_te = x_te[:test_images], y_te[:test_images]
     angles = torch.linspace(0.0, 180.0, episodes).tolist() if episodes > 1 else [0.0]
     g = torch.Generator().manual_seed(seed)
     tr, te = [], []
@@ -554,7 +561,7 @@ def run_authors(args: argparse.Namespace, device: torch.device, log: Callable[[s
     source = "?"
     for seed in args.seeds:
         torch.manual_seed(seed)
-        stream = authors_rotated_mnist(args.episodes, per_episode, seed, args.download, log)
+        stream = authors_rotated_mnist(args.episodes, per_episode, seed, args.download, log, args.test_images)
         source = stream.source
         log(
             f"seed {seed}: {args.episodes} experiences, {len(stream.train[0][1])} train / "
@@ -698,6 +705,9 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument(
         "--methods", nargs="+", choices=AUTHORS_METHODS, default=AUTHORS_METHODS, help="authors: methods"
     )
+    p.add_argument(
+        "--test-images", type=int, default=None, help="authors: test images per rotation (default all 10,000)"
+    )
     p.add_argument("--baseline-lr", type=float, default=0.01, help="authors: SGD lr of the baselines")
     p.add_argument("--baseline-batch", type=int, default=10, help="authors: baselines' batch size")
     p.add_argument("--baseline-epochs", type=int, default=5, help="authors: baselines' epochs")
@@ -773,6 +783,8 @@ def main(argv: list[str] | None = None) -> Any:
         args.betas = [0.1] if authors else [1e-4, 1e-1, 1.0]
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.test_images is not None and args.test_images < 1:
+        p.error(f"--test-images must be >= 1, got {args.test_images}")
     if authors:
         if args.smoke:
             args.episodes, args.steps, args.baseline_epochs = min(args.episodes, 3), 2, 1
