@@ -7,9 +7,17 @@ Three stages:
 2. Sinkhorn refinement: learnable scores per permutation group (:class:`~rebasin_callbacks.ReBasin`),
    relaxed to doubly-stochastic matrices, trained with Adam on any differentiable cost (data-free L2,
    midpoint loss, ...) through the implicit Sinkhorn gradient;
-3. after every step the scores are projected to hard permutations (linear assignment) and the hard
-   permutations are scored with the cost; the best one seen is returned, so the result is never worse
-   than the warm start. The search stops early once nothing improves.
+3. after every step the scores are projected to hard permutations (the row-wise argmax where it is a
+   permutation, a linear assignment otherwise) and the hard permutations are scored with the cost; the
+   best one seen is returned, so the result is never worse than the warm start. The search stops early
+   once nothing improves: after a weight-matching warm start, before it would spend more than the warm
+   start's own time without a gain.
+
+The relaxation is trained as the paper does (``method="soft"``: the cost of the doubly-stochastic
+matrices), or with a straight-through estimator (``"ste"``: hard permutation forward, Sinkhorn gradient
+backward), a temperature annealed towards permutations (``"anneal"``) or an entropy penalty
+(``"entropy"``). Data-driven costs evaluate BatchNorm layers with batch statistics, so they work on
+BatchNorm networks in eval mode.
 
 The score scale and the learning rate adapt to each group size (see ``ReBasin(init_scale="auto")``): with
 a fixed temperature, 512-wide layers sit at an almost uniform matrix and barely move for tens of steps.
@@ -253,9 +261,9 @@ def align(
               the matrices approach permutations.
             * ``"entropy"``: ``"soft"`` plus a penalty on the matrices' row entropy.
         early_stopping: stop after this many steps without a better hard permutation (``None``: run all
-            ``steps``). After a weight-matching warm start the refinement also stops once it has spent
-            as long as the warm start took without improving (but not before two steps), so a
-            refinement with nothing to gain costs about one more warm start.
+            ``steps``). After a weight-matching warm start the refinement also stops before a step that
+            would take it past the warm start's own time without improving, so a refinement with
+            nothing to gain costs at most about one more warm start.
         progress: show a progress bar (tqdm, when installed).
         seed: makes the run repeatable (initial jitter, weight-matching order, random init, ``"rnd"``'s
             interpolation points, dropout); the global random state is left untouched.
@@ -425,6 +433,7 @@ def _refine(
     method: Method,
     budget: float | None,
 ) -> tuple[dict[str, Tensor], dict[str, list[float]], int]:
+    t_enter = time.perf_counter()
     rb = ReBasin(
         model, spec, init=perms0, tau=tau, n_iters=n_iters, init_scale=init_scale, noise=noise, generator=gen
     )
@@ -469,7 +478,7 @@ def _refine(
     base = rb.base_state()
     penalty = _ENTROPY_WEIGHT * abs(best) if method == "entropy" else 0.0
     t_start = time.perf_counter()
-    t_best = t_start
+    t_best = t_enter  # the refinement's setup counts against the time budget too
     stale = 0
     step = 0
     with warnings.catch_warnings():
@@ -523,13 +532,14 @@ def _refine(
                     break
                 if early_stopping is not None and stale >= early_stopping:
                     break
-                # A refinement that has not improved for as long as the warm start took gives up: without a
-                # gain it costs about one more warm start.
+                # A refinement that would pass the warm start's time without improving gives up: without
+                # a gain it costs at most about one more warm start.
+                last = now - (t_start + history["time"][-2]) if step > 1 else now - t_start
                 if (
                     early_stopping is not None
                     and budget is not None
-                    and stale >= 2
-                    and now - t_best >= budget
+                    and stale >= 1
+                    and now - t_best + last > budget
                 ):
                     break
         finally:

