@@ -640,6 +640,34 @@ def authors_payload(
     }
 
 
+def merge_authors(paths: list[Path], out: Path | None) -> dict[str, Any]:
+    """One table from several runs of the authors' protocol (e.g. one process per method or per seed on
+    a many-core machine): runs of the same method are pooled over seeds. The runs must share ``--steps``
+    and ``--test-images``."""
+    payloads = [json.loads(Path(p).read_text()) for p in paths]
+    for key in ("steps", "test_images", "episodes"):
+        values = {json.dumps(pl["args"].get(key)) for pl in payloads}
+        if len(values) > 1:
+            raise SystemExit(f"--merge: the runs differ in {key}: {sorted(values)}")
+    runs: dict[str, list[RunResult]] = {}
+    raw: dict[str, list[Any]] = {}
+    for pl in payloads:
+        for name, items in pl["runs"].items():
+            for item in items:
+                if any(item["seed"] == other["seed"] for other in raw.get(name, [])):
+                    raise SystemExit(f"--merge: {name} seed {item['seed']} appears twice")
+                r = RunResult(name, item["acc_matrix"], item["seconds"])
+                runs.setdefault(name, []).append(r)
+                raw.setdefault(name, []).append(item)
+    order = [m for m in AUTHORS_METHODS if m in runs] + [m for m in runs if m not in AUTHORS_METHODS]
+    summary = {name: summarise(runs[name]) for name in order}
+    print(authors_table(summary), flush=True)
+    payload = {**payloads[0], "merged_from": [str(p) for p in paths], "summary": summary, "runs": raw}
+    if out is not None:
+        write_json_atomic(out.with_suffix(".json"), payload)
+    return payload
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     import os
     import tempfile
@@ -714,6 +742,14 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--per-experience", type=int, default=50, help="authors: buffer samples per experience")
     p.add_argument("--agem-sample", type=int, default=256, help="authors: A-GEM reference batch")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="authors: pool the results of several runs (per method / per seed) into one table; --out writes it",
+    )
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--step-deg", type=float, default=9.47)
     p.add_argument("--epochs", type=int, default=5)
@@ -774,6 +810,8 @@ def main(argv: list[str] | None = None) -> Any:
         args.override = {k: float(v) for k, v in (item.split("=", 1) for item in args.override)}
     except ValueError:
         p.error(f"--set takes NAME=NUMBER items, got {args.override}")
+    if args.merge:
+        return merge_authors(args.merge, args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     authors = args.benchmark == "rotated-mnist" and args.protocol == "authors"

@@ -351,3 +351,27 @@ def test_benchmark_authors_protocol_smoke(tmp_path: Any) -> None:
     assert len(run["acc_matrix"]) == 3 and len(run["rebasin_history"]) == 2
     assert 0.0 <= payload["summary"]["rebasin"]["accuracy"]["mean"] <= 1.0
     assert (tmp_path / "authors.json").exists()
+
+
+def test_benchmark_merge_pools_seeds_and_refuses_duplicates(tmp_path: Any) -> None:
+    import json
+
+    bench = _benchmark_module()
+    nan = float("nan")
+
+    def payload(seed: int, final: float) -> dict[str, Any]:
+        run = {"seed": seed, "seconds": 1.0, "acc_matrix": [[0.9, nan], [final, 0.8]]}
+        return {"args": {"steps": 2, "test_images": None, "episodes": 2}, "runs": {"finetune": [run]}}
+
+    paths = []
+    for seed, final in ((0, 0.5), (1, 0.7)):
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps(payload(seed, final)))
+    merged = bench.main(["--merge", *map(str, paths), "--out", str(tmp_path / "all")])
+    acc = merged["summary"]["finetune"]["accuracy"]
+    assert acc["mean"] == pytest.approx(((0.5 + 0.8) / 2 + (0.7 + 0.8) / 2) / 2)
+    assert acc["std"] == pytest.approx(0.1 / 2)
+    assert merged["summary"]["finetune"]["forgetting_avalanche"]["mean"] == pytest.approx(0.3)
+    assert json.loads((tmp_path / "all.json").read_text())["summary"] == merged["summary"]
+    with pytest.raises(SystemExit, match="appears twice"):
+        bench.main(["--merge", str(paths[0]), str(paths[0])])
