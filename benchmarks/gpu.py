@@ -143,17 +143,26 @@ def bench_matching(device: str, models: list[str], repeats: int) -> list[dict]:
         a, example = build(name, 0, device)
         b, _ = build(name, 1, device)
         spec = trace_spec(a, example)
-        _reset_peak(device)
-        seconds, _ = timed(lambda a=a, b=b, spec=spec: weight_matching(a, b, spec, seed=0), device, repeats)
-        rows.append(
-            {
-                "section": "matching",
-                "workload": f"{name}: weight_matching, two random inits ({len(spec)} groups, widest {max(spec.sizes.values())})",
-                "method": "rebasin-callbacks",
-                "time": f"{seconds:.3f} s",
-                "peak": _peak_mib(device),
-            }
-        )
+        # On CUDA also the CPU solver alone, to show what the on-device auction buys.
+        for solver in ("auto", "scipy") if device.startswith("cuda") else ("auto",):
+            _reset_peak(device)
+            seconds, _ = timed(
+                lambda a=a, b=b, spec=spec, solver=solver: weight_matching(
+                    a, b, spec, seed=0, assignment_solver=solver
+                ),
+                device,
+                repeats,
+            )
+            rows.append(
+                {
+                    "section": "matching",
+                    "workload": f"{name}: weight_matching, two random inits ({len(spec)} groups, "
+                    f"widest {max(spec.sizes.values())})",
+                    "method": f"rebasin-callbacks (assignment_solver={solver})",
+                    "time": f"{seconds:.3f} s",
+                    "peak": _peak_mib(device),
+                }
+            )
     return rows
 
 

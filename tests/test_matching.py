@@ -186,3 +186,55 @@ def test_cuda_models_match_like_cpu_models():
     cpu = weight_matching(model, target, spec, seed=0)
     cuda = weight_matching(model.cuda(), target.cuda(), spec, seed=0)
     assert all(p.device.type == "cpu" and torch.equal(p, cpu[g]) for g, p in cuda.items())
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 200])
+def test_auction_finds_the_optimal_assignment(n):
+    from scipy.optimize import linear_sum_assignment
+
+    from rebasin_callbacks.matching import auction_assignment
+
+    g = torch.Generator().manual_seed(n)
+    for scores in (torch.randn(n, n, generator=g), torch.randint(0, 3, (n, n), generator=g).float()):
+        perm = auction_assignment(scores)
+        assert perm is not None and sorted(perm.tolist()) == list(range(n))
+        rows, cols = linear_sum_assignment(scores.double().numpy(), maximize=True)
+        best = float(scores.double().numpy()[rows, cols].sum())
+        got = float(scores.double()[torch.arange(n), perm].sum())
+        assert got == pytest.approx(best, abs=1e-6 * max(1.0, abs(best)))  # ties allow other optima
+
+
+def test_auction_gives_up_on_a_round_cap():
+    from rebasin_callbacks.matching import auction_assignment
+
+    assert auction_assignment(torch.randn(50, 50), max_rounds=1) is None
+
+
+def test_auction_solver_in_weight_matching():
+    widths = [8, 48, 48, 4]
+    model, target = mlp(widths, normal_init=True, seed=0), mlp(widths, normal_init=True, seed=1)
+    spec = mlp_spec(model)
+    exact = weight_matching(model, target, spec, seed=0, assignment_solver="scipy")
+    auction = weight_matching(model, target, spec, seed=0, assignment_solver="auction")
+    assert all(torch.equal(exact[g], auction[g]) for g in exact)
+    planted = random_permutations(spec, torch.Generator().manual_seed(3))
+    moved = permute(model, spec, planted)
+    found = weight_matching(model, moved, spec, assignment_solver="auction")
+    assert all(torch.equal(found[g], planted[g]) for g in planted)
+    with pytest.raises(ValueError, match="assignment_solver"):
+        weight_matching(model, target, spec, assignment_solver="greedy")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_auction_matches_scipy_at_large_n():
+    from scipy.optimize import linear_sum_assignment
+
+    from rebasin_callbacks.matching import auction_assignment
+
+    scores = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
+    perm = auction_assignment(scores.cuda())
+    assert perm is not None and perm.device.type == "cuda"
+    rows, cols = linear_sum_assignment(scores.double().numpy(), maximize=True)
+    best = float(scores.double().numpy()[rows, cols].sum())
+    assert float(scores.double()[torch.arange(2048), perm.cpu()].sum()) == pytest.approx(best, rel=1e-9)
