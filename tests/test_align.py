@@ -203,3 +203,21 @@ def test_ste_sees_the_hard_cost_in_its_forward_pass():
                    progress=False, seed=0)  # fmt: skip
     # step 1 evaluates the initial (random) permutation exactly: the soft value is its hard cost
     assert result.history["cost"][0] == pytest.approx(result.history["init_cost"][0], rel=1e-5)
+
+
+def test_quality_benchmark_smoke(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    out = tmp_path / "quality.md"
+    rows = quality.main(["--smoke", "--models", "mlp", "--methods", "wm", "align l2", "--out", str(out)])
+    assert [r["method"] for r in rows] == ["wm", "align l2"]
+    wm, l2 = rows
+    assert l2["l2"] <= wm["l2"] * (1 + 1e-6)  # never farther than its own warm start
+    assert all(r["l2"] > 0 and r["loss_barrier"] == r["loss_barrier"] for r in rows)
+    text = out.read_text()
+    assert "| mlp | 0 | align l2 |" in text and "align l2 strictly closer than wm" in text
