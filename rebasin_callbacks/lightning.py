@@ -44,6 +44,7 @@ from rebasin_callbacks.utils import (
     module_device,
     module_dtype,
     split_batch,
+    thread_limit,
     to_device,
 )
 
@@ -459,6 +460,9 @@ class ReBasinAlign(_EpochEndCallback):
             ``example_inputs`` or from the inputs the module receives in its first forward pass of the fit.
         example_inputs: inputs to trace the spec with.
         progress: show the alignment's progress (when the Trainer shows a progress bar).
+        threads: CPU intra-op threads inside the alignment (:func:`~rebasin_callbacks.utils.thread_limit`):
+            ``"auto"`` (``$REBASIN_NUM_THREADS``, else a small cap that keeps a busy machine fast), an int, or
+            ``None`` for torch's setting. Restored afterwards: training keeps its own thread count.
 
     With :class:`LMCMonitor` attached too, the two share one alignment per step: whichever runs second
     reuses the first one's permutations (same reference, spec, cost and settings), and LMCMonitor
@@ -494,6 +498,7 @@ class ReBasinAlign(_EpochEndCallback):
         spec: PermutationSpec | str | None = None,
         example_inputs: Any = None,
         progress: bool = True,
+        threads: int | str | None = "auto",
     ) -> None:
         _check_every_n_epochs(every_n_epochs)
         if mode not in ("inplace", "copy"):
@@ -508,6 +513,7 @@ class ReBasinAlign(_EpochEndCallback):
         self.at_fit_end = at_fit_end
         self.align_kwargs = dict(align_kwargs or {})
         self.progress = progress
+        self.threads = threads
         self._spec = _SpecSource(spec, example_inputs)
         self._reference: nn.Module | None = None
         self.aligned_model: nn.Module | None = None
@@ -551,7 +557,7 @@ class ReBasinAlign(_EpochEndCallback):
         target = _target(pl_module, self.submodule)
         reference = _reference_for(self, target)
         start = time.perf_counter()
-        with _isolated(pl_module, _trainer_loaders(trainer)):
+        with _isolated(pl_module, _trainer_loaders(trainer)), thread_limit(self.threads):
             spec = self._spec.get(target, pl_module)
             records = _records(target, trainer.global_step)
             version = sum(r.applied for r in records)
@@ -725,6 +731,7 @@ class LMCMonitor(_EpochEndCallback):
         loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
         max_batches: evaluate at most this many batches per point.
         progress: show progress over the curve's points (when the Trainer shows a progress bar).
+        threads: CPU intra-op threads inside the evaluation, as in :class:`ReBasinAlign`.
 
     Example::
 
@@ -760,6 +767,7 @@ class LMCMonitor(_EpochEndCallback):
         loss_fn: LossFn | None = None,
         max_batches: int | None = None,
         progress: bool = True,
+        threads: int | str | None = "auto",
     ) -> None:
         _check_every_n_epochs(every_n_epochs)
         if not isinstance(n_points, int) or n_points < 2:
@@ -782,6 +790,7 @@ class LMCMonitor(_EpochEndCallback):
         self.loss_fn: LossFn = loss_fn or F.cross_entropy
         self.max_batches = max_batches
         self.progress = progress
+        self.threads = threads
         self._spec = _SpecSource(spec, example_inputs)
         self._reference: nn.Module | None = None
         self._batch_checked = False
@@ -895,7 +904,7 @@ class LMCMonitor(_EpochEndCallback):
         if self.reset_bn or self.repair:
             kwargs["train_data"] = trainer.train_dataloader
         out: dict[str, Any] = {"epoch": trainer.current_epoch}
-        with _isolated(pl_module, [loader, *_trainer_loaders(trainer)]):
+        with _isolated(pl_module, [loader, *_trainer_loaders(trainer)]), thread_limit(self.threads):
             records = _records(target, trainer.global_step)
             applied = [r for r in records if r.applied]
             model = copy.deepcopy(target).eval()

@@ -608,3 +608,34 @@ def test_resume_with_changed_every_n_epochs_restores_and_warns(tmp_path):
         )
     assert [h["epoch"] for h in second[0].history] == [0, 1, 3]  # restored two, then every 2nd epoch
     assert [h["epoch"] for h in second[1].history] == [0.0, 1.0, 3.0]
+
+
+@pytest.mark.parametrize("progress, bar", [(True, True), (False, True), (True, False)])
+def test_progress_inside_the_callbacks_work(tmp_path, monkeypatch, progress, bar):
+    import importlib
+
+    align_module = importlib.import_module("rebasin_callbacks.align")
+    lmc_module = importlib.import_module("rebasin_callbacks.lmc")
+    seen: dict[str, list] = {"align": [], "lmc": []}
+    real_align, real_curve = align_module.align, lmc_module.lmc_curve
+
+    def spy_align(*args, **kwargs):
+        seen["align"].append(kwargs.get("progress"))
+        return real_align(*args, **kwargs)
+
+    def spy_curve(*args, **kwargs):
+        seen["lmc"].append(kwargs.get("progress"))
+        return real_curve(*args, **kwargs)
+
+    monkeypatch.setattr(align_module, "align", spy_align)
+    monkeypatch.setattr(lmc_module, "lmc_curve", spy_curve)
+    callbacks = [
+        ReBasinAlign(_reference(), submodule="model", progress=progress, threads=1),
+        LMCMonitor(_reference(7), submodule="model", n_points=3, progress=progress, save_dir=str(tmp_path)),
+    ]
+    before = torch.get_num_threads()
+    _fit(tmp_path, callbacks, max_epochs=1, enable_progress_bar=bar)
+    assert torch.get_num_threads() == before  # the cap is lifted after the callback's work
+    shown = progress and bar
+    assert seen["align"] and all(p is shown for p in seen["align"])
+    assert seen["lmc"] and all(p is shown for p in seen["lmc"])
