@@ -20,6 +20,7 @@ never returns a spec that changes the function.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import operator
@@ -364,23 +365,59 @@ _SPATIAL_MODULES: dict[type, int] = {
 _DROP_PATH_NAMES = {"stochastic_depth", "drop_path"}
 
 
+def _standard_attention_forwards() -> tuple[Callable, ...]:
+    """The ``forward`` functions of timm's standard attention (wherever this timm version defines it)."""
+    global _ATTENTION_FORWARDS
+    if _ATTENTION_FORWARDS is not None or "timm" not in sys.modules:
+        return _ATTENTION_FORWARDS or ()
+    found: list[Callable] = []
+    for module in ("timm.layers.attention", "timm.models.vision_transformer"):
+        try:
+            cls = getattr(importlib.import_module(module), "Attention", None)
+        except Exception:  # noqa: BLE001 - a timm without that module
+            continue
+        if isinstance(cls, type) and "forward" in vars(cls):
+            found.append(vars(cls)["forward"])
+    _ATTENTION_FORWARDS = tuple(found)
+    return _ATTENTION_FORWARDS
+
+
+_ATTENTION_FORWARDS: tuple[Callable, ...] | None = None  # found once timm is imported
+
+
+def _is_norm_of(m: Any, size: int) -> bool:
+    if isinstance(m, nn.Identity):
+        return True
+    return isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (size,)
+
+
 def _pattern_of(m: nn.Module) -> str | None:
-    """Attention modules handled as one unit (their per-head reshapes cannot be followed generically)."""
-    cls = type(m)
-    if (
-        cls.__name__ == "Attention"
-        and cls.__module__.startswith("timm.")
-        and isinstance(getattr(m, "qkv", None), nn.Linear)
-        and isinstance(getattr(m, "proj", None), nn.Linear)
-        and getattr(m, "gate", None) is None
-        and isinstance(getattr(m, "num_heads", None), int)
-        and all(
-            isinstance(getattr(m, n, nn.Identity()), (nn.Identity, nn.LayerNorm))
-            for n in ("q_norm", "k_norm", "norm")
-        )
-    ):
-        return "timm_attention"
-    return None
+    """Attention modules handled as one unit (their per-head reshapes cannot be followed generically).
+
+    Matched by behaviour, not by name: the module's ``forward`` must be timm's standard one (``qkv`` ->
+    ``(B, N, 3, heads, head_dim)`` -> attention -> ``(B, N, heads * head_dim)`` -> ``proj``) and every
+    attribute that layout reads must exist with consistent sizes. Anything else (e.g. NesT's attention,
+    which has no ``head_dim`` and lays its output out channel-major) is traced op by op, where reshapes it
+    does not understand become boundaries."""
+    forward = getattr(type(m), "forward", None)
+    if forward is None or forward not in _standard_attention_forwards():
+        return None
+    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+    heads, head_dim = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)):
+        return None
+    if not (isinstance(heads, int) and isinstance(head_dim, int) and heads > 0 and head_dim > 0):
+        return None
+    width = heads * head_dim
+    if qkv.out_features != 3 * width or proj.in_features != width or getattr(m, "attn_dim", width) != width:
+        return None
+    if getattr(m, "gate", None) is not None:
+        return None
+    if not (_is_norm_of(getattr(m, "q_norm", nn.Identity()), head_dim)
+            and _is_norm_of(getattr(m, "k_norm", nn.Identity()), head_dim)
+            and _is_norm_of(getattr(m, "norm", nn.Identity()), width)):  # fmt: skip
+        return None
+    return "timm_attention"
 
 
 # ====================================================================================== the walk

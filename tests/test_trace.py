@@ -500,3 +500,70 @@ def test_attention_mask_head_axis_is_tied_to_the_heads():
     with pytest.raises(SpecCheckError) as info:
         check_spec(model, bad, x)
     assert set(info.value.failing) == {"T"}
+
+
+# --------------------------------------------------------------------------------------------- known modules
+class _NestStyleAttention(nn.Module):
+    """Looks like timm's attention (``qkv`` / ``proj`` Linears, an int ``num_heads``) but has no ``head_dim``
+    and lays its output out channel-major: ``x.permute(0, 2, 3, 4, 1).reshape(B, T, N, C)`` puts channel
+    ``c' * H + h`` where the standard layout has ``h * d + c'`` (timm's NesT)."""
+
+    def __init__(self, dim: int = 12, num_heads: int = 3):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, N, 3, self.num_heads, C // self.num_heads).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv.unbind(0)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.permute(0, 2, 3, 4, 1).reshape(B, T, N, C))
+
+
+_NestStyleAttention.__name__ = _NestStyleAttention.__qualname__ = "Attention"
+_NestStyleAttention.__module__ = "timm.models.nest_like"  # what the old name-based match looked for
+
+
+class _NestStyleBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(4, 12), _NestStyleAttention(), nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + self.attn(h))
+
+
+def test_attention_matched_by_behaviour_not_by_name():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _NestStyleBlock().eval()
+    x = torch.randn(2, 2, 5, 4)
+    with pytest.warns(UserWarning, match="boundaries"):
+        spec = trace_spec(model, x)
+    assert trace_mod._pattern_of(model.attn) is None
+    assert spec.axes_to_perm["inp.weight"] == ("P_inp", None)  # the residual stream is still permuted
+    assert spec.check_error is not None and spec.check_error < 1e-12
+    _assert_preserved(model, spec, x)
+
+
+def test_standard_timm_attention_keeps_its_pattern_and_checks_its_attributes():
+    timm_attention = pytest.importorskip("timm.layers.attention")
+    attn = timm_attention.Attention(16, num_heads=4)
+    assert trace_mod._pattern_of(attn) == "timm_attention"
+    del attn.head_dim  # an attribute the layout needs is missing: traced op by op instead
+    assert trace_mod._pattern_of(attn) is None
+
+
+@pytest.mark.slow
+def test_timm_nest_tiny_traces_without_error():
+    timm = pytest.importorskip("timm")
+    if "nest_tiny" not in timm.list_models("nest*"):
+        pytest.skip("this timm has no nest_tiny")
+    torch.manual_seed(0)
+    model = timm.create_model("nest_tiny", pretrained=False, num_classes=10, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    spec = _quiet_trace(model, x)
+    assert len(spec) > 0
+    assert spec.check_error is not None and spec.check_error < 1e-9
