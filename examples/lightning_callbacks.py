@@ -53,7 +53,9 @@ class Classifier(pl.LightningModule):
 
 
 def trainer(callbacks=()):
-    return pl.Trainer(max_epochs=epochs, accelerator="auto", devices=1, callbacks=list(callbacks), logger=False,
+    # --device (default: the GPU when there is one) picks the accelerator
+    accelerator = "gpu" if str(args.device).startswith("cuda") else "cpu"
+    return pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, callbacks=list(callbacks), logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       default_root_dir=args.out)  # fmt: skip
 
@@ -74,7 +76,9 @@ monitor = LMCMonitor(str(args.out / "model_a.ckpt"), submodule="model", n_points
 aligner = ReBasinAlign(str(args.out / "model_a.ckpt"), submodule="model", mode="copy", every_n_epochs=0,
                        at_fit_end=True, align_kwargs=align_kwargs)  # fmt: skip
 trainer([monitor, aligner]).fit(Classifier(width), train_loader, test_loader)
-torch.save(aligner.aligned_model.state_dict(), args.out / "model_b_aligned.pt")
+torch.save(
+    {k: v.cpu() for k, v in aligner.aligned_model.state_dict().items()}, args.out / "model_b_aligned.pt"
+)
 
 # 3. the barrier to A after each epoch of B's training, naive vs re-based
 for h in monitor.history:
