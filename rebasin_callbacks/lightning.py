@@ -361,6 +361,8 @@ class _EpochEndCallback(Callback):
         if stage != "fit":
             return
         self._reference = _prepare(self._spec, self.reference, pl_module, self.submodule)
+        # alignments shared at a step belong to one fit: a new fit's step counter starts again
+        _SHARED.pop(_target(pl_module, self.submodule), None)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._spec.detach()
