@@ -352,3 +352,20 @@ def test_the_rebasin_entry_point_starts_without_torch():
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert "TORCH False" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_align_on_cuda_keeps_the_function_within_the_tf32_tolerance(rebasin, checkpoints):
+    tmp, a, _ = checkpoints
+    code, out, err = rebasin(
+        "align", "a.pt", "b.ckpt", "--arch", "models:mlp", "--input-shape", "64", "--device", "cuda",
+        "--out", "aligned.pt", "--steps", "5", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "on cuda" in out
+    aligned = _mlp()
+    aligned.load_state_dict(torch.load(tmp / "aligned.pt", weights_only=True))  # saved on the CPU
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(x), a(x), rtol=1e-4, atol=1e-4)
