@@ -369,3 +369,19 @@ def test_align_on_cuda_keeps_the_function_within_the_tf32_tolerance(rebasin, che
     x = torch.randn(16, 64)
     with torch.no_grad():
         torch.testing.assert_close(aligned(x), a(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_reason_the_refinement_stopped_is_told():
+    from types import SimpleNamespace
+
+    from rebasin_callbacks.commands.align import stop_reason
+
+    flat = SimpleNamespace(steps=31, history={"init_cost": [5.0], "best_cost": [4.0] * 31})
+    assert stop_reason(flat, 200) == (
+        "stopped after 31 of 200 steps: no better permutation in the last 30 steps (early stopping: out of "
+        "patience, or searching on would take longer than the weight-matching warm start did)"
+    )
+    assert stop_reason(SimpleNamespace(steps=5, history={}), 5) == "ran all 5 steps (--steps)"
+    assert (
+        stop_reason(SimpleNamespace(steps=0, history={}, stop_reason="its own words"), 5) == "its own words"
+    )

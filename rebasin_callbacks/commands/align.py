@@ -84,6 +84,8 @@ def stop_reason(result: Any, max_steps: int) -> str:
         >>> from types import SimpleNamespace
         >>> stop_reason(SimpleNamespace(steps=0, history={}), 0)
         'weight matching only (--steps 0)'
+        >>> stop_reason(SimpleNamespace(steps=2, history={"init_cost": [3.0], "best_cost": [2.0, 0.0]}), 9)
+        'stopped after 2 of 9 steps: the cost reached its lower bound'
     """
     own = getattr(result, "stop_reason", None)
     if isinstance(own, str) and own:
@@ -93,7 +95,18 @@ def stop_reason(result: Any, max_steps: int) -> str:
     if result.steps == 0:
         return "the Sinkhorn refinement could not improve on the weight-matching warm start"
     if result.steps < max_steps:
-        return f"stopped early after {result.steps} of {max_steps} steps: the cost stopped improving"
+        best = list(result.history.get("init_cost", [])) + list(result.history.get("best_cost", []))
+        stale = 0
+        while stale + 1 < len(best) and not best[-1 - stale] < best[-2 - stale]:
+            stale += 1
+        head = f"stopped after {result.steps} of {max_steps} steps"
+        if stale == 0:
+            return f"{head}: the cost reached its lower bound"
+        steps = "step" if stale == 1 else f"{stale} steps"
+        return (
+            f"{head}: no better permutation in the last {steps} (early stopping: out of patience, or "
+            "searching on would take longer than the weight-matching warm start did)"
+        )
     return f"ran all {max_steps} steps (--steps)"
 
 
