@@ -13,10 +13,10 @@ Three stages:
    once nothing improves: after a weight-matching warm start, before it would spend more than the warm
    start's own time without a gain.
 
-The relaxation is trained as the paper does (``method="soft"``: the cost of the doubly-stochastic
-matrices), or with a straight-through estimator (``"ste"``: hard permutation forward, Sinkhorn gradient
-backward), a temperature annealed towards permutations (``"anneal"``) or an entropy penalty
-(``"entropy"``). Data-driven costs evaluate BatchNorm layers with batch statistics, so they work on
+By default the relaxation is trained with a straight-through estimator (``method="ste"``: the hard
+permutation in the forward pass, the Sinkhorn gradient in the backward pass), so the optimiser minimises
+the cost of what is finally returned; the paper's soft relaxation (``"soft"``), a temperature annealed
+towards permutations (``"anneal"``) and an entropy penalty (``"entropy"``) are options. Data-driven costs evaluate BatchNorm layers with batch statistics, so they work on
 BatchNorm networks in eval mode.
 
 The score scale and the learning rate adapt to each group size (see ``ReBasin(init_scale="auto")``): with
@@ -220,7 +220,7 @@ def align(
     lr: float = 0.1,
     init: Init | Mapping[str, Tensor] = "weight_matching",
     tau: float = 1.0,
-    method: Method = "soft",
+    method: Method = "ste",
     early_stopping: int | None = 30,
     progress: bool = True,
     seed: int | None = None,
@@ -252,11 +252,11 @@ def align(
         tau: Sinkhorn temperature (on top of the per-size score scale), in ``[1e-3, 1e3]``.
         method: how the relaxation is trained.
 
-            * ``"soft"`` (default): the cost of the doubly-stochastic matrices themselves (the paper's
-              relaxation; it recovers the most planted permutations, see BENCHMARKS.md).
-            * ``"ste"``: straight-through estimator: the cost is evaluated at the hard permutation the
-              scores project to, its gradient flows through the Sinkhorn matrix (as Git Re-Basin's STE):
-              the optimiser sees exactly what is returned, and a step needs no separate scoring.
+            * ``"ste"`` (default): straight-through estimator: the cost is evaluated at the hard
+              permutation the scores project to, its gradient flows through the Sinkhorn matrix (as Git
+              Re-Basin's STE): the optimiser sees exactly what is returned, and a step needs no separate
+              scoring. From the identity it recovers 30/30 planted Table 1 permutations (BENCHMARKS.md).
+            * ``"soft"``: the cost of the doubly-stochastic matrices themselves (the paper's relaxation).
             * ``"anneal"``: ``"soft"`` with the temperature lowered by 10% per step (to ``tau / 100``), so
               the matrices approach permutations.
             * ``"entropy"``: ``"soft"`` plus a penalty on the matrices' row entropy.
@@ -269,8 +269,10 @@ def align(
             interpolation points, dropout); the global random state is left untouched.
         n_iters: Sinkhorn iterations per step.
         noise: standard deviation of the jitter added to the initial scores.
-        init_scale: margin of the initial permutation in the scores; ``"auto"`` adapts it to each group
-            size (``log(n - 1)``, see :func:`~rebasin_callbacks.rebasin.auto_scale`); the paper used 1.
+        init_scale: margin of the initial permutation in the scores. ``"auto"``: the paper's 1 for
+            ``method="ste"`` (its forward pass is the hard permutation whatever the margin), and for the
+            soft methods a margin adapted to each group size (``log(n - 1)``, see
+            :func:`~rebasin_callbacks.rebasin.auto_scale`: a fixed margin leaves wide layers almost uniform).
 
     Returns:
         An :class:`AlignResult`; ``result.model`` computes exactly what ``model`` computes.
@@ -350,6 +352,8 @@ def align(
     with fork:
         if seed is not None:
             torch.manual_seed(int(seed))
+        if init_scale == "auto" and method == "ste":
+            init_scale = 1.0
         t0 = time.perf_counter()
         perms0 = _initial_permutations(model, reference, spec, init, gen, seed)
         warm = time.perf_counter() - t0 if isinstance(init, str) and init == "weight_matching" else None
