@@ -16,11 +16,13 @@ CPU, ``torch.cuda.max_memory_allocated`` on GPU.
     python benchmarks/sinkhorn.py                   # CPU, n in 128 512 1024 2048
     python benchmarks/sinkhorn.py --device cuda     # same table on a GPU
     python benchmarks/sinkhorn.py --sizes 128 256 --repeats 3   # quick
+    python benchmarks/sinkhorn.py --baseline DIR     # against another version of the package, interleaved
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -28,12 +30,27 @@ import subprocess
 import sys
 import time
 import warnings
+from typing import Any
 
 import torch
 
 from rebasin_callbacks.sinkhorn import SinkhornConvergenceWarning, dense_implicit_grad, sinkhorn
 
-METHODS = ("implicit", "dense", "unrolled")
+METHODS: tuple[str, ...] = ("implicit", "dense", "unrolled")
+#: another version's ``rebasin_callbacks/sinkhorn.py`` (``--baseline DIR``), timed as method "baseline"
+_BASELINE: Any = None
+
+
+def load_baseline(directory: str) -> Any:
+    """The ``sinkhorn`` module of another version of the package (``DIR/rebasin_callbacks/sinkhorn.py``)."""
+    path = os.path.join(directory, "rebasin_callbacks", "sinkhorn.py")
+    spec = importlib.util.spec_from_file_location("_baseline_sinkhorn", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline: no {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_baseline_sinkhorn"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class _DenseSinkhorn(torch.autograd.Function):
@@ -59,6 +76,8 @@ def run_forward(method: str, S: torch.Tensor, n_iters: int) -> torch.Tensor:
     """Sinkhorn of the (already temperature-scaled) scores ``S``."""
     if method == "dense":
         return _DenseSinkhorn.apply(S, n_iters)
+    if method == "baseline":
+        return _BASELINE.sinkhorn(S, tau=1.0, n_iters=n_iters, tol=0.0)
     # Fixed iteration budgets (tol=0) leave sharp plans unconverged on purpose: the warning (and the one
     # read-back deciding it, which users pay) stays on, its message is silenced.
     with warnings.catch_warnings():
@@ -151,7 +170,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=20, help="Sinkhorn iterations, the same for every method")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also time the implicit layer of another version of the package found in DIR "
+        "(e.g. `git archive <commit> rebasin_callbacks | tar -x -C DIR`), interleaved; implies --no-memory",
+    )
     args = ap.parse_args(argv)
+    global _BASELINE, METHODS
+    if args.baseline:
+        _BASELINE = load_baseline(args.baseline)
+        METHODS = (*METHODS, "baseline")
+        args.no_memory = True
 
     torch.manual_seed(0)
     print(
