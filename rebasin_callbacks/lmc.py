@@ -59,6 +59,7 @@ from rebasin_callbacks.utils import (
     module_dtype,
     split_batch,
     take_batches,
+    thread_limit,
     to_device,
 )
 
@@ -389,6 +390,7 @@ def lmc_curve(
     label: str = "",
     on_nan: Literal["warn", "raise", "ignore"] = "warn",
     higher_is_better: Iterable[str] = HIGHER_IS_BETTER,
+    threads: int | str | None = "auto",
 ) -> LMCResult:
     """Evaluate the models on the straight line between ``model_a`` and ``model_b``; barrier and AUC.
 
@@ -411,6 +413,9 @@ def lmc_curve(
         on_nan: a NaN or inf from ``evaluate`` is recorded in ``result.nonfinite`` and makes that metric's
             barrier and AUC NaN; ``"warn"`` also warns, ``"raise"`` raises a ValueError at once.
         higher_is_better: metric names whose barrier is the drop below the chord.
+        threads: CPU intra-op threads for torch during the curve (:func:`~rebasin_callbacks.utils.thread_limit`:
+            ``"auto"`` = ``$REBASIN_NUM_THREADS`` or a small cap that keeps a busy machine fast; an int;
+            ``None`` = torch's own setting). Restored afterwards.
 
     Example:
         >>> import torch
@@ -420,6 +425,40 @@ def lmc_curve(
         >>> res.lambdas
         [0.0, 0.5, 1.0]
     """
+    with thread_limit(threads):
+        return _lmc_curve(
+            model_a,
+            model_b,
+            evaluate,
+            n_points=n_points,
+            lambdas=lambdas,
+            reset_bn=reset_bn,
+            repair=repair,
+            train_data=train_data,
+            n_batches=n_batches,
+            progress=progress,
+            label=label,
+            on_nan=on_nan,
+            higher_is_better=higher_is_better,
+        )
+
+
+def _lmc_curve(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    evaluate: Evaluate,
+    *,
+    n_points: int = 11,
+    lambdas: Sequence[float] | None = None,
+    reset_bn: bool = False,
+    repair: bool = False,
+    train_data: Iterable[Any] | None = None,
+    n_batches: int | None = 10,
+    progress: bool = True,
+    label: str = "",
+    on_nan: Literal["warn", "raise", "ignore"] = "warn",
+    higher_is_better: Iterable[str] = HIGHER_IS_BETTER,
+) -> LMCResult:
     if on_nan not in ("warn", "raise", "ignore"):
         raise ValueError(f"on_nan must be 'warn', 'raise' or 'ignore', got {on_nan!r}")
     if lambdas is None:
