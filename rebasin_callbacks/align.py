@@ -56,6 +56,9 @@ METHODS: tuple[str, ...] = ("ste", "soft", "anneal", "entropy")
 _ANNEAL_RATE = 0.9
 _ANNEAL_FLOOR = 0.01
 _ENTROPY_WEIGHT = 0.1
+# After a warm start, the fewest steps without a gain before the time budget may stop the refinement: on
+# trained pairs the first better permutation comes at step 3 or 4 (benchmarks/quality.py).
+_MIN_STALE = 4
 
 
 @dataclass
@@ -217,7 +220,7 @@ def align(
     data: Iterable[Any] | None = None,
     loss_fn: Callable[[Any, Any], Tensor] | None = None,
     steps: int = 200,
-    lr: float = 0.1,
+    lr: float | Literal["auto"] = "auto",
     init: Init | Mapping[str, Tensor] = "weight_matching",
     tau: float = 1.0,
     method: Method = "ste",
@@ -227,6 +230,7 @@ def align(
     n_iters: int = 20,
     noise: float = 0.1,
     init_scale: float | Literal["auto"] = "auto",
+    polish: bool | None = None,
 ) -> AlignResult:
     """Permute ``model``'s hidden units to bring it into ``reference``'s basin (Sinkhorn re-basin).
 
@@ -246,7 +250,9 @@ def align(
             needed; the first batch also scores the hard permutations, so results compare on the same data.
         loss_fn: ``(outputs, targets) -> loss`` for ``cost="mid" | "rnd"``.
         steps: most optimisation steps.
-        lr: Adam learning rate, relative to each group's score scale (in ``(0, 100]``).
+        lr: Adam learning rate, relative to each group's score scale (in ``(0, 100]``). ``"auto"``: the
+            paper's 0.1 from the identity or a random start; 0.3 after a warm start, which already sits in
+            a local optimum the refinement must leave within a few steps to find a better one.
         init: ``"weight_matching"`` (warm start), ``"identity"`` (the paper's start), ``"random"``, or
             ``{group: LongTensor}``.
         tau: Sinkhorn temperature (on top of the per-size score scale), in ``[1e-3, 1e3]``.
@@ -261,9 +267,13 @@ def align(
               the matrices approach permutations.
             * ``"entropy"``: ``"soft"`` plus a penalty on the matrices' row entropy.
         early_stopping: stop after this many steps without a better hard permutation (``None``: run all
-            ``steps``). After a weight-matching warm start the refinement also stops before a step that
-            would take it past the warm start's own time without improving, so a refinement with
-            nothing to gain costs at most about one more warm start.
+            ``steps``). With a data-free cost after a weight-matching warm start, the refinement also
+            stops (after at least 4 steps) before a step that would take it past the warm start's own
+            time without improving, so a refinement with nothing to gain costs about one more warm start.
+        polish: after each step that reaches a new hard permutation, run weight matching's coordinate
+            descent from it and keep the result when it is better: the gradient step leaves the warm
+            start's local optimum, the descent settles in a neighbouring one. ``None``: on for the L2
+            cost (weight matching maximises exactly its inner products), off otherwise.
         progress: show a progress bar (tqdm, when installed).
         seed: makes the run repeatable (initial jitter, weight-matching order, random init, ``"rnd"``'s
             interpolation points, dropout); the global random state is left untouched.
@@ -295,6 +305,8 @@ def align(
     reference = _unwrap(reference, "reference")
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if lr == "auto":
+        lr = 0.1 if isinstance(init, str) and init in ("identity", "random") else 0.3
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= 100):
         raise ValueError(
             f"lr must be a number in (0, 100] (relative to each group's score scale), got {lr!r}"
@@ -323,6 +335,8 @@ def align(
         raise ValueError(
             f"cost {cost_fn!r} needs data: pass data=... (an iterable of (inputs, targets) batches)"
         )
+    if polish is None:
+        polish = isinstance(cost_fn, L2Cost)
     if isinstance(cost, str) and isinstance(cost_fn, RndCost) and seed is not None:
         cost_fn.generator = torch.Generator().manual_seed(int(seed))
     score_fn = getattr(cost_fn, "score", cost_fn)
@@ -361,6 +375,8 @@ def align(
             model, reference, spec, perms0, cost_fn, score_fn, batches, first,
             steps=steps, lr=lr, tau=tau, n_iters=n_iters, noise=noise, init_scale=init_scale, gen=gen,
             early_stopping=early_stopping, progress=progress, method=method, budget=warm,
+            polish=_polisher(model, reference, spec, seed) if polish else None,
+            budget_applies=not getattr(cost_fn, "needs_data", False),
         )  # fmt: skip
     perms, history, n_steps = result
     aligned = permute(model, spec, perms)
@@ -408,6 +424,15 @@ def _initial_permutations(
     )
 
 
+def _polisher(
+    model: nn.Module, reference: nn.Module, spec: PermutationSpec, seed: int | None
+) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    def polish(perms: dict[str, Tensor]) -> dict[str, Tensor]:
+        return weight_matching(model, reference, spec, init=perms, seed=seed, _checked=True)
+
+    return polish
+
+
 def _one_hot(perm: Tensor, like: Tensor) -> Tensor:
     # row i holds a 1 at column perm[i]: the matrix P with (P @ W)[i] = W[perm[i]], as permute() applies
     out = torch.zeros_like(like)
@@ -436,12 +461,15 @@ def _refine(
     progress: bool,
     method: Method,
     budget: float | None,
+    polish: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    budget_applies: bool = True,
 ) -> tuple[dict[str, Tensor], dict[str, list[float]], int]:
     t_enter = time.perf_counter()
     rb = ReBasin(
         model, spec, init=perms0, tau=tau, n_iters=n_iters, init_scale=init_scale, noise=noise, generator=gen
     )
     cache: dict[tuple, float] = {}
+    polished: set[tuple] = {_perm_key(perms0)}
 
     def remember(key: tuple, value: float) -> float:
         if math.isnan(value):
@@ -520,6 +548,16 @@ def _refine(
                 else:
                     perms = rb.project()
                     hard = hard_cost(perms)
+                if polish is not None:
+                    key = _perm_key(perms)
+                    if key not in polished:
+                        # The step's permutation seeds a coordinate descent on the weights: a local
+                        # optimum next to where the gradient led, which may beat the warm start's.
+                        polished.add(key)
+                        better = polish(perms)
+                        polished.add(_perm_key(better))
+                        if hard_cost(better) < hard:
+                            perms, hard = better, hard_cost(better)
                 stale += 1
                 if hard < best:
                     best, best_perms, stale = hard, perms, 0
@@ -542,7 +580,8 @@ def _refine(
                 if (
                     early_stopping is not None
                     and budget is not None
-                    and stale >= 1
+                    and budget_applies
+                    and stale >= _MIN_STALE
                     and now - t_best + last > budget
                 ):
                     break
