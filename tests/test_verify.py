@@ -190,3 +190,30 @@ def test_cuda_trace_gives_the_cpu_groups_under_default_tf32():
         )
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, kwargs",
+    [
+        ((2, 12, 9, 8), (12, 1, 3, 3), {"padding": 1, "groups": 12}),  # depthwise
+        ((2, 12, 9, 8), (24, 1, 3, 3), {"padding": (1, 2), "stride": 2, "groups": 12}),  # multiplier 2
+        ((2, 12, 9, 8), (8, 3, 3, 2), {"dilation": (2, 1), "groups": 4}),  # grouped
+        ((2, 12, 9, 8), (8, 3, 3, 3), {"padding": "same", "groups": 4}),  # left to PyTorch
+        ((2, 6, 11), (6, 1, 3), {"padding": 2, "dilation": 2, "groups": 6}),  # conv1d depthwise
+    ],
+)
+def test_float64_grouped_convolutions_match_pytorch(x_shape, w_shape, kwargs, monkeypatch):
+    conv = torch.nn.functional.conv1d if len(x_shape) == 3 else torch.nn.functional.conv2d
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=g, dtype=torch.float64)
+    w = torch.randn(w_shape, generator=g, dtype=torch.float64)
+    b = torch.randn(w_shape[0], generator=g, dtype=torch.float64)
+    used = []
+    real = verify._grouped_conv
+    monkeypatch.setattr(verify, "_grouped_conv", lambda *a, **k: used.append(1) or real(*a, **k))
+    with verify._Float64GroupedConvs():
+        out = conv(x, w, b, **kwargs)
+    assert used, "the float64 grouped convolution was not intercepted"
+    ref = conv(x, w, b, **kwargs)
+    assert out.shape == ref.shape
+    assert float((out - ref).abs().max()) < 1e-12
