@@ -221,3 +221,24 @@ def test_quality_benchmark_smoke(tmp_path):
     assert all(r["l2"] > 0 and r["loss_barrier"] == r["loss_barrier"] for r in rows)
     text = out.read_text()
     assert "| mlp | 0 | align l2 |" in text and "align l2 strictly closer than wm" in text
+
+
+def test_the_refinement_beats_weight_matching_on_a_trained_pair():
+    from rebasin_callbacks.matching import weight_matching
+    from rebasin_callbacks.utils import l2_distance
+
+    x = torch.linspace(-2, 2, 128).unsqueeze(1)
+    models = []
+    for seed in (0, 1):
+        model = mlp([1, 32, 32, 1], seed=seed)
+        opt = torch.optim.Adam(model.parameters(), lr=0.02)
+        for _ in range(150):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), torch.sin(3 * x)).backward()
+            opt.step()
+        models.append(model)
+    a, b = models
+    spec = mlp_spec(a)
+    wm = l2_distance(permute(a, spec, weight_matching(a, b, spec, seed=0)), b)
+    result = align(a, b, spec=spec, progress=False, seed=0)
+    assert l2_distance(result.model, b) < wm - 1e-3  # a better local optimum than weight matching's
