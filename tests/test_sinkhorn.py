@@ -248,7 +248,7 @@ def test_forward_reads_back_once_per_check_not_per_iteration(
     g = torch.Generator().manual_seed(0)
     S = torch.randn(3, 48, 48, generator=g) * (1e3 if tau < 1 else 1.0) / tau
     counter = _ReadBackCounter(monkeypatch)
-    _, iters, absorptions = _solve_potentials(S, 96, 0.0, 8)
+    _, iters, absorptions, _ = _solve_potentials(S, 96, 0.0, 8)
     assert iters == 96
     # 96 / 8 = 12 checks in a calm run; each absorption adds a short block (1, 2, 4 iterations, ...).
     assert counter.count <= 12 + 4 * absorptions
@@ -280,7 +280,7 @@ def test_info_reports_convergence() -> None:
     scores = torch.randn(3, 32, 32, generator=g, requires_grad=True)
     P, info = sinkhorn(scores, tau=0.5, return_info=True)
     assert info.converged and 0 < info.iterations < 100 and info.absorptions == 0
-    assert info.error == pytest.approx(float(marginal_error(P.detach())))
+    assert info.error == pytest.approx(float(marginal_error(P.detach())), abs=1e-6)
     assert info.error <= 1e-5
     P.sum().backward()  # the info does not get in autograd's way
     assert scores.grad is not None
@@ -309,6 +309,6 @@ def test_cuda_backward_solves_directly_and_matches_dense(monkeypatch: pytest.Mon
 def test_cuda_forward_reads_back_once_per_check(monkeypatch: pytest.MonkeyPatch) -> None:
     S = torch.randn(1024, 1024, device="cuda")
     counter = _ReadBackCounter(monkeypatch)
-    _, iters, absorptions = _solve_potentials(S, 64, 0.0)
+    _, iters, absorptions, _ = _solve_potentials(S, 64, 0.0)
     assert iters == 64 and absorptions == 0
     assert counter.count <= 64 // 8
