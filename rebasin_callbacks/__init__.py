@@ -51,6 +51,13 @@ from rebasin_callbacks.trace import (
     check_spec,
     trace_spec,
 )
+from rebasin_callbacks.trace_rules import (
+    TraceRule,
+    register_boundary,
+    register_channel_preserving,
+    register_elementwise,
+    trace_rules,
+)
 
 __version__ = "0.1.0"
 
@@ -67,6 +74,7 @@ __all__ = [
     "RndCost",
     "SpecCheckError",
     "SpecMismatchError",
+    "TraceRule",
     "UntraceableModelError",
     "align",
     "barrier_and_auc",
@@ -82,9 +90,13 @@ __all__ = [
     "permute_state_dict",
     "plot_lmc",
     "random_permutations",
+    "register_boundary",
+    "register_channel_preserving",
+    "register_elementwise",
     "repair",
     "reset_bn_stats",
     "sinkhorn",
     "trace_spec",
+    "trace_rules",
     "weight_matching",
 ]

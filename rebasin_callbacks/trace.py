@@ -37,6 +37,7 @@ from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_leaves
 
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+from rebasin_callbacks.trace_rules import TraceRule, rule_for_function, rule_for_method, rule_for_module
 from rebasin_callbacks.verify import SpecCheckError, check_spec, normalize_inputs, validate_inputs
 
 __all__ = ["trace_spec", "check_spec", "check_compatible", "SpecCheckError", "UntraceableModelError"]
@@ -190,6 +191,9 @@ class _Tracer(fx.Tracer):
             return True
         if _pattern_of(m) is not None:
             return True
+        rule = rule_for_module(m)
+        if rule is not None and not rule.builtin:  # a registered module is handled whole, not traced into
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
@@ -309,22 +313,7 @@ class _Recorder(fx.Interpreter):
 
 
 # ====================================================================================== op tables
-_ELEMENTWISE_FUNCS: set[Any] = {
-    torch.relu, torch.relu_, F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.leaky_relu,
-    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid, F.sigmoid,
-    F.tanh, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
-    torch.square, torch.erf, torch.sin, torch.cos, torch.clamp, torch.clip, torch.nan_to_num, torch.sign,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-    operator.neg, operator.pos, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
-    torch.clone, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax,
-    F.normalize, F.threshold, torch.reciprocal, torch.floor, torch.ceil, torch.round,
-}  # fmt: skip
-_ELEMENTWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "neg", "sqrt", "rsqrt",
-    "square", "erf", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "contiguous", "clone", "detach",
-    "float", "half", "double", "bfloat16", "to", "type", "type_as", "softmax", "log_softmax", "reciprocal",
-    "sign", "floor", "ceil", "round", "requires_grad_", "zero_", "fill_", "nan_to_num", "cpu", "cuda",
-}  # fmt: skip
+# Elementwise ops, activations, casts and dropout live in the public table of trace_rules.py.
 _BINARY = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
     operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul,
@@ -350,12 +339,6 @@ _SPATIAL_FUNCS = {
     F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3, F.lp_pool2d: 2, F.lp_pool1d: 1,
     torch.max_pool2d: 2, torch.avg_pool1d: 1, torch.adaptive_avg_pool1d: 1,
 }  # fmt: skip
-_ELEMENTWISE_MODULES: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-    nn.Softmax, nn.LogSoftmax, nn.Softmax2d, nn.Threshold,
-)  # fmt: skip
 _SPATIAL_MODULES: dict[type, int] = {
     nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
     nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
@@ -841,11 +824,36 @@ class _Walker:
             return node.args[i]
         return node.kwargs.get(name, default)
 
+    def apply_rule(
+        self, node: fx.Node, rule: TraceRule, x: Any, what: str, m: nn.Module | None = None
+    ) -> Any:
+        """An entry of the public op table (trace_rules.py)."""
+        if rule.kind == "boundary":
+            return self.boundary(node, f"{what}: {rule.reason}")
+        if not self.is_tensor(x) or self.shape(node) != self.shape(x):
+            return self.boundary(node, f"{what} registered as {rule.kind} but changes the shape")
+        if m is not None and (next(m.parameters(), None) is not None or next(m.buffers(), None) is not None):
+            # a per-channel parameter would have to move with the channel: the table cannot say how
+            return self.boundary(node, f"{what} registered as {rule.kind} but has parameters")
+        if rule.kind == "elementwise":
+            # tensor arguments of a function (torch.clamp(x, min=t)) broadcast like `+`; a method's are
+            # dtype / device sources (x.type_as(y)) that carry no channel
+            others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if self.is_tensor(a)]
+            return (
+                self.broadcast(node, [x, *others]) if others and node.op == "call_function" else self.lab(x)
+            )
+        lx = list(self.lab(x))
+        d = rule.dim % len(lx) if lx else 0
+        self.cut(node, [lab for i, lab in enumerate(lx) if i != d], f"{what} mixes the dims other than {d}")
+        self.sp.fix(self.lab([a for a in list(node.args[1:]) + list(node.kwargs.values())]))
+        return tuple(lab if i == d else None for i, lab in enumerate(lx))
+
     def visit_module(self, node: fx.Node, m: nn.Module) -> Any:
         t = str(node.target)
         x = self.arg(node, 0, "input")
-        if isinstance(m, _ELEMENTWISE_MODULES) and self.is_tensor(x):
-            return self.lab(x)
+        rule = rule_for_module(m)
+        if rule is not None:
+            return self.apply_rule(node, rule, x, f"module {type(m).__name__}", m)
         if not self.is_tensor(x) and not isinstance(m, nn.MultiheadAttention):
             return self.boundary(node, f"module {type(m).__name__} on a non-tensor input")
         if _pattern_of(m) == "timm_attention":
@@ -897,8 +905,9 @@ class _Walker:
         a: Any = node.args[1:]
         if name in _META_METHODS:
             return self.none_like(self.shapes.get(node))
-        if name in _ELEMENTWISE_METHODS:
-            return self.lab(x) if self.shape(node) == self.shape(x) else self.boundary(node, f".{name}()")
+        rule = rule_for_method(name)
+        if rule is not None:
+            return self.apply_rule(node, rule, x, f".{name}()")
         if name in _BINARY_METHODS:
             return self.broadcast(
                 node, [x] + [v for v in list(a) + list(node.kwargs.values()) if isinstance(v, fx.Node)]
@@ -1091,8 +1100,11 @@ class _Walker:
             return None
         if not self._touches_tensor(node):
             return self.none_like(self.shapes.get(node))
-        if fn in _ELEMENTWISE_FUNCS or (name in _DROP_PATH_NAMES and self.is_tensor(x)):
-            if self.is_tensor(x) and self.shape(node) == self.shape(x):
+        rule = rule_for_function(fn)
+        if rule is not None:
+            return self.apply_rule(node, rule, x, f"function {name}")
+        if name in _DROP_PATH_NAMES and self.is_tensor(x):
+            if self.shape(node) == self.shape(x):
                 return self.lab(x)
             return self.boundary(node, name)
         if fn in _BINARY:

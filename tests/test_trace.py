@@ -567,3 +567,93 @@ def test_timm_nest_tiny_traces_without_error():
     spec = _quiet_trace(model, x)
     assert len(spec) > 0
     assert spec.check_error is not None and spec.check_error < 1e-9
+
+
+# --------------------------------------------------------------------------------------------- public rules
+class _Ndtr(nn.Module):
+    def forward(self, x):
+        return torch.special.ndtr(x)  # an elementwise function the tracer does not know
+
+
+class _Shift(nn.Module):
+    def forward(self, x):
+        return torch.roll(x, shifts=(1, 1), dims=(2, 3))  # mixes positions, never channels
+
+
+def _hidden_groups(model, x):
+    return [g for g in _quiet_trace(model, x).groups]
+
+
+def test_registered_elementwise_module_and_function_keep_the_group():
+    from rebasin_callbacks import register_elementwise, trace_rules
+    from rebasin_callbacks.trace_rules import unregister
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), _Ndtr(), nn.Linear(8, 2))
+    x = torch.randn(4, 3)
+    assert _hidden_groups(model, x) == []  # unknown: a boundary
+    try:
+        register_elementwise(torch.special.ndtr, "the normal CDF acts on each element alone")
+        assert "elementwise" in {r.kind for r in trace_rules().values()}
+        spec = _quiet_trace(model, x)
+        assert spec.groups == ["P_0"]
+        _assert_preserved(model, spec, x)
+    finally:
+        unregister(torch.special.ndtr)
+    try:
+        register_elementwise(_Ndtr, "wraps the normal CDF")
+        assert _hidden_groups(model, x) == ["P_0"]
+    finally:
+        unregister(_Ndtr)
+    assert _hidden_groups(model, x) == []
+
+
+def test_registered_channel_preserving_and_boundary_modules():
+    from rebasin_callbacks import register_boundary, register_channel_preserving
+    from rebasin_callbacks.trace_rules import unregister
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), _Shift(), nn.Conv2d(6, 2, 1))
+    x = torch.randn(2, 3, 7, 7)
+    assert _hidden_groups(model, x) == []
+    try:
+        register_channel_preserving(_Shift, "a spatial roll moves positions, not channels")
+        spec = _quiet_trace(model, x)
+        assert spec.groups == ["P_0"]
+        _assert_preserved(model, spec, x)
+        register_boundary(nn.ReLU, "pretend it mixes channels")  # a user rule overrides the built-in one
+        with pytest.warns(UserWarning, match="pretend it mixes channels"):
+            assert trace_spec(model, x).groups == []
+    finally:
+        unregister(_Shift)
+        unregister(nn.ReLU)
+        from rebasin_callbacks.trace_rules import TraceRule, _register
+
+        _register(nn.ReLU, TraceRule("elementwise", "an activation acts on each element alone", builtin=True))
+    assert _hidden_groups(model, x) == []
+
+
+def test_registered_elementwise_module_with_parameters_is_a_boundary():
+    from rebasin_callbacks import register_elementwise
+    from rebasin_callbacks.trace_rules import unregister
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            return x * self.scale
+
+    model = nn.Sequential(nn.Linear(3, 8), Scaled(), nn.Linear(8, 2))
+    try:
+        register_elementwise(Scaled, "wrongly registered: it has a per-channel scale")
+        with pytest.warns(UserWarning, match="has parameters"):
+            spec = trace_spec(model, torch.randn(4, 3))
+        assert spec.groups == []
+    finally:
+        unregister(Scaled)
+    with pytest.raises(ValueError, match="reason"):
+        register_elementwise(Scaled, "")
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_elementwise(int, "not a module")

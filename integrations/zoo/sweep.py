@@ -2,8 +2,10 @@
 
 Every model is randomly initialised (no weights are downloaded) and traced on a small input. For each one
 the sweep records the groups found, the fraction of parameter elements on a permuted axis
-(``spec.coverage``), whether an independent :func:`~rebasin_callbacks.check_spec` with a fresh seed and a
-fresh input confirms the function is preserved, the boundaries reported, and the trace time.
+(``spec.coverage``), the float64 relative output error of an independent
+:func:`~rebasin_callbacks.check_spec` (a fresh seed, a fresh input, every group permuted at once, constant
+parameters randomised), the boundaries reported, and the trace time. Any error above the float64 tolerance
+(1e-9) is a real change of the function: the sweep then exits non-zero.
 
 Run:
     python -m integrations.zoo.sweep --out docs/coverage.md              # the full sweep
@@ -33,6 +35,10 @@ import torch
 from torch import nn
 
 from rebasin_callbacks.trace import SpecCheckError, check_spec, trace_spec
+from rebasin_callbacks.verify import DEFAULT_RTOL
+
+#: An error above this is a real change of the function, not float64 round-off.
+RTOL = DEFAULT_RTOL[torch.float64]
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,14 @@ MODELS: list[ZooModel] = [
     ZooModel("swin_tiny_patch4_window7_224", {"img_size": 64, "window_size": 2}, family="swin"),
     ZooModel("levit_128s", {"img_size": 64}, family="levit"),
     ZooModel("efficientformer_l1", {"img_size": 64}, family="efficientformer"),
+    # constructs that need the float64 check: relative-position bias tables, layer scales, window / grid
+    # attention, attention whose layout differs from timm's standard one, LSTMs
+    ZooModel("maxvit_tiny_tf_224", {"img_size": 64}, family="maxvit (rel-pos bias, window+grid attention)"),
+    ZooModel("deit3_small_patch16_224", _VIT, family="deit3 (layer scale)"),
+    ZooModel("cait_xxs24_224", _VIT, family="cait (layer scale, talking heads)"),
+    ZooModel("nest_tiny", {"img_size": 64}, family="nest (block attention)"),
+    ZooModel("sequencer2d_s", {"img_size": 64}, family="sequencer (LSTM)"),
+    ZooModel("gcvit_xxtiny", {"img_size": 64}, family="gcvit (window attention, rel-pos bias)"),
     # ---- torchvision
     ZooModel("tv.resnet18", family="resnet"),
     ZooModel("tv.resnet50", family="resnet"),
@@ -128,7 +142,7 @@ class Row:
     groups: int = 0
     coverage: float = 0.0
     preserved: bool | None = None  # None: not checked (no group, or the trace failed)
-    check_error: float | None = None
+    check_error: float | None = None  # float64 relative output error of the independent check
     boundaries: int = 0
     notes: str = ""
     trace_s: float = 0.0
@@ -138,7 +152,7 @@ class Row:
 _BOUNDARY_RE = re.compile(r"\): (\d+) boundaries \(no permutation crosses them\): (.*)$", re.S)
 
 
-def sweep_one(entry: ZooModel, *, rtol: float = 1e-4) -> Row:
+def sweep_one(entry: ZooModel, *, rtol: float = RTOL) -> Row:
     """Build, trace and independently check one model."""
     row = Row(entry.name, entry.source, entry.family)
     try:
@@ -173,7 +187,7 @@ def sweep_one(entry: ZooModel, *, rtol: float = 1e-4) -> Row:
             )
             row.preserved = True
         except SpecCheckError as e:
-            row.preserved, row.check_error = False, max(e.failing.values())
+            row.preserved, row.check_error = False, e.error
             row.error = str(e)[:200]
     return row
 
@@ -184,6 +198,7 @@ def run(entries: Iterable[ZooModel], *, log: Callable[[str], None] = print) -> l
         row = sweep_one(entry)
         log(
             f"{row.name:32s} groups={row.groups:4d} coverage={row.coverage:6.1%} preserved={row.preserved} "
+            f"error={row.check_error if row.check_error is not None else float('nan'):.1e} "
             f"boundaries={row.boundaries:3d} trace={row.trace_s:6.1f}s {row.error[:80]}"
         )
         rows.append(row)
@@ -202,6 +217,7 @@ def summary(rows: Sequence[Row]) -> dict[str, Any]:
         "median_coverage": statistics.median([r.coverage for r in rows]) if rows else 0.0,
         "median_coverage_traced": statistics.median([r.coverage for r in traced]) if traced else 0.0,
         "median_trace_s": statistics.median([r.trace_s for r in traced]) if traced else 0.0,
+        "max_check_error": max((r.check_error for r in rows if r.check_error is not None), default=0.0),
     }
 
 
@@ -224,7 +240,9 @@ def markdown(rows: Sequence[Row], *, command: str) -> str:
         "input 2x3x64x64, CPU. *Groups*: permutation groups found. *Coverage*: fraction of parameter and "
         "buffer elements that lie on a permuted axis (`spec.coverage`). *Preserved*: an independent "
         "`check_spec` with a fresh seed and a fresh input (every group permuted at once, eval mode, "
-        "perturbed BatchNorm statistics) keeps the outputs within 1e-4 relative error. *Boundaries*: nodes "
+        "constant or tiny parameters such as biases, layer scales, bias tables and BatchNorm statistics randomised) "
+        "keeps the outputs within 1e-9 relative error in float64 (on a float64 CPU copy; round-off is ~1e-15 to "
+        "1e-13, a real change at least ~1e-7); the error is given in brackets. *Boundaries*: nodes "
         "no permutation crosses (the most common reasons are listed; the model's input and output are "
         "always fixed and not counted). *Trace*: wall time of `trace_spec` including its own check, on a "
         "shared 2-core machine (indicative only).",
@@ -234,7 +252,8 @@ def markdown(rows: Sequence[Row], *, command: str) -> str:
         f"Summary: {s['models']} models ({s['timm']} timm, {s['torchvision']} torchvision); "
         f"{s['with_verified_group']} ({s['with_verified_group'] / max(s['models'], 1):.0%}) with at least one "
         f"verified group; models whose spec changes the function: {len(s['changed_function'])}; "
-        f"median coverage {s['median_coverage']:.1%}; failures: {', '.join(s['failed']) or 'none'}.",
+        f"median coverage {s['median_coverage']:.1%}; largest float64 check error {s['max_check_error']:.1e}; "
+        f"failures: {', '.join(s['failed']) or 'none'}.",
         "",
         "| model | source | family | params | groups | coverage | preserved | boundaries | trace (s) | notes |",
         "|---|---|---|---:|---:|---:|---|---:|---:|---|",
@@ -262,10 +281,12 @@ _LIMITS = [
     "last conv's channels are fixed (the classifier's hidden units are still permuted).",
     "- **Reshapes that split or merge a channel dim** (channel shuffle, window attention and relative position "
     "bias in Swin, GLU-style chunks inside one projection, ghost modules that slice a concatenation): fixed.",
-    "- **Attention**: timm's `Attention` and `nn.MultiheadAttention` are understood as units (per-head query/key "
-    "and value permutations as block axes, the residual stream through qkv / proj). Other attention variants "
-    "(Swin's window attention, LeViT) are traced op by op; their qkv / proj inner axes become boundaries, the "
-    "residual stream stays permuted when the model's reshapes allow it.",
+    "- **Attention**: timm's standard `Attention` (recognised by its forward and the attributes its layout reads, "
+    "not by its class name) and `nn.MultiheadAttention` are understood as units (per-head query/key and value "
+    "permutations as block axes, the residual stream through qkv / proj). Other attention variants (Swin's window "
+    "attention, LeViT, NesT, MaxViT) are traced op by op; their qkv / proj inner axes become boundaries, the "
+    "residual stream stays permuted when the model's reshapes allow it. An attention mask or bias passed to "
+    "`scaled_dot_product_attention` is tied to the heads of q / k / v like a broadcast `+`.",
     "- **Untraceable submodules** (data-dependent control flow) become leaves and boundaries; a model whose own "
     "forward cannot be traced raises `UntraceableModelError` naming the line, and needs a hand-written spec.",
     "- The model's input and output axes are always fixed.",
