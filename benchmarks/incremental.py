@@ -665,6 +665,10 @@ def merge_authors(paths: list[Path], out: Path | None) -> dict[str, Any]:
     payload = {**payloads[0], "merged_from": [str(p) for p in paths], "summary": summary, "runs": raw}
     if out is not None:
         write_json_atomic(out.with_suffix(".json"), payload)
+        first = [runs[name][0] for name in order if name != "joint"]
+        if first:
+            tasks = [t for t in (1, 5, 10, 15, 20) if t <= len(first[0].acc_matrix)]
+            plot(first, tasks, out.with_suffix(".png"))
     return payload
 
 
