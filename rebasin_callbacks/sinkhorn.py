@@ -95,11 +95,6 @@ def _check_inputs(log_alpha: Tensor, tau: float, n_iters: int, tol: float, backw
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     if backward not in ("implicit", "unrolled"):
         raise ValueError(f"backward must be 'implicit' or 'unrolled', got {backward!r}")
-    if log_alpha.numel() and not bool(torch.isfinite(log_alpha).all()):
-        bad = (~torch.isfinite(log_alpha)).nonzero()[0].tolist()
-        raise ValueError(
-            f"log_alpha contains NaN or inf (first at index {bad} of shape {tuple(log_alpha.shape)})"
-        )
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -405,7 +400,13 @@ def sinkhorn(
         P = S.exp()
         info = SinkhornInfo(iterations=0, error=0.0, converged=True, absorptions=0)
         return (P, info) if return_info else P
+    # One pass over the scaled scores checks both the input and the scaling (a read-back per call).
     if not bool(torch.isfinite(S).all()):
+        if not bool(torch.isfinite(log_alpha).all()):
+            bad = (~torch.isfinite(log_alpha)).nonzero()[0].tolist()
+            raise ValueError(
+                f"log_alpha contains NaN or inf (first at index {bad} of shape {tuple(log_alpha.shape)})"
+            )
         raise ValueError(
             f"log_alpha / tau overflows (max |log_alpha| {float(log_alpha.abs().max()):.3g}, tau {tau:g}): "
             "raise tau or rescale the scores"
