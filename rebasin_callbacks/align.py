@@ -57,8 +57,11 @@ _ANNEAL_RATE = 0.9
 _ANNEAL_FLOOR = 0.01
 _ENTROPY_WEIGHT = 0.1
 # After a warm start, the fewest steps without a gain before the time budget may stop the refinement: on
-# trained pairs the first better permutation comes at step 3 or 4 (benchmarks/quality.py).
-_MIN_STALE = 4
+# trained pairs the first better permutation comes at step 3 (benchmarks/quality.py).
+_MIN_STALE = 3
+# A gain smaller than this (relative) is kept but does not extend the search.
+_SIGNIFICANT = 1e-4
+_POLISH_SWEEPS = 100
 
 
 @dataclass
@@ -223,7 +226,7 @@ def align(
     lr: float | Literal["auto"] = "auto",
     init: Init | Mapping[str, Tensor] = "weight_matching",
     tau: float = 1.0,
-    method: Method = "ste",
+    method: Method | Literal["auto"] = "auto",
     early_stopping: int | None = 30,
     progress: bool = True,
     seed: int | None = None,
@@ -251,14 +254,15 @@ def align(
         loss_fn: ``(outputs, targets) -> loss`` for ``cost="mid" | "rnd"``.
         steps: most optimisation steps.
         lr: Adam learning rate, relative to each group's score scale (in ``(0, 100]``). ``"auto"``: the
-            paper's 0.1 from the identity or a random start; 0.3 after a warm start, which already sits in
-            a local optimum the refinement must leave within a few steps to find a better one.
+            paper's 0.1, except 0.3 for ``"ste"`` after a warm start, which already sits in a local optimum
+            the refinement must leave within a few steps to find a better one.
         init: ``"weight_matching"`` (warm start), ``"identity"`` (the paper's start), ``"random"``, or
             ``{group: LongTensor}``.
         tau: Sinkhorn temperature (on top of the per-size score scale), in ``[1e-3, 1e3]``.
-        method: how the relaxation is trained.
+        method: how the relaxation is trained; ``"auto"``: ``"ste"`` for data-free costs, ``"soft"`` for
+            data-driven ones (whose soft midpoint loss is the smoother signal on a changing batch).
 
-            * ``"ste"`` (default): straight-through estimator: the cost is evaluated at the hard
+            * ``"ste"``: straight-through estimator: the cost is evaluated at the hard
               permutation the scores project to, its gradient flows through the Sinkhorn matrix (as Git
               Re-Basin's STE): the optimiser sees exactly what is returned, and a step needs no separate
               scoring. From the identity it recovers 30/30 planted Table 1 permutations (BENCHMARKS.md).
@@ -268,7 +272,7 @@ def align(
             * ``"entropy"``: ``"soft"`` plus a penalty on the matrices' row entropy.
         early_stopping: stop after this many steps without a better hard permutation (``None``: run all
             ``steps``). With a data-free cost after a weight-matching warm start, the refinement also
-            stops (after at least 4 steps) before a step that would take it past the warm start's own
+            stops (after at least 3 steps) before a step that would take it past the warm start's own
             time without improving, so a refinement with nothing to gain costs about one more warm start.
         polish: after each step that reaches a new hard permutation, run weight matching's coordinate
             descent from it and keep the result when it is better: the gradient step leaves the warm
@@ -305,15 +309,13 @@ def align(
     reference = _unwrap(reference, "reference")
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if lr == "auto":
-        lr = 0.1 if isinstance(init, str) and init in ("identity", "random") else 0.3
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= 100):
+    if lr != "auto" and not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= 100):
         raise ValueError(
             f"lr must be a number in (0, 100] (relative to each group's score scale), got {lr!r}"
         )
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and 1e-3 <= tau <= 1e3):
         raise ValueError(f"tau must be a number in [1e-3, 1e3], got {tau!r}")
-    if method not in METHODS:
+    if method not in (*METHODS, "auto"):
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     if early_stopping is not None and not (isinstance(early_stopping, int) and early_stopping >= 1):
         raise ValueError(f"early_stopping must be an int >= 1 or None, got {early_stopping!r}")
@@ -337,6 +339,11 @@ def align(
         )
     if polish is None:
         polish = isinstance(cost_fn, L2Cost)
+    if method == "auto":
+        method = "soft" if getattr(cost_fn, "needs_data", False) else "ste"
+    if lr == "auto":
+        warm_start = not (isinstance(init, str) and init in ("identity", "random"))
+        lr = 0.3 if warm_start and method == "ste" else 0.1
     if isinstance(cost, str) and isinstance(cost_fn, RndCost) and seed is not None:
         cost_fn.generator = torch.Generator().manual_seed(int(seed))
     score_fn = getattr(cost_fn, "score", cost_fn)
@@ -428,7 +435,9 @@ def _polisher(
     model: nn.Module, reference: nn.Module, spec: PermutationSpec, seed: int | None
 ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
     def polish(perms: dict[str, Tensor]) -> dict[str, Tensor]:
-        return weight_matching(model, reference, spec, init=perms, seed=seed, _checked=True)
+        return weight_matching(
+            model, reference, spec, init=perms, seed=seed, max_iter=_POLISH_SWEEPS, _checked=True
+        )
 
     return polish
 
@@ -560,8 +569,9 @@ def _refine(
                             perms, hard = better, hard_cost(better)
                 stale += 1
                 if hard < best:
-                    best, best_perms, stale = hard, perms, 0
-                    t_best = time.perf_counter()
+                    if hard < best - _SIGNIFICANT * abs(best):
+                        stale, t_best = 0, time.perf_counter()
+                    best, best_perms = hard, perms
                 now = time.perf_counter()
                 history["cost"].append(soft)
                 history["hard_cost"].append(hard)
