@@ -277,7 +277,8 @@ def align(
         polish: after each step that reaches a new hard permutation, run weight matching's coordinate
             descent from it and keep the result when it is better: the gradient step leaves the warm
             start's local optimum, the descent settles in a neighbouring one. ``None``: on for the L2
-            cost (weight matching maximises exactly its inner products), off otherwise.
+            cost after the weight-matching warm start (weight matching maximises exactly the L2 cost's
+            inner products), off otherwise.
         progress: show a progress bar (tqdm, when installed).
         seed: makes the run repeatable (initial jitter, weight-matching order, random init, ``"rnd"``'s
             interpolation points, dropout); the global random state is left untouched.
@@ -337,8 +338,8 @@ def align(
         raise ValueError(
             f"cost {cost_fn!r} needs data: pass data=... (an iterable of (inputs, targets) batches)"
         )
-    if polish is None:
-        polish = isinstance(cost_fn, L2Cost)
+    if polish is None:  # the paper's method (init="identity") stays pure Sinkhorn
+        polish = isinstance(cost_fn, L2Cost) and isinstance(init, str) and init == "weight_matching"
     if method == "auto":
         method = "soft" if getattr(cost_fn, "needs_data", False) else "ste"
     if lr == "auto":
