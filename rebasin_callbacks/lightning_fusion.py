@@ -55,6 +55,7 @@ from rebasin_callbacks.incremental import (
     check_fraction,
     check_non_negative,
 )
+from rebasin_callbacks.utils import module_device, module_dtype, to_device
 
 __all__ = ["ReBasinFusion"]
 
@@ -201,6 +202,12 @@ class ReBasinFusion(pl.Callback):
             return  # the first task is trained normally
         # Lightning moves the module to its device after setup(): the episode starts on that device
         target.to(trainer.strategy.root_device)
+        if (
+            self.example_inputs is not None
+        ):  # the spec is traced again each episode: inputs where the model is
+            self.incremental.example_inputs = to_device(
+                self.example_inputs, module_device(target), module_dtype(target)
+            )
         self.incremental.begin_episode()
         self._patch(pl_module, self.incremental)
 

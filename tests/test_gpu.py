@@ -76,7 +76,7 @@ def test_align_resnet18_on_cuda_keeps_the_function():
     x = torch.randn(4, 3, 32, 32, device="cuda")
     result = align(b, a, example_inputs=x, steps=5, progress=False)
     assert next(result.model.parameters()).is_cuda
-    with torch.no_grad(), torch.backends.cudnn.flags(allow_tf32=False):
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.testing.assert_close(result.model(x), b(x), rtol=1e-4, atol=1e-4)
 

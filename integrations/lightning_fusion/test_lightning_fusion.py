@@ -94,3 +94,27 @@ def test_bad_arguments() -> None:
         ReBasinFusion(alpha=2.0)
     with pytest.raises(ValueError, match="fusion"):
         ReBasinFusion(fusion="mean")  # type: ignore[arg-type]
+
+
+def test_traced_spec_follows_the_models_dtype() -> None:
+    """float32 example inputs, a float64 model: the spec is traced on inputs cast to the model's dtype."""
+    torch.manual_seed(0)
+    net = Net().double()
+    fusion = ReBasinFusion(alpha=0.8, beta=1e-3, example_inputs=torch.zeros(2, 64), submodule="model")
+    for degrees in (0.0, 90.0):
+        x, y = rotated(digits(train=True, flatten=True), degrees).tensors
+        loader = DataLoader(TensorDataset(x.double(), y), batch_size=128, shuffle=True)
+        trainer = pl.Trainer(
+            max_epochs=1,
+            callbacks=[fusion],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(net, loader)
+    assert fusion.incremental is not None and fusion.incremental.episodes_done == 1
+    assert net.model[0].weight.dtype == torch.float64
