@@ -150,3 +150,16 @@ def test_thread_limit_restores(monkeypatch):
     with pytest.raises(ValueError, match="REBASIN_NUM_THREADS"):
         with thread_limit():
             pass
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 1), (8, 2), (16, 4), (64, 8)])
+def test_default_thread_cap_policy(monkeypatch, cores, expected):
+    import os
+
+    from rebasin_callbacks.utils import default_threads
+
+    monkeypatch.delenv("REBASIN_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_threads() == expected
+    monkeypatch.setenv("REBASIN_NUM_THREADS", "3")
+    assert default_threads() == 3
