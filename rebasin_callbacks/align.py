@@ -57,8 +57,8 @@ _ANNEAL_RATE = 0.9
 _ANNEAL_FLOOR = 0.01
 _ENTROPY_WEIGHT = 0.1
 # After a warm start, the fewest steps without a gain before the time budget may stop the refinement: on
-# trained pairs the first better permutation comes at step 3 (benchmarks/quality.py).
-_MIN_STALE = 3
+# trained pairs the first better permutation comes at step 4 (benchmarks/quality.py).
+_MIN_STALE = 4
 # A gain smaller than this (relative) is kept but does not extend the search.
 _SIGNIFICANT = 1e-4
 _POLISH_SWEEPS = 100
@@ -272,7 +272,7 @@ def align(
             * ``"entropy"``: ``"soft"`` plus a penalty on the matrices' row entropy.
         early_stopping: stop after this many steps without a better hard permutation (``None``: run all
             ``steps``). With a data-free cost after a weight-matching warm start, the refinement also
-            stops (after at least 3 steps) before a step that would take it past the warm start's own
+            stops (after at least 4 steps) before a step that would take it past the warm start's own
             time without improving, so a refinement with nothing to gain costs about one more warm start.
         polish: after each step that reaches a new hard permutation, run weight matching's coordinate
             descent from it and keep the result when it is better: the gradient step leaves the warm
