@@ -199,6 +199,48 @@ def evaluate_pair(
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ cost
+def nothing_to_gain(reps: int, device: str) -> list[str]:
+    """Default ``align()`` against ``weight_matching`` alone on pairs of independent random inits, where
+    weight matching's answer cannot be improved on: the refinement should stop within a few steps."""
+    torchvision = __import__("importlib").import_module("torchvision")
+
+    def make_mlp(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return mlp(256)
+
+    def make_resnet(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return torchvision.models.resnet18(num_classes=10).eval()
+
+    lines = [
+        "| pair (independent random inits) | weight_matching | default align() | ratio | steps | L2 cost gain |",
+        "|---|---|---|---|---|---|",
+    ]
+    cases = [
+        ("MLP 784-256-256-10", make_mlp, torch.randn(2, 1, 28, 28)),
+        ("torchvision resnet18 @ 32x32", make_resnet, torch.randn(2, 3, 32, 32)),
+    ]
+    for name, make, x in cases:
+        a, b = make(1).to(device), make(2).to(device)
+        spec = trace_spec(a, x.to(device))
+        align(a, b, spec=spec, steps=1, progress=False)  # first call pays for lazy imports
+        t_wm, t_align, steps = [], [], []
+        for r in range(reps):
+            t0 = time.perf_counter()
+            weight_matching(a, b, spec, seed=r)
+            t_wm.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            result = align(a, b, spec=spec, progress=False, seed=r)
+            t_align.append(time.perf_counter() - t0)
+            steps.append(result.steps)
+        wm_s, al_s = statistics.median(t_wm), statistics.median(t_align)
+        gain = result.history["init_cost"][0] - result.cost
+        lines.append(f"| {name} | {wm_s:.2f} s | {al_s:.2f} s | {al_s / wm_s:.1f}x | {steps} | {gain:.2g} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------ report
 def verdict(rows: list[dict]) -> list[str]:
     """The two targets, checked pair by pair."""
@@ -265,7 +307,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--smoke", action="store_true", help="tiny models, 512 images, 1 pair: a quick check")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument(
+        "--nothing-to-gain", type=int, default=0, metavar="REPS",
+        help="instead: time default align() vs weight_matching on random-init pairs (REPS repeats)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.nothing_to_gain:
+        print("\n".join(nothing_to_gain(args.nothing_to_gain, args.device)))
+        return []
     if args.smoke:
         args.seeds, args.epochs, args.train_size, args.test_size, args.steps = 1, 1, 512, 256, 5
         args.bn_batches = 2
