@@ -60,8 +60,8 @@ _ENTROPY_WEIGHT = 0.1
 # trained pairs the first better permutation comes at step 4 (benchmarks/quality.py).
 _MIN_STALE = 4
 # A gain smaller than this (relative) is kept but does not extend the search.
-_SIGNIFICANT = 1e-4
-_POLISH_SWEEPS = 100
+_SIGNIFICANT = 1e-3
+_POLISH_SWEEPS = 5
 
 
 @dataclass
