@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     times = run(args.repeats)
     base = statistics.median(times["import torch (baseline)"])
-    print(f"| case | median wall (s) | / import torch | runs |\n|---|---|---|---|")
+    print("| case | median wall (s) | / import torch | runs |\n|---|---|---|---|")
     for name, values in times.items():
         med = statistics.median(values)
         runs = ", ".join(f"{v:.2f}" for v in values)
