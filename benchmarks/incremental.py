@@ -535,21 +535,23 @@ def summarise(runs: list[RunResult]) -> dict[str, Any]:
 
 
 def authors_table(summary: dict[str, dict[str, Any]]) -> str:
-    def cell(s: dict[str, float] | None) -> str:
-        if s is None:
-            return "-"
-        return f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if summary_seeds > 1 else "")
-
-    summary_seeds = max(v["seeds"] for v in summary.values())
+    """Markdown table: mean and population std over seeds (std shown only for rows with several seeds)."""
     lines = [
-        "| method | accuracy | forgetting (Avalanche StreamForgetting) | forgetting (supplement, max-based) "
-        "| plasticity | time per seed (s) |",
-        "|---|---|---|---|---|---|",
+        "| method | seeds | accuracy | forgetting (Avalanche StreamForgetting) | forgetting (supplement, "
+        "max-based) | plasticity | time per seed (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
+
+        def cell(v: dict[str, float] | None, seeds: int = s["seeds"]) -> str:
+            if v is None:
+                return "-"
+            return f"{v['mean']:.3f}" + (f" ± {v['std']:.3f}" if seeds > 1 else "")
+
         lines.append(
-            f"| {AUTHORS_LABELS.get(name, name)} | {cell(s['accuracy'])} | {cell(s['forgetting_avalanche'])} "
-            f"| {cell(s['forgetting'])} | {cell(s['plasticity'])} | {s['seconds']['mean']:.0f} |"
+            f"| {AUTHORS_LABELS.get(name, name)} | {s['seeds']} | {cell(s['accuracy'])} "
+            f"| {cell(s['forgetting_avalanche'])} | {cell(s['forgetting'])} | {cell(s['plasticity'])} "
+            f"| {s['seconds']['mean']:.0f} |"
         )
     return "\n".join(lines)
 
