@@ -5,7 +5,8 @@ ResNet with BatchNorm). The second model of each pair is permuted into the first
 
 * ``wm``: weight matching (Git Re-Basin) alone;
 * ``align l2`` / ``align mid`` / ``align rnd``: :func:`rebasin_callbacks.align` with that cost (weight-matching
-  warm start, then the Sinkhorn refinement; ``mid`` / ``rnd`` use training batches).
+  warm start, then the Sinkhorn refinement; ``mid`` / ``rnd`` use training batches);
+* ``align l2 polish``: ``align(cost="l2", polish=True)`` (each new permutation refined by coordinate descent).
 
 Reported per pair and method: the hard L2 distance to the reference (parameters only), the loss and
 accuracy barrier on the test split along the straight line (BatchNorm statistics reset on training batches
@@ -46,7 +47,7 @@ from rebasin_callbacks.permute import permute
 from rebasin_callbacks.trace import trace_spec
 from rebasin_callbacks.utils import l2_distance
 
-METHODS = ("wm", "align l2", "align mid", "align rnd")
+METHODS = ("wm", "align l2", "align l2 polish", "align mid", "align rnd")
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -148,6 +149,8 @@ def rebase(
         return permute(model, spec, weight_matching(model, reference, spec, seed=seed)), 0
     cost = method.split()[1]
     kwargs: dict = {"cost": cost, "spec": spec, "steps": steps, "seed": seed, "progress": False}
+    if method.endswith("polish"):
+        kwargs["polish"] = True
     if cost in ("mid", "rnd"):
         kwargs.update(data=loader, loss_fn=F.cross_entropy)
     result = align(model, reference, **kwargs)

@@ -56,8 +56,8 @@ METHODS: tuple[str, ...] = ("ste", "soft", "anneal", "entropy")
 _ANNEAL_RATE = 0.9
 _ANNEAL_FLOOR = 0.01
 _ENTROPY_WEIGHT = 0.1
-# After a warm start, the fewest steps without a gain before the time budget may stop the refinement: on
-# trained pairs the first better permutation comes at step 4 (benchmarks/quality.py).
+# With polish, the fewest steps without a gain before the time budget may stop the refinement: on trained
+# pairs the first better permutation comes at step 4 (benchmarks/quality.py).
 _MIN_STALE = 4
 # A gain smaller than this (relative) is kept but does not extend the search.
 _SIGNIFICANT = 1e-3
@@ -233,7 +233,7 @@ def align(
     n_iters: int = 20,
     noise: float = 0.1,
     init_scale: float | Literal["auto"] = "auto",
-    polish: bool | None = None,
+    polish: bool = False,
 ) -> AlignResult:
     """Permute ``model``'s hidden units to bring it into ``reference``'s basin (Sinkhorn re-basin).
 
@@ -272,13 +272,13 @@ def align(
             * ``"entropy"``: ``"soft"`` plus a penalty on the matrices' row entropy.
         early_stopping: stop after this many steps without a better hard permutation (``None``: run all
             ``steps``). With a data-free cost after a weight-matching warm start, the refinement also
-            stops (after at least 4 steps) before a step that would take it past the warm start's own
+            stops (after at least 2 steps, 4 with ``polish``) before a step that would take it past the warm start's own
             time without improving, so a refinement with nothing to gain costs about one more warm start.
         polish: after each step that reaches a new hard permutation, run weight matching's coordinate
             descent from it and keep the result when it is better: the gradient step leaves the warm
-            start's local optimum, the descent settles in a neighbouring one. ``None``: on for the L2
-            cost after the weight-matching warm start (weight matching maximises exactly the L2 cost's
-            inner products), off otherwise.
+            start's local optimum, the descent settles in a neighbouring one. Best with the L2 cost
+            (weight matching maximises exactly its inner products): on trained pairs it ends closer than
+            weight matching, at several times its cost (BENCHMARKS.md), so it is off by default.
         progress: show a progress bar (tqdm, when installed).
         seed: makes the run repeatable (initial jitter, weight-matching order, random init, ``"rnd"``'s
             interpolation points, dropout); the global random state is left untouched.
@@ -338,8 +338,6 @@ def align(
         raise ValueError(
             f"cost {cost_fn!r} needs data: pass data=... (an iterable of (inputs, targets) batches)"
         )
-    if polish is None:  # the paper's method (init="identity") stays pure Sinkhorn
-        polish = isinstance(cost_fn, L2Cost) and isinstance(init, str) and init == "weight_matching"
     if method == "auto":
         method = "soft" if getattr(cost_fn, "needs_data", False) else "ste"
     if lr == "auto":
@@ -592,7 +590,7 @@ def _refine(
                     early_stopping is not None
                     and budget is not None
                     and budget_applies
-                    and stale >= _MIN_STALE
+                    and stale >= (_MIN_STALE if polish is not None else 2)
                     and now - t_best + last > budget
                 ):
                     break
