@@ -24,6 +24,7 @@ from rebasin_callbacks.avalanche import (  # noqa: E402
     ReBasinPlugin,
     ReBasinStrategy,
     released_replay,
+    released_settings,
 )
 from rebasin_callbacks.spec import PermutationSpec  # noqa: E402
 
@@ -225,3 +226,10 @@ def test_readme_avalanche_snippet_runs() -> None:
         exec(compile(snippet, "README.md", "exec"), namespace)
     assert namespace["rebasin"].incremental.episodes_done == 1
     assert namespace["strategy"].train_mb_size == 500
+
+
+def test_released_settings_clamp_is_a_keyword() -> None:
+    assert released_settings()["incremental_kwargs"]["delta_grad_clip"] == 1e-3
+    assert released_settings(delta_grad_clip=None)["incremental_kwargs"]["delta_grad_clip"] is None
+    with pytest.raises(ValueError, match="delta_grad_clip"):
+        released_settings(delta_grad_clip=-1.0)
