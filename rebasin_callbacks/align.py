@@ -161,7 +161,9 @@ def _check_magnitude(module: nn.Module, name: str) -> None:
         if not value.is_floating_point() or value.numel() == 0:
             continue
         big = float(value.detach().abs().max())
-        if big * big * value.numel() > torch.finfo(value.dtype).max:
+        # half precision is matched and scored in float32
+        limit = torch.finfo(value.dtype if value.element_size() >= 4 else torch.float32).max
+        if big * big * value.numel() > limit:
             raise OverflowError(
                 f"{name}: {key!r} (shape {tuple(value.shape)}, {value.dtype}) holds values up to {big:.3g}: "
                 f"its squared sum overflows {value.dtype}, so the costs would be inf. Rescale the "
