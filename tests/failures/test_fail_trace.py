@@ -96,3 +96,16 @@ def test_untraceable_model_is_the_only_error_for_a_model_fx_cannot_trace():
         warnings.simplefilter("ignore")
         with pytest.raises(UntraceableModelError):
             trace_spec(DataDependent(), torch.randn(2, 3))
+
+
+def test_labels_that_do_not_fit_the_state_dict_drop_every_group(monkeypatch):
+    from rebasin_callbacks import trace as trace_mod
+    from rebasin_callbacks.spec import SpecMismatchError
+
+    def inconsistent(walker, state):
+        raise SpecMismatchError("group 'P_0': axis 0 of '0.weight' has size 8 but a block has size 4")
+
+    monkeypatch.setattr(trace_mod, "_assemble", inconsistent)
+    with pytest.warns(UserWarning, match="do not fit the state dict"):
+        spec = trace_spec(_mlp(), torch.randn(4, 3))
+    assert len(spec) == 0
