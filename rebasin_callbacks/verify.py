@@ -138,15 +138,16 @@ def _exercise(state: Mapping[str, Tensor], generator: torch.Generator, strength:
     for key, v in state.items():
         if not (isinstance(v, Tensor) and v.is_floating_point()) or v.numel() == 0:
             continue
+        # in place on the noise: no further temporaries of the size of the model (vgg11: 129M entries)
         noise = torch.randn(v.shape, generator=generator, dtype=torch.float64).to(v.dtype)
-        rms = float(v.double().pow(2).mean().sqrt())
+        rms = float(torch.linalg.vector_norm(v)) / math.sqrt(v.numel())
         leaf = key.rsplit(".", 1)[-1]
         if leaf == "running_var":
-            out[key] = v * torch.exp(0.3 * noise)
+            out[key] = noise.mul_(0.3).exp_().mul_(v)
         elif v.ndim >= 2 and not _NOT_WEIGHT.search(leaf) and rms > 0:
-            out[key] = v + 0.2 * rms * noise
+            out[key] = noise.mul_(0.2 * rms).add_(v)
         else:
-            out[key] = v + max(0.2 * rms, strength) * noise
+            out[key] = noise.mul_(max(0.2 * rms, strength)).add_(v)
     return out
 
 
