@@ -2,7 +2,8 @@
 
 Everything is importable from the package root. Framework adapters live in their own modules
 (``rebasin_callbacks.lightning``, ``rebasin_callbacks.avalanche``) so importing the root never imports
-Lightning, Avalanche or timm.
+Lightning, Avalanche or timm. The exports are imported on first use, so ``import rebasin_callbacks`` (and the
+``rebasin`` command's ``--help``) does not wait for torch.
 
 Example:
     >>> import torch
@@ -17,47 +18,115 @@ Example:
 
 from __future__ import annotations
 
-# Imported eagerly: a lazy export would be shadowed by the submodule of the same name
-# (``rebasin_callbacks.align`` the module vs ``align`` the function) once anything imports it.
-from rebasin_callbacks.align import AlignResult, align
-from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost
-from rebasin_callbacks.incremental import ReBasinIncremental
-from rebasin_callbacks.lmc import (
-    LMCResult,
-    barrier_and_auc,
-    evaluate_model,
-    interpolate,
-    interpolate_state_dict,
-    lmc_curve,
-    plot_lmc,
-    repair,
-    reset_bn_stats,
-)
-from rebasin_callbacks.matching import weight_matching
-from rebasin_callbacks.permute import (
-    identity_permutations,
-    invert_permutation,
-    permute,
-    permute_state_dict,
-    random_permutations,
-)
-from rebasin_callbacks.rebasin import PermutedView, ReBasin
-from rebasin_callbacks.sinkhorn import sinkhorn
-from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-from rebasin_callbacks.trace import (
-    SpecCheckError,
-    UntraceableModelError,
-    check_compatible,
-    check_spec,
-    trace_spec,
-)
-from rebasin_callbacks.trace_rules import (
-    TraceRule,
-    register_boundary,
-    register_channel_preserving,
-    register_elementwise,
-    trace_rules,
-)
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+#: module (under the package) -> the public names it defines
+_MODULES: dict[str, tuple[str, ...]] = {
+    "align": ("AlignResult", "align"),
+    "costs": ("CosineCost", "L2Cost", "MidCost", "RndCost"),
+    "incremental": ("ReBasinIncremental",),
+    "lmc": (
+        "LMCResult",
+        "barrier_and_auc",
+        "evaluate_model",
+        "interpolate",
+        "interpolate_state_dict",
+        "lmc_curve",
+        "plot_lmc",
+        "repair",
+        "reset_bn_stats",
+    ),
+    "matching": ("weight_matching",),
+    "permute": (
+        "identity_permutations",
+        "invert_permutation",
+        "permute",
+        "permute_state_dict",
+        "random_permutations",
+    ),
+    "rebasin": ("PermutedView", "ReBasin"),
+    "sinkhorn": ("SinkhornConvergenceWarning", "SinkhornInfo", "sinkhorn"),
+    "spec": ("PermutationSpec", "SpecMismatchError"),
+    "trace": ("SpecCheckError", "UntraceableModelError", "check_compatible", "check_spec", "trace_spec"),
+    "trace_rules": (
+        "TraceRule",
+        "register_boundary",
+        "register_channel_preserving",
+        "register_elementwise",
+        "trace_rules",
+    ),
+}
+#: export -> the module defining it
+_EXPORTS: dict[str, str] = {name: module for module, names in _MODULES.items() for name in names}
+
+
+class _Package(types.ModuleType):
+    """The package module: exports resolved on first access (PEP 562 alone is not enough, see below)."""
+
+    def __getattr__(self, name: str) -> Any:
+        module = _EXPORTS.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        types.ModuleType.__setattr__(self, name, value)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Importing a submodule binds it on the package: the module ``rebasin_callbacks.align`` would then
+        # shadow the function ``align`` for ``from rebasin_callbacks import align``. Exports win.
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(_EXPORTS))
+
+
+sys.modules[__name__].__class__ = _Package
+
+if TYPE_CHECKING:  # type checkers and IDEs see the same names, imported eagerly
+    from rebasin_callbacks.align import AlignResult, align
+    from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost
+    from rebasin_callbacks.incremental import ReBasinIncremental
+    from rebasin_callbacks.lmc import (
+        LMCResult,
+        barrier_and_auc,
+        evaluate_model,
+        interpolate,
+        interpolate_state_dict,
+        lmc_curve,
+        plot_lmc,
+        repair,
+        reset_bn_stats,
+    )
+    from rebasin_callbacks.matching import weight_matching
+    from rebasin_callbacks.permute import (
+        identity_permutations,
+        invert_permutation,
+        permute,
+        permute_state_dict,
+        random_permutations,
+    )
+    from rebasin_callbacks.rebasin import PermutedView, ReBasin
+    from rebasin_callbacks.sinkhorn import SinkhornConvergenceWarning, SinkhornInfo, sinkhorn
+    from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+    from rebasin_callbacks.trace import (
+        SpecCheckError,
+        UntraceableModelError,
+        check_compatible,
+        check_spec,
+        trace_spec,
+    )
+    from rebasin_callbacks.trace_rules import (
+        TraceRule,
+        register_boundary,
+        register_channel_preserving,
+        register_elementwise,
+        trace_rules,
+    )
 
 __version__ = "0.1.0"
 
@@ -72,6 +141,8 @@ __all__ = [
     "ReBasin",
     "ReBasinIncremental",
     "RndCost",
+    "SinkhornConvergenceWarning",
+    "SinkhornInfo",
     "SpecCheckError",
     "SpecMismatchError",
     "TraceRule",
@@ -96,7 +167,7 @@ __all__ = [
     "repair",
     "reset_bn_stats",
     "sinkhorn",
-    "trace_spec",
     "trace_rules",
+    "trace_spec",
     "weight_matching",
 ]
