@@ -966,6 +966,7 @@ class LMCMonitor(_EpochEndCallback):
         if not trainer.is_global_zero:
             return
         from rebasin_callbacks.lmc import plot_lmc
+        from rebasin_callbacks.plotting import save_figure
 
         curves = [out[k] for k in ("naive", "rebasin") if k in out]
         fig = plot_lmc(curves, title=f"epoch {out['epoch']}")  # a pyplot-free Figure: nothing to close
@@ -992,8 +993,7 @@ class LMCMonitor(_EpochEndCallback):
             return
         save_dir = self.save_dir or trainer.log_dir or trainer.default_root_dir
         path = Path(save_dir) / f"lmc_epoch{out['epoch']}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)
         out["figure_path"] = str(path)
 
     def state_dict(self) -> dict[str, Any]:

@@ -111,5 +111,16 @@ def plot_lmc(
     if title:
         fig.suptitle(title)
     if path is not None:
-        fig.savefig(os.fspath(path), dpi=dpi)
+        save_figure(fig, path, dpi=dpi)
     return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> None:
+    """``fig.savefig(path)``, atomically: a failed write leaves the previous file intact.
+
+    The format comes from the file's suffix (PNG when it has none).
+    """
+    from rebasin_callbacks.io import atomic_write
+
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))

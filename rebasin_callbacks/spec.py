@@ -202,7 +202,9 @@ class PermutationSpec:
         """Serialise to a JSON string (and write it to ``path`` when given)."""
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
-            Path(path).write_text(text)
+            from rebasin_callbacks.io import atomic_write_text
+
+            atomic_write_text(path, text)  # a failed write leaves the previous file intact
         return text
 
     @classmethod
