@@ -367,9 +367,22 @@ class _EpochEndCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._spec.detach()
 
+    def should_update(self, epoch: int) -> bool:
+        """Whether to work at the end of training epoch ``epoch`` (0-based); override for another schedule.
+
+        The default: every ``every_n_epochs`` epochs (never when it is 0). Work happens at most once per
+        epoch whatever this returns.
+
+        Example:
+            >>> class Late(ReBasinAlign):  # align only from epoch 10 on
+            ...     def should_update(self, epoch: int) -> bool:
+            ...         return epoch >= 10
+        """
+        return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0 and epoch > self._last_epoch:
+        if epoch > self._last_epoch and self.should_update(epoch):
             self._run(trainer, pl_module, in_loop=True)
             self._last_epoch = epoch
 

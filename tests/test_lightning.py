@@ -639,3 +639,15 @@ def test_progress_inside_the_callbacks_work(tmp_path, monkeypatch, progress, bar
     shown = progress and bar
     assert seen["align"] and all(p is shown for p in seen["align"])
     assert seen["lmc"] and all(p is shown for p in seen["lmc"])
+
+
+def test_should_update_is_the_overridable_schedule(tmp_path):
+    class OddEpochs(LMCMonitor):
+        def should_update(self, epoch: int) -> bool:
+            return epoch % 2 == 1
+
+    default = LMCMonitor(_reference(), submodule="model", n_points=2, every_n_epochs=2, progress=False)
+    odd = OddEpochs(_reference(), submodule="model", n_points=2, progress=False)
+    assert [default.should_update(e) for e in range(4)] == [False, True, False, True]
+    _fit(tmp_path, [odd], max_epochs=4)
+    assert [r["epoch"] for r in odd.results] == [1, 3]
