@@ -37,13 +37,19 @@ import torch
 from torch import Tensor, nn
 
 from rebasin_callbacks.costs import CosineCost, L2Cost, RndCost, resolve_cost
-from rebasin_callbacks.matching import check_finite, resolve_spec, weight_matching
+from rebasin_callbacks.matching import resolve_spec, weight_matching
 from rebasin_callbacks.permute import identity_permutations, permute, random_permutations
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
 from rebasin_callbacks.sinkhorn import SinkhornConvergenceWarning
 from rebasin_callbacks.spec import PermutationSpec
-from rebasin_callbacks.trace import check_compatible
-from rebasin_callbacks.utils import module_device, split_batch, to_device
+from rebasin_callbacks.utils import (
+    check_compatible,
+    check_finite,
+    module_device,
+    split_batch,
+    thread_limit,
+    to_device,
+)
 
 __all__ = ["align", "AlignResult"]
 
@@ -236,6 +242,7 @@ def align(
     noise: float = 0.1,
     init_scale: float | Literal["auto"] = "auto",
     polish: bool = False,
+    threads: int | str | None = "auto",
 ) -> AlignResult:
     """Permute ``model``'s hidden units to bring it into ``reference``'s basin (Sinkhorn re-basin).
 
@@ -282,6 +289,8 @@ def align(
             (weight matching maximises exactly its inner products): on trained pairs it ends closer than
             weight matching, at several times its cost (BENCHMARKS.md), so it is off by default.
         progress: show a progress bar (tqdm, when installed).
+        threads: torch's CPU intra-op threads inside the call (:func:`~rebasin_callbacks.utils.thread_limit`):
+            ``"auto"`` (1 per 4 cores, or ``$REBASIN_NUM_THREADS``), an int, or ``None`` for no cap.
         seed: makes the run repeatable (initial jitter, weight-matching order, random init, ``"rnd"``'s
             interpolation points, dropout); the global random state is left untouched.
         n_iters: Sinkhorn iterations per step.
@@ -365,37 +374,41 @@ def align(
         raise ValueError(
             "align needs a permutation spec: pass spec=..., example_inputs=... (to trace one) or data=..."
         )
-    spec = resolve_spec(model, spec, example_inputs)
-    if not isinstance(cost_fn, (L2Cost, CosineCost)):
-        _probe_cost(model, reference, cost_fn, first)
+    # Many small kernels: a capped thread count keeps a busy CPU from turning seconds into minutes.
+    with thread_limit(threads):
+        spec = resolve_spec(model, spec, example_inputs)
+        if not isinstance(cost_fn, (L2Cost, CosineCost)):
+            _probe_cost(model, reference, cost_fn, first)
 
-    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-    fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None)
-    with fork:
-        if seed is not None:
-            torch.manual_seed(int(seed))
-        if init_scale == "auto" and method == "ste":
-            init_scale = 1.0
-        t0 = time.perf_counter()
-        perms0 = _initial_permutations(model, reference, spec, init, gen, seed)
-        warm = time.perf_counter() - t0 if isinstance(init, str) and init == "weight_matching" else None
-        result = _refine(
-            model, reference, spec, perms0, cost_fn, score_fn, batches, first,
-            steps=steps, lr=lr, tau=tau, n_iters=n_iters, noise=noise, init_scale=init_scale, gen=gen,
-            early_stopping=early_stopping, progress=progress, method=method, budget=warm,
-            polish=_polisher(model, reference, spec, seed) if polish else None,
-            budget_applies=not getattr(cost_fn, "needs_data", False),
-        )  # fmt: skip
-    perms, history, n_steps = result
-    aligned = permute(model, spec, perms)
-    return AlignResult(
-        perms=perms,
-        model=aligned,
-        spec=spec,
-        history=history,
-        steps=n_steps,
-        seconds=time.perf_counter() - start,
-    )
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        fork = torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else [], enabled=seed is not None
+        )
+        with fork:
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            if init_scale == "auto" and method == "ste":
+                init_scale = 1.0
+            t0 = time.perf_counter()
+            perms0 = _initial_permutations(model, reference, spec, init, gen, seed)
+            warm = time.perf_counter() - t0 if isinstance(init, str) and init == "weight_matching" else None
+            result = _refine(
+                model, reference, spec, perms0, cost_fn, score_fn, batches, first,
+                steps=steps, lr=lr, tau=tau, n_iters=n_iters, noise=noise, init_scale=init_scale, gen=gen,
+                early_stopping=early_stopping, progress=progress, method=method, budget=warm,
+                polish=_polisher(model, reference, spec, seed) if polish else None,
+                budget_applies=not getattr(cost_fn, "needs_data", False),
+            )  # fmt: skip
+        perms, history, n_steps = result
+        aligned = permute(model, spec, perms)
+        return AlignResult(
+            perms=perms,
+            model=aligned,
+            spec=spec,
+            history=history,
+            steps=n_steps,
+            seconds=time.perf_counter() - start,
+        )
 
 
 def _probe_cost(model: nn.Module, reference: nn.Module, cost_fn: Any, batch: Any) -> None:

@@ -25,6 +25,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+# re-exported here too: the costs interpolate through it (differentiably)
+from rebasin_callbacks.utils import interpolate_state
+
 __all__ = ["Cost", "L2Cost", "MidCost", "RndCost", "CosineCost", "interpolate_state", "resolve_cost"]
 
 
@@ -126,25 +129,6 @@ class CosineCost:
         return "CosineCost()"
 
 
-def interpolate_state(
-    state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], lam: float | Tensor
-) -> dict[str, Tensor]:
-    """``(1 - lam) * a + lam * b`` for every floating-point entry (buffers too); other entries from ``b``."""
-    out: dict[str, Tensor] = {}
-    for key, b in state_b.items():
-        a = state_a.get(key)
-        if a is None:
-            raise KeyError(
-                f"the permuted model has no entry {key!r} (the reference has shape {tuple(b.shape)})"
-            )
-        if a.shape != b.shape:
-            raise ValueError(
-                f"{key!r}: shapes {tuple(a.shape)} (permuted model) and {tuple(b.shape)} (reference) differ"
-            )
-        out[key] = (1 - lam) * a + lam * b.to(a.dtype) if b.is_floating_point() else b
-    return out
-
-
 class _LineCost:
     """Task loss of a point on the line between the permuted model and the reference."""
 
@@ -173,7 +157,8 @@ class _LineCost:
             )
         inputs, targets = batch[0], batch[1]
         ref = _reference_state(reference)
-        state = interpolate_state(view.state, ref, self._lambda(next(iter(ref.values())).device))
+        lam = self._lambda(next(iter(ref.values())).device)
+        state = interpolate_state(view.state, ref, lam, differentiable=True)
         norms = [m for m in reference.modules() if isinstance(m, _BatchNorm)] if self.batch_stats else []
         if reference.training or norms:
             # BatchNorm in train mode normalises with the batch's statistics and updates its running

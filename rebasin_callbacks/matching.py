@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from rebasin_callbacks.permute import axis_index
 from rebasin_callbacks.rebasin import assignment
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-from rebasin_callbacks.trace import check_compatible, trace_spec
+from rebasin_callbacks.trace import trace_spec
+from rebasin_callbacks.utils import check_compatible, check_finite
 
 __all__ = [
     "weight_matching",
@@ -43,19 +44,6 @@ __all__ = [
 Block = tuple[str | None, int, int]
 #: memory for cached similarity terms (per call), e.g. 16 MiB per 2048-wide term in float32
 _CACHE_BYTES = 1 << 30
-
-
-def check_finite(model: nn.Module | Mapping[str, Tensor], name: str = "model") -> None:
-    """Raise ``ValueError`` naming the first floating-point entry that holds NaN or inf."""
-    state = model.state_dict() if isinstance(model, nn.Module) else model
-    for key, value in state.items():
-        if not (isinstance(value, Tensor) and value.is_floating_point()):
-            continue
-        # One reduction per tensor: NaN and inf survive a sum (an overflow is re-checked element-wise).
-        if bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all()):
-            continue
-        bad = int((~torch.isfinite(value)).sum())
-        raise ValueError(f"{name}: {key!r} (shape {tuple(value.shape)}) has {bad} NaN/inf values")
 
 
 def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_inputs: Any) -> PermutationSpec:

@@ -38,6 +38,9 @@ from torch.utils._pytree import tree_leaves
 
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.trace_rules import TraceRule, rule_for_function, rule_for_method, rule_for_module
+
+# the one state-dict check lives in the bottom layer; re-exported here where it has always been importable
+from rebasin_callbacks.utils import check_compatible
 from rebasin_callbacks.verify import SpecCheckError, check_spec, normalize_inputs, validate_inputs
 
 __all__ = ["trace_spec", "check_spec", "check_compatible", "SpecCheckError", "UntraceableModelError"]
@@ -1414,32 +1417,3 @@ def _run_error(model: nn.Module, args: tuple, kwargs: dict, error: BaseException
             f"{type(eager).__name__}: {str(eager).splitlines()[0] if str(eager) else ''}"
         )
     return _untraceable_error(model, error)
-
-
-def check_compatible(
-    model: nn.Module | Mapping[str, Tensor], reference: nn.Module | Mapping[str, Tensor]
-) -> None:
-    """Raise :class:`SpecMismatchError` naming the first entry where ``model`` and ``reference`` differ.
-
-    Example:
-        >>> import torch
-        >>> from rebasin_callbacks.trace import check_compatible
-        >>> check_compatible(torch.nn.Linear(2, 3), torch.nn.Linear(2, 3))  # same architecture: no error
-    """
-    a = model.state_dict() if isinstance(model, nn.Module) else model
-    b = reference.state_dict() if isinstance(reference, nn.Module) else reference
-    for key in a:
-        if key not in b:
-            raise SpecMismatchError(
-                f"different architectures: the model has {key!r} {tuple(a[key].shape)} but the reference does not"
-            )
-        sa, sb = tuple(a[key].shape), tuple(b[key].shape)
-        if sa != sb:
-            raise SpecMismatchError(
-                f"different architectures: {key!r} has shape {sa} in the model but {sb} in the reference"
-            )
-    for key in b:
-        if key not in a:
-            raise SpecMismatchError(
-                f"different architectures: the reference has {key!r} {tuple(b[key].shape)} but the model does not"
-            )

@@ -309,6 +309,8 @@ def check_finite(state: nn.Module | Mapping[str, Tensor], name: str = "the model
     """
     for key, t in _state(state).items():
         if t.is_floating_point() or t.is_complex():
+            if bool(torch.isfinite(t.detach()).all()):  # one read-back per tensor when all is well
+                continue
             bad = int((~torch.isfinite(t.detach())).sum())
             if bad:
                 raise ValueError(f"{name}: {key!r} holds {bad} NaN/inf value(s) of {t.numel()}")
@@ -344,13 +346,19 @@ def l2_distance(a: nn.Module | Mapping[str, Tensor], b: nn.Module | Mapping[str,
 
 
 def interpolate_state(
-    state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], lam: float
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    lam: float | Tensor,
+    *,
+    differentiable: bool = False,
 ) -> dict[str, Tensor]:
     """``(1 - lam) * a + lam * b`` for every floating-point entry; other entries are copied from ``a``.
 
     The result follows ``a``: its device and dtype (``b`` is moved and cast; half precision is
     interpolated in float32). ``lam = 0`` and ``lam = 1`` give ``a`` and ``b`` exactly. Inputs are not
-    modified. Keys and shapes must match (:func:`check_compatible`).
+    modified. Keys and shapes must match (:func:`check_compatible`). ``differentiable=True`` keeps ``a``'s
+    autograd graph (and a tensor ``lam``'s): the costs on the line between a permuted view and its
+    reference are trained through it; ``b`` is always treated as a constant.
 
     Example:
         >>> import torch
@@ -360,9 +368,10 @@ def interpolate_state(
     check_compatible(state_a, state_b, names=("model_a", "model_b"))
     out = {}
     for key, ta in state_a.items():
-        ta = ta.detach()
+        if not differentiable:
+            ta = ta.detach()
         if not (ta.is_floating_point() or ta.is_complex()):
-            out[key] = ta.clone()  # counters such as num_batches_tracked: keep a's
+            out[key] = ta.detach().clone()  # counters such as num_batches_tracked: keep a's
             continue
         work = ta.float() if ta.dtype in (torch.float16, torch.bfloat16) else ta
         other = state_b[key].detach().to(device=work.device, dtype=work.dtype)

@@ -244,3 +244,23 @@ def test_the_refinement_beats_weight_matching_on_a_trained_pair():
     assert l2_distance(result.model, b) < wm - 1e-3  # a better local optimum than weight matching's
     plain = align(a, b, spec=spec, progress=False, seed=0)
     assert plain.steps <= 4 and plain.cost <= plain.history["init_cost"][0]  # cheap when nothing is gained
+
+
+def test_align_caps_cpu_threads_inside_and_restores_them(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("rebasin_callbacks.align")  # the module, not the exported function
+    seen = []
+    real = module._initial_permutations
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_initial_permutations", recording)
+    before = torch.get_num_threads()
+    a, b = mlp([4, 8, 3], seed=0), mlp([4, 8, 3], seed=1)
+    align(a, b, spec=mlp_spec(a), steps=2, progress=False, threads=1)
+    align(a, b, spec=mlp_spec(a), steps=2, progress=False, threads=None)
+    assert seen == [1, before]
+    assert torch.get_num_threads() == before

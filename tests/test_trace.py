@@ -403,7 +403,9 @@ def test_check_spec_leaves_the_model_alone():
 def test_check_compatible_names_the_first_mismatch():
     a = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
     check_compatible(a, nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)))
-    with pytest.raises(SpecMismatchError, match=r"'0.weight' has shape \(8, 3\) in the model but \(9, 3\)"):
+    with pytest.raises(
+        SpecMismatchError, match=r"'0.weight' axis 0 has size 8 in the model but 9 in the reference"
+    ):
         check_compatible(a, nn.Sequential(nn.Linear(3, 9), nn.ReLU(), nn.Linear(9, 2)))
     with pytest.raises(SpecMismatchError, match="'3.weight'"):
         check_compatible(nn.Sequential(*a, nn.Linear(2, 2)), a)
