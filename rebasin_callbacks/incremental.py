@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from rebasin_callbacks.permute import permute_state_dict
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
 from rebasin_callbacks.spec import AxisEntry, PermutationSpec
+from rebasin_callbacks.utils import module_device, module_dtype, to_device
 
 __all__ = [
     "ReBasinIncremental",
@@ -317,6 +318,13 @@ class ReBasinIncremental:
             )
         if fusion not in ("permuted", "literal"):
             raise ValueError(f"fusion must be 'permuted' or 'literal', got {fusion!r}")
+        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+        if not (isinstance(n_iters, int) and n_iters >= 1):
+            raise ValueError(f"n_iters must be an int >= 1, got {n_iters!r}")
+        if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale)):
+            raise ValueError(f"init_scale must be a finite number, got {init_scale!r}")
+        check_non_negative("tol", tol)
         self.model = model
         self.spec_source = spec
         self.example_inputs = example_inputs
@@ -343,9 +351,11 @@ class ReBasinIncremental:
         self._buffers: dict[str, Tensor] = {}
         #: statistics of the last finished episode (:func:`episode_statistics`); empty before the first
         self.last_episode: dict[str, float] = {}
-        # Fail at construction, not at the first episode, when the model cannot be permuted.
+        # Fail at construction, not at the first re-basin episode, when the model cannot be permuted.
         if isinstance(spec, PermutationSpec):
             self._check_spec(spec)
+        elif spec is None:
+            self._make_spec()
 
     # ------------------------------------------------------------------ episode lifecycle
     @property
@@ -372,7 +382,9 @@ class ReBasinIncremental:
             return self._check_spec(source(self.model))
         from rebasin_callbacks.trace import trace_spec
 
-        return self._check_spec(trace_spec(self.model, self.example_inputs))
+        # the inputs follow the model (it may have moved or changed dtype since they were given)
+        inputs = to_device(self.example_inputs, module_device(self.model), module_dtype(self.model))
+        return self._check_spec(trace_spec(self.model, inputs))
 
     def begin_episode(self) -> None:
         """Start an episode from the model's current weights: identity permutations, tiny residual."""

@@ -1352,6 +1352,7 @@ def trace_spec(
     plain_state = {k: v.detach() if isinstance(v, Tensor) else v for k, v in state.items()}
     notes: list[str] = [f"untraceable submodule {leaf}" for leaf in leaves]
     notes += walker.boundaries
+    notes += _reparametrized(model)
     try:
         spec = _assemble(walker, plain_state)
     except SpecMismatchError as e:  # inconsistent labels from a rule: no group rather than a wrong one
@@ -1368,6 +1369,28 @@ def trace_spec(
             stacklevel=2,
         )
     return spec
+
+
+def _reparametrized(model: nn.Module) -> list[str]:
+    """Notes for weights computed by a reparametrization (``weight_norm`` and the like): the tracer does not
+    permute through them, so without a word the user would only see fewer groups."""
+    from torch.nn.utils import parametrize
+
+    notes = []
+    for name, m in model.named_modules():
+        where = name or type(model).__name__
+        if parametrize.is_parametrized(m):
+            tensors = ", ".join(sorted(m.parametrizations.keys()))  # type: ignore[union-attr]
+            notes.append(
+                f"{where} has parametrized {tensors} (e.g. weight_norm): no permutation crosses it; "
+                f"torch.nn.utils.parametrize.remove_parametrizations({where}, ...) before tracing lifts this"
+            )
+        elif any(type(h).__name__ == "WeightNorm" for h in m._forward_pre_hooks.values()):
+            notes.append(
+                f"{where} uses the old torch.nn.utils.weight_norm hook: no permutation crosses it; "
+                "torch.nn.utils.remove_weight_norm before tracing lifts this"
+            )
+    return notes
 
 
 def _verified(

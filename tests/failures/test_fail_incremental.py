@@ -125,3 +125,25 @@ def test_abort_episode_alone_is_enough_to_recover() -> None:
     strategy.incremental.abort_episode()  # what a user might try by hand
     strategy.train(third, eval_streams=[])
     assert strategy.incremental.episodes_done == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "width", "match"),
+    [
+        (dict(incremental_kwargs=dict(tau=-1.0)), 16, "tau must be a finite number > 0"),
+        (dict(incremental_kwargs=dict(n_iters=0)), 16, "n_iters must be an int >= 1"),
+        ({}, 0, "no permutation groups"),  # a model without hidden units
+    ],
+)
+def test_strategy_settings_and_models_are_refused_at_construction(kwargs, width, match) -> None:
+    from rebasin_callbacks.avalanche import ReBasinStrategy
+
+    layers = [nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 3)] if width else [nn.Linear(6, 3)]
+    model = nn.Sequential(*layers)
+    with pytest.raises(ValueError, match=match):
+        ReBasinStrategy(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            example_inputs=torch.zeros(2, 6),
+            **kwargs,
+        )

@@ -109,3 +109,12 @@ def test_labels_that_do_not_fit_the_state_dict_drop_every_group(monkeypatch):
     with pytest.warns(UserWarning, match="do not fit the state dict"):
         spec = trace_spec(_mlp(), torch.randn(4, 3))
     assert len(spec) == 0
+
+
+def test_weight_norm_parametrization_is_named_not_silent() -> None:
+    from torch.nn.utils import parametrizations
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    net[0] = parametrizations.weight_norm(net[0])
+    with pytest.warns(UserWarning, match=r"0 has parametrized weight.*remove_parametrizations"):
+        trace_spec(net, torch.randn(2, 4))
