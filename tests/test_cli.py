@@ -398,3 +398,15 @@ def test_root_exports_are_the_functions_not_the_submodules_of_the_same_name():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == ["True", "True"], result.stdout + result.stderr[-2000:]
+
+
+def test_lmc_prints_the_endpoints_and_warns_when_one_is_at_chance():
+    from rebasin_callbacks.commands.lmc import describe_endpoints
+    from rebasin_callbacks.lmc import LMCResult
+
+    good = LMCResult.from_values([0, 0.5, 1], {"loss": [0.2, 1.0, 0.3], "accuracy": [0.95, 0.6, 0.9]})
+    text = describe_endpoints(good, "a.pt", "b.pt", n_classes=10)
+    assert "A (a.pt) loss 0.2000 accuracy 0.9500" in text and "B (b.pt) loss 0.3000" in text
+    assert "warning" not in text
+    bad = LMCResult.from_values([0, 0.5, 1], {"loss": [0.2, 1.0, 2.3], "accuracy": [0.95, 0.6, 0.11]})
+    assert "warning: B (b.pt) has accuracy 0.1100" in describe_endpoints(bad, "a.pt", "b.pt", n_classes=10)

@@ -42,7 +42,7 @@ from rebasin_callbacks.commands.common import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["add_arguments", "run", "format_table"]
+__all__ = ["add_arguments", "run", "format_table", "describe_endpoints"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +69,39 @@ def format_table(curves: dict[str, Any]) -> str:
         acc_b, acc_a = c.barriers.get("accuracy", float("nan")), c.aucs.get("accuracy", float("nan"))
         rows.append(f"{label:22s} {c.barrier:13.4f} {c.auc:10.4f} {acc_b:12.4f} {acc_a:9.4f}")
     return "\n".join(rows)
+
+
+def describe_endpoints(curve: Any, name_a: str, name_b: str, *, n_classes: int) -> str:
+    """The endpoints' own loss / accuracy (a barrier means little when an endpoint is bad on this data), with
+    a warning when an endpoint is not clearly better than chance.
+
+    Example:
+        >>> from rebasin_callbacks.lmc import LMCResult
+        >>> c = LMCResult.from_values([0, 0.5, 1], {"loss": [0.2, 1.0, 0.3], "accuracy": [0.95, 0.6, 0.08]})
+        >>> print(describe_endpoints(c, "a.pt", "b.pt", n_classes=10))  # doctest: +NORMALIZE_WHITESPACE
+        endpoints: A (a.pt) loss 0.2000 accuracy 0.9500; B (b.pt) loss 0.3000 accuracy 0.0800
+        warning: B (b.pt) has accuracy 0.0800 on this data, chance is 0.1000: the data is probably not
+        what it was trained on (input size and channels: --input-shape; normalisation), so the barrier
+        above means little
+    """
+    lines, warnings = [], []
+    parts = []
+    for side, name, index in (("A", name_a, 0), ("B", name_b, -1)):
+        loss = curve.values.get("loss", [float("nan")])[index]
+        acc = curve.values.get("accuracy")
+        text = f"{side} ({name}) loss {loss:.4f}"
+        if acc is not None:
+            text += f" accuracy {acc[index]:.4f}"
+            chance = 1.0 / n_classes
+            if acc[index] < 2 * chance:
+                warnings.append(
+                    f"warning: {side} ({name}) has accuracy {acc[index]:.4f} on this data, chance is "
+                    f"{chance:.4f}: the data is probably not what it was trained on (input size and "
+                    "channels: --input-shape; normalisation), so the barrier above means little"
+                )
+        parts.append(text)
+    lines.append("endpoints: " + "; ".join(parts))
+    return "\n".join(lines + warnings)
 
 
 @guarded("lmc")
@@ -120,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"evaluating {args.n_points} points of the {label} curve")
         curves[label] = lmc_curve(model, model_b, test, label=label, **options)
     print(format_table(curves))
+    print(describe_endpoints(next(iter(curves.values())), args.model_a, args.model_b, n_classes=10))
     if args.plot:
         fig = plot_lmc(curves, title=f"{args.arch}: A -> B")
         fmt = Path(args.plot).suffix.lstrip(".").lower() or "png"
