@@ -45,6 +45,7 @@ from rebasin_callbacks.spec import PermutationSpec
 from rebasin_callbacks.utils import (
     check_compatible,
     check_finite,
+    infer_example_inputs,
     module_device,
     split_batch,
     thread_limit,
@@ -370,7 +371,7 @@ def align(
         first = next(batches)
         if example_inputs is None and spec is None:
             example_inputs = first[0] if isinstance(first, (tuple, list)) else first
-    if spec is None and example_inputs is None:
+    if spec is None and example_inputs is None and infer_example_inputs(model) is None:
         raise ValueError(
             "align needs a permutation spec: pass spec=..., example_inputs=... (to trace one) or data=..."
         )

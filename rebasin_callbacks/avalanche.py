@@ -45,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -67,6 +68,8 @@ from rebasin_callbacks.incremental import (
     extend_spec_to_heads,
 )
 from rebasin_callbacks.spec import PermutationSpec
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ReBasinPlugin", "ReBasinStrategy", "PAPER_SETTINGS", "released_replay", "released_settings"]
 
@@ -223,7 +226,9 @@ class ReBasinPlugin(SupervisedPlugin):
         model: the model; taken from the strategy at the first ``train()`` when omitted.
         spec: a :class:`~rebasin_callbacks.PermutationSpec` or a function ``model -> spec`` called at
             the start of every re-basin experience; traced from ``example_inputs`` when omitted.
-        example_inputs: inputs for tracing the spec (for a ``MultiTaskModule``: ``(x, task_labels)``).
+        example_inputs: inputs for tracing the spec (for a ``MultiTaskModule``: ``(x, task_labels)``);
+            when both this and ``spec`` are omitted, the first training mini-batch is used (and said so
+            in the log).
         heads_prefix: state_dict prefix of the heads of a multi-head model (e.g.
             ``"classifier.classifiers."``): every head gets the axes the spec gives one of them.
             Detected for an ``avalanche.models.MultiHeadClassifier`` when omitted.
@@ -255,8 +260,6 @@ class ReBasinPlugin(SupervisedPlugin):
         log_metrics: bool = True,
     ):
         super().__init__()
-        if spec is None and example_inputs is None:
-            raise ValueError("ReBasinPlugin needs spec= or example_inputs= (to trace a spec from)")
         check_fraction("alpha", alpha)
         check_non_negative("beta", beta)
         self._settings: dict[str, Any] = dict(
@@ -275,7 +278,7 @@ class ReBasinPlugin(SupervisedPlugin):
         self._base_model: nn.Module | None = None
         self._user_optimizer: torch.optim.Optimizer | None = None
         self._costs: list[float] = []
-        if model is not None:
+        if model is not None and (spec is not None or example_inputs is not None):
             self._build(model)
 
     def _build(self, model: nn.Module) -> ReBasinIncremental:
@@ -324,11 +327,32 @@ class ReBasinPlugin(SupervisedPlugin):
                 "no targets (dataset.targets): re-basin incremental learning needs labelled data"
             )
 
+    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        # No spec and no example inputs: trace from the first mini-batch the strategy trains on.
+        if self.spec is None and self.example_inputs is None:
+            x = strategy.mb_x[:2].detach().clone()
+            if isinstance(strategy.model, MultiTaskModule):
+                self.example_inputs = (x, strategy.mb_task_id[:2].detach().clone())
+            else:
+                self.example_inputs = x
+            logger.info("ReBasinPlugin: the permutation spec is traced from the first training batch "
+                        "(inputs of shape %s)", tuple(x.shape))  # fmt: skip
+
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self.restore(strategy)
-        incremental = self.incremental if self.incremental is not None else self._build(strategy.model)
         if self.experiences_trained == 0:
+            if self.incremental is None and (self.spec is not None or self.example_inputs is not None):
+                self._build(strategy.model)
             return
+        if self.incremental is None:
+            if self.spec is None and self.example_inputs is None:
+                raise RuntimeError(
+                    "ReBasinPlugin: no spec, no example_inputs and no training batch seen yet: pass spec= or "
+                    "example_inputs="
+                )
+            self._build(strategy.model)
+        incremental = self.incremental
+        assert incremental is not None
         # the model is theta_{e-1}: learn permutations and residual instead of the weights
         incremental.model = strategy.model
         incremental.begin_episode()
@@ -458,7 +482,11 @@ class ReBasinStrategy(SupervisedTemplate):
     @property
     def incremental(self) -> ReBasinIncremental:
         """The :class:`~rebasin_callbacks.incremental.ReBasinIncremental` driven by the plugin."""
-        assert self.rebasin_plugin.incremental is not None
+        if self.rebasin_plugin.incremental is None:
+            raise RuntimeError(
+                "ReBasinStrategy.incremental is built from the first training batch (no spec or "
+                "example_inputs was given): train an experience first"
+            )
         return self.rebasin_plugin.incremental
 
     @property

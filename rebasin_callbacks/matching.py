@@ -23,6 +23,7 @@ maxima already fall in distinct columns needs no solver (the common case near a 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ from rebasin_callbacks.permute import axis_index
 from rebasin_callbacks.rebasin import assignment
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.trace import trace_spec
-from rebasin_callbacks.utils import check_compatible, check_finite
+from rebasin_callbacks.utils import check_compatible, check_finite, infer_example_inputs
 
 __all__ = [
     "weight_matching",
@@ -50,8 +51,17 @@ def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_inputs:
     """The given spec (validated against ``model``), or one traced from ``example_inputs``."""
     if spec is None:
         if example_inputs is None:
-            raise ValueError(
-                f"no spec for {type(model).__name__}: pass spec=PermutationSpec(...) or example_inputs=... to trace one"
+            inferred = infer_example_inputs(model)
+            if inferred is None:
+                raise ValueError(
+                    f"no spec for {type(model).__name__}: pass spec=PermutationSpec(...) or example_inputs=... "
+                    "to trace one"
+                )
+            example_inputs, source = inferred
+            warnings.warn(
+                f"no spec or example inputs for {type(model).__name__}: tracing on random inputs of shape "
+                f"{tuple(example_inputs.shape)} from {source}; pass example_inputs= to choose",
+                stacklevel=3,
             )
         spec = trace_spec(model, example_inputs)
     state = model.state_dict()

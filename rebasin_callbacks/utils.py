@@ -47,6 +47,7 @@ __all__ = [
     "check_finite",
     "l2_distance",
     "interpolate_state",
+    "infer_example_inputs",
     "thread_limit",
     "default_threads",
     "SpecMismatchError",
@@ -378,6 +379,35 @@ def interpolate_state(
         # (1 - lam) * a + lam * b (not a + lam * (b - a)) so lam = 0 and 1 give a and b exactly
         out[key] = ((1.0 - lam) * work + lam * other).to(ta.dtype)
     return out
+
+
+def infer_example_inputs(model: nn.Module, batch: int = 2) -> tuple[Tensor, str] | None:
+    """Random inputs the model declares it takes, for tracing a spec when the user gave none, and a
+    sentence saying where they came from; ``None`` when the model does not say.
+
+    Two sources, both stated by the model itself: timm's ``pretrained_cfg["input_size"]`` (``(C, H, W)``),
+    and a first layer that is an ``nn.Linear`` (its ``in_features``). A convolutional stem gives the
+    channels but not the image size, so it is not guessed.
+
+    Example:
+        >>> import torch
+        >>> x, why = infer_example_inputs(torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.ReLU()))
+        >>> tuple(x.shape), why
+        ((2, 5), "the first layer's in_features (5)")
+    """
+    device, dtype = module_device(model), module_dtype(model)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (tuple, list)) and size and all(isinstance(v, int) and v > 0 for v in size):
+        x = torch.randn(batch, *size, device=device, dtype=dtype)
+        return x, f"timm's pretrained_cfg input_size {tuple(size)}"
+    first = next(
+        (m for m in model.modules() if not list(m.children()) and any(True for _ in m.parameters())), None
+    )
+    if isinstance(first, nn.Linear):
+        x = torch.randn(batch, first.in_features, device=device, dtype=dtype)
+        return x, f"the first layer's in_features ({first.in_features})"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ threads

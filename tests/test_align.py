@@ -130,8 +130,9 @@ def test_custom_callable_cost():
 def test_errors_are_clear():
     a, b = mlp([3, 8, 2]), mlp([3, 8, 2], seed=1)
     spec = mlp_spec(a)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))  # no input size to trace from
     with pytest.raises(ValueError, match="spec=.*example_inputs=.*data="):
-        align(a, b, progress=False)
+        align(conv, copy.deepcopy(conv), progress=False)
     with pytest.raises(ValueError, match="needs data"):
         align(a, b, spec=spec, cost="mid", loss_fn=nn.functional.mse_loss, progress=False)
     with pytest.raises(ValueError, match="loss_fn"):
@@ -264,3 +265,11 @@ def test_align_caps_cpu_threads_inside_and_restores_them(monkeypatch):
     align(a, b, spec=mlp_spec(a), steps=2, progress=False, threads=None)
     assert seen == [1, before]
     assert torch.get_num_threads() == before
+
+
+def test_a_model_with_a_linear_stem_aligns_without_spec_or_inputs():
+    a = mlp([3, 8, 2])
+    planted = permute(a, mlp_spec(a), random_permutations(mlp_spec(a), torch.Generator().manual_seed(0)))
+    with pytest.warns(UserWarning, match="tracing on random inputs of shape"):
+        result = align(planted, a, progress=False, seed=0)
+    assert same_state(result.model, a)

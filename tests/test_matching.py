@@ -126,8 +126,29 @@ def test_nan_names_the_parameter():
 
 
 def test_missing_spec_and_inputs_is_a_clear_error():
+    # a convolutional stem says its channels but not the image size: nothing to trace from
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3))
     with pytest.raises(ValueError, match="example_inputs"):
-        weight_matching(mlp([3, 8, 2]), mlp([3, 8, 2], seed=1))
+        weight_matching(conv, copy.deepcopy(conv))
+
+
+def test_a_linear_stem_is_traced_without_being_asked_and_says_so():
+    a, b = mlp([3, 8, 2]), mlp([3, 8, 2], seed=1)
+    with pytest.warns(
+        UserWarning, match=r"random inputs of shape \(2, 3\) from the first layer's in_features"
+    ):
+        perms = weight_matching(a, b)
+    explicit = weight_matching(a, b, mlp_spec(a))
+    assert sorted(p.tolist() for p in perms.values()) == sorted(p.tolist() for p in explicit.values())
+
+
+def test_timm_models_are_traced_at_their_declared_input_size():
+    timm = pytest.importorskip("timm")
+    from rebasin_callbacks.utils import infer_example_inputs
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    x, why = infer_example_inputs(model)
+    assert tuple(x.shape) == (2, *model.pretrained_cfg["input_size"]) and "pretrained_cfg" in why
 
 
 def test_seed_makes_it_repeatable():

@@ -197,7 +197,7 @@ def test_strategy_defaults_are_naive_and_paper_settings_are_named() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"alpha": 1.5}, "alpha"), ({"beta": -1.0}, "beta"), ({"spec": None}, "spec= or example_inputs=")],
+    [({"alpha": 1.5}, "alpha"), ({"beta": -1.0}, "beta")],
 )
 def test_plugin_bad_arguments_are_rejected_at_construction(kwargs: dict[str, Any], match: str) -> None:
     _, spec = _mlp()
@@ -233,3 +233,18 @@ def test_released_settings_clamp_is_a_keyword() -> None:
     assert released_settings(delta_grad_clip=None)["incremental_kwargs"]["delta_grad_clip"] is None
     with pytest.raises(ValueError, match="delta_grad_clip"):
         released_settings(delta_grad_clip=-1.0)
+
+
+def test_without_spec_or_example_inputs_the_first_batch_is_traced(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    strategy = ReBasinStrategy(
+        model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), train_mb_size=16, evaluator=None
+    )
+    with pytest.raises(RuntimeError, match="first training batch"):
+        strategy.incremental  # noqa: B018 - nothing to trace from yet
+    with caplog.at_level("INFO", logger="rebasin_callbacks.avalanche"):
+        _train(strategy, _bench())
+    assert "traced from the first training batch (inputs of shape (2, 6))" in caplog.text
+    assert strategy.incremental.episodes_done == 1
+    assert len(strategy.incremental.spec) == 1  # the hidden layer's group
