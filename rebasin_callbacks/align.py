@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -377,6 +378,8 @@ def align(
         )
     # Many small kernels: a capped thread count keeps a busy CPU from turning seconds into minutes.
     with thread_limit(threads):
+        if spec is None:
+            _phase(f"align: tracing the permutation spec of {type(model).__name__}", progress)
         spec = resolve_spec(model, spec, example_inputs)
         if not isinstance(cost_fn, (L2Cost, CosineCost)):
             _probe_cost(model, reference, cost_fn, first)
@@ -391,6 +394,9 @@ def align(
             if init_scale == "auto" and method == "ste":
                 init_scale = 1.0
             t0 = time.perf_counter()
+            if isinstance(init, str) and init == "weight_matching":
+                n = len(spec)
+                _phase(f"align: weight matching warm start ({n} group{'s' if n != 1 else ''})", progress)
             perms0 = _initial_permutations(model, reference, spec, init, gen, seed)
             warm = time.perf_counter() - t0 if isinstance(init, str) and init == "weight_matching" else None
             result = _refine(
@@ -628,6 +634,18 @@ def _mean_entropy(mats: Mapping[str, Tensor]) -> Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
+def _phase(message: str, enabled: bool) -> None:
+    """A phase line on stderr (through tqdm when installed, so it does not break a bar)."""
+    if not enabled:
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        print(message, file=sys.stderr)
+        return
+    tqdm.write(message, file=sys.stderr)
+
+
 def _progress_bar(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -635,4 +653,4 @@ def _progress_bar(total: int, enabled: bool) -> Any:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional
         return None
-    return tqdm(total=total, desc="align", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc="align: Sinkhorn refinement", leave=False, dynamic_ncols=True)

@@ -273,3 +273,14 @@ def test_a_model_with_a_linear_stem_aligns_without_spec_or_inputs():
     with pytest.warns(UserWarning, match="tracing on random inputs of shape"):
         result = align(planted, a, progress=False, seed=0)
     assert same_state(result.model, a)
+
+
+def test_progress_names_the_phases_and_is_quiet_when_off(capsys):
+    a = mlp([3, 8, 2])
+    b = mlp([3, 8, 2], seed=1)
+    align(a, b, example_inputs=torch.randn(2, 3), steps=2, progress=True)
+    err = capsys.readouterr().err
+    assert "align: tracing the permutation spec of Sequential" in err
+    assert "align: weight matching warm start (1 group)" in err
+    align(a, b, example_inputs=torch.randn(2, 3), steps=2, progress=False)
+    assert capsys.readouterr().err == ""
