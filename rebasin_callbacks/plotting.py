@@ -15,13 +15,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from rebasin_callbacks.lmc import LMCResult
+
+class LMCResult(Protocol):
+    """What a plot reads of a curve (:class:`rebasin_callbacks.lmc.LMCResult` has it): plotting stays a
+    leaf module that imports nothing of the package."""
+
+    lambdas: list[float]
+    values: dict[str, list[float]]
+    barriers: dict[str, float]
+    label: str
+
 
 __all__ = ["plot_lmc", "plot_curve", "curve_style"]
 
