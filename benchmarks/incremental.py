@@ -307,6 +307,18 @@ def recipe(
     return out
 
 
+def _strategy_kwargs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The settings every strategy of a run shares: loss, the run's batch and epochs, the device."""
+    return dict(
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=args.batch,
+        train_epochs=args.epochs,
+        eval_mb_size=1000,
+        device=device,
+        evaluator=None,
+    )
+
+
 def strategies(
     args: argparse.Namespace, spec: Any, device: torch.device
 ) -> dict[str, Callable[[nn.Module], Any]]:
@@ -315,14 +327,7 @@ def strategies(
 
     from rebasin_callbacks.avalanche import ReBasinStrategy
 
-    common = dict(
-        criterion=nn.CrossEntropyLoss(),
-        train_mb_size=args.batch,
-        train_epochs=args.epochs,
-        eval_mb_size=1000,
-        device=device,
-        evaluator=None,
-    )
+    common = _strategy_kwargs(args, device)
 
     def adam(m: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam(m.parameters(), lr=args.lr)
@@ -441,14 +446,7 @@ def authors_strategies(
 
     from rebasin_callbacks.avalanche import ReBasinStrategy, released_replay
 
-    big = dict(
-        criterion=nn.CrossEntropyLoss(),
-        train_mb_size=args.batch,
-        train_epochs=args.epochs,
-        eval_mb_size=1000,
-        device=device,
-        evaluator=None,
-    )
+    big = _strategy_kwargs(args, device)
     small = {**big, "train_mb_size": args.baseline_batch, "train_epochs": args.baseline_epochs}
 
     def adamw(m: nn.Module) -> torch.optim.Optimizer:

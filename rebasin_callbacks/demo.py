@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rebasin_callbacks.io import atomic_write_text
+
 # also MNISTClassifier, built on first access (module __getattr__) so that `rebasin --help` stays fast
 #: plain-text description for ``rebasin demo --help``
 DESCRIPTION = """Train two MLPs (784-512-512-10) on MNIST with a Lightning Trainer, from different seeds, and compare
@@ -300,18 +302,12 @@ def _run_demo(
         "png": str(png),
         "epochs_csv": str(epochs_csv),
     }
-    _write_atomic(out / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     print(format_table(curves))
     print(f"test accuracy: A {acc['A']:.3f}, B {acc['B']:.3f}")
     print(f"plot: {png}   results: {out / 'results.json'}   per-epoch log: {epochs_csv}")
     print(f"total time: {seconds:.1f} s")
     return {**results, "curves": curves}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # readers never see a half-written file
 
 
 def _epoch_rows(metrics_csv: Path, out_csv: Path) -> Path:
@@ -339,7 +335,7 @@ def _epoch_rows(metrics_csv: Path, out_csv: Path) -> Path:
     writer.writeheader()
     for epoch in sorted(rows):
         writer.writerow(rows[epoch])
-    _write_atomic(out_csv, buf.getvalue())
+    atomic_write_text(out_csv, buf.getvalue())
     return out_csv
 
 

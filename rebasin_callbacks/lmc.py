@@ -425,40 +425,6 @@ def lmc_curve(
         >>> res.lambdas
         [0.0, 0.5, 1.0]
     """
-    with thread_limit(threads):
-        return _lmc_curve(
-            model_a,
-            model_b,
-            evaluate,
-            n_points=n_points,
-            lambdas=lambdas,
-            reset_bn=reset_bn,
-            repair=repair,
-            train_data=train_data,
-            n_batches=n_batches,
-            progress=progress,
-            label=label,
-            on_nan=on_nan,
-            higher_is_better=higher_is_better,
-        )
-
-
-def _lmc_curve(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    evaluate: Evaluate,
-    *,
-    n_points: int = 11,
-    lambdas: Sequence[float] | None = None,
-    reset_bn: bool = False,
-    repair: bool = False,
-    train_data: Iterable[Any] | None = None,
-    n_batches: int | None = 10,
-    progress: bool = True,
-    label: str = "",
-    on_nan: Literal["warn", "raise", "ignore"] = "warn",
-    higher_is_better: Iterable[str] = HIGHER_IS_BETTER,
-) -> LMCResult:
     if on_nan not in ("warn", "raise", "ignore"):
         raise ValueError(f"on_nan must be 'warn', 'raise' or 'ignore', got {on_nan!r}")
     if lambdas is None:
@@ -473,47 +439,52 @@ def _lmc_curve(
     _check_compatible(model_a.state_dict(), model_b.state_dict())
     model_b = follow(model_b, model_a)  # computation follows model_a; model_b is copied, never mutated
 
-    batches: list[Any] = []
-    if reset_bn or repair:
-        source = train_data if train_data is not None else eval_data
-        if source is None:
-            what = "reset_bn=True" if reset_bn else "repair=True"
-            raise ValueError(
-                f"lmc_curve: {what} needs train_data (evaluate is a callable, so it has no data)"
+    with thread_limit(threads):  # many small kernels: see utils.thread_limit
+        batches: list[Any] = []
+        if reset_bn or repair:
+            source = train_data if train_data is not None else eval_data
+            if source is None:
+                what = "reset_bn=True" if reset_bn else "repair=True"
+                raise ValueError(
+                    f"lmc_curve: {what} needs train_data (evaluate is a callable, so it has no data)"
+                )
+            batches = take_batches(
+                source, n_batches, module_device(model_a), "lmc_curve", dtype=module_dtype(model_a)
             )
-        batches = take_batches(
-            source, n_batches, module_device(model_a), "lmc_curve", dtype=module_dtype(model_a)
-        )
-        if reset_bn and not _bn_modules(model_a):
-            warnings.warn(
-                "lmc_curve: reset_bn=True but the model has no BatchNorm layer", RuntimeWarning, stacklevel=2
-            )
-    if repair:
-        points = _repair_points(model_a, split_batch(batches[0])[0])
-        stats_a = _collect(model_a, points, batches)
-        stats_b = _collect(model_b, points, batches)
-
-    values: dict[str, list[float]] = {}
-    for i, lam in enumerate(_progress(lams, progress, label)):
-        model = interpolate(model_a, model_b, lam)
-        if reset_bn:
-            _reset_bn_on(model, batches)
+            if reset_bn and not _bn_modules(model_a):
+                warnings.warn(
+                    "lmc_curve: reset_bn=True but the model has no BatchNorm layer",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if repair:
-            _repair_with_stats(model, lam, points, stats_a, stats_b, batches, 1e-6)
-        model.eval()
-        with torch.no_grad():
-            metrics = evaluator(model)
-        if i == 0:
-            values = {k: [] for k in metrics}
-        elif set(metrics) != set(values):
-            raise ValueError(
-                f"evaluate returned metrics {sorted(metrics)} at lam={lam} but {sorted(values)} before"
-            )
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad and on_nan == "raise":
-            raise ValueError(f"lmc_curve: evaluate returned non-finite {bad} at lam={lam} ({label or 'lmc'})")
-        for k, v in metrics.items():
-            values[k].append(v)
+            points = _repair_points(model_a, split_batch(batches[0])[0])
+            stats_a = _collect(model_a, points, batches)
+            stats_b = _collect(model_b, points, batches)
+
+        values: dict[str, list[float]] = {}
+        for i, lam in enumerate(_progress(lams, progress, label)):
+            model = interpolate(model_a, model_b, lam)
+            if reset_bn:
+                _reset_bn_on(model, batches)
+            if repair:
+                _repair_with_stats(model, lam, points, stats_a, stats_b, batches, 1e-6)
+            model.eval()
+            with torch.no_grad():
+                metrics = evaluator(model)
+            if i == 0:
+                values = {k: [] for k in metrics}
+            elif set(metrics) != set(values):
+                raise ValueError(
+                    f"evaluate returned metrics {sorted(metrics)} at lam={lam} but {sorted(values)} before"
+                )
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            if bad and on_nan == "raise":
+                raise ValueError(
+                    f"lmc_curve: evaluate returned non-finite {bad} at lam={lam} ({label or 'lmc'})"
+                )
+            for k, v in metrics.items():
+                values[k].append(v)
 
     result = LMCResult.from_values(lams, values, label=label, higher_is_better=higher_is_better)
     if result.nonfinite and on_nan == "warn":

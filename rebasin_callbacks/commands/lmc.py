@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rebasin_callbacks.commands.common import (
@@ -111,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rebasin_callbacks.align import align
-    from rebasin_callbacks.io import atomic_write, atomic_write_text
+    from rebasin_callbacks.io import atomic_write_text
     from rebasin_callbacks.lmc import lmc_curve, plot_lmc
     from rebasin_callbacks.matching import weight_matching
     from rebasin_callbacks.permute import permute
@@ -155,9 +154,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(curves))
     print(describe_endpoints(next(iter(curves.values())), args.model_a, args.model_b, n_classes=10))
     if args.plot:
-        fig = plot_lmc(curves, title=f"{args.arch}: A -> B")
-        fmt = Path(args.plot).suffix.lstrip(".").lower() or "png"
-        atomic_write(args.plot, lambda f: fig.savefig(f, format=fmt, dpi=100))
+        plot_lmc(curves, title=f"{args.arch}: A -> B", path=args.plot)  # written atomically
         print(f"plot: {args.plot}")
     if args.json:
         atomic_write_text(args.json, json.dumps({k: c.to_dict() for k, c in curves.items()}, indent=1))

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from _align_models import mlp, mlp_spec
 from torch import nn
 
 from rebasin_callbacks.align import align
@@ -14,24 +15,11 @@ from rebasin_callbacks.permute import permute, random_permutations
 from rebasin_callbacks.spec import PermutationSpec
 
 
-def _mlp(seed: int = 0, widths: tuple[int, ...] = (3, 8, 8, 2)) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
+def _mlp(seed: int = 0) -> nn.Sequential:
+    return mlp([3, 8, 8, 2], seed=seed)
 
 
-def _spec(model: nn.Sequential) -> PermutationSpec:
-    linears = [i for i, m in enumerate(model) if isinstance(m, nn.Linear)]
-    axes: dict[str, tuple[str | None, ...]] = {}
-    for j, i in enumerate(linears):
-        out = f"P{j}" if j < len(linears) - 1 else None
-        axes[f"{i}.weight"] = (out, f"P{j - 1}" if j > 0 else None)
-        axes[f"{i}.bias"] = (out,)
-    return PermutationSpec.from_axes(axes, model.state_dict())
+_spec = mlp_spec
 
 
 def _planted(model: nn.Module, spec: PermutationSpec, seed: int = 0) -> nn.Module:
