@@ -280,7 +280,7 @@ def run_strategy(
 
 
 def recipe(
-    name: str, alpha: float, beta: float, lr_perm: float, lr_delta: float, override: dict[str, float]
+    name: str, alpha: float, beta: float, lr_perm: float, lr_delta: float, override: dict[str, float | None]
 ) -> dict[str, Any]:
     """ReBasinStrategy arguments for a recipe.
 
@@ -438,28 +438,58 @@ def authors_rotated_mnist(
     return Stream(tr, te, [0] * episodes, source)
 
 
+#: The baselines as the authors' released scripts run them (one script per method, SGD, Avalanche's
+#: strategies); ``epochs`` count passes over the experience's images, as ``train_epochs`` does.
+AUTHORS_BASELINES: dict[str, dict[str, float]] = {
+    # finetune.py: plain SGD on each experience in turn
+    "finetune": {"lr": 0.01, "batch": 10, "epochs": 5},
+    # ewc.py: ewc_lambda 100, mode "separate"
+    "ewc": {"lr": 0.01, "batch": 10, "epochs": 5, "ewc_lambda": 100.0},
+    # lwf.py: a ten times smaller lr than Finetune, distillation alpha 1 at temperature 0.5
+    "lwf": {"lr": 0.001, "batch": 10, "epochs": 5, "alpha": 1.0, "temperature": 0.5},
+    # agem.py: 5 samples per class per experience in memory and as the reference batch, 10 epochs
+    "agem": {"lr": 0.001, "batch": 10, "epochs": 10, "patterns_per_exp": 50, "sample_size": 50},
+    # joint.py: the upper bound, every experience at once, 50 epochs at batch 500 and lr 0.1
+    "joint": {"lr": 0.1, "batch": 500, "epochs": 50},
+}
+
+
 def authors_strategies(
     args: argparse.Namespace, spec: PermutationSpec, device: torch.device, episodes: int
 ) -> dict[str, Callable[[nn.Module], Any]]:
-    """name -> factory(model) -> Avalanche strategy, as the authors' experiment runs them."""
+    """name -> factory(model) -> Avalanche strategy, as the authors' experiment runs them
+    (:data:`AUTHORS_BASELINES`; ``--baseline-epochs`` overrides every baseline's epochs)."""
     from avalanche.training import AGEM, EWC, JointTraining, LwF, Naive, SynapticIntelligence
 
     from rebasin_callbacks.avalanche import ReBasinStrategy, released_replay
 
     big = _strategy_kwargs(args, device)
-    small = {**big, "train_mb_size": args.baseline_batch, "train_epochs": args.baseline_epochs}
+
+    def sgd(name: str) -> Callable[[nn.Module], dict[str, Any]]:
+        cfg = AUTHORS_BASELINES[name]
+        epochs = args.baseline_epochs if args.baseline_epochs is not None else int(cfg["epochs"])
+
+        def kwargs(m: nn.Module) -> dict[str, Any]:
+            opt = torch.optim.SGD(m.parameters(), lr=cfg["lr"])
+            return {
+                **big,
+                "model": m,
+                "optimizer": opt,
+                "train_mb_size": int(cfg["batch"]),
+                "train_epochs": epochs,
+            }
+
+        return kwargs
 
     def adamw(m: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(m.parameters(), lr=args.lr)
-
-    def sgd(m: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(m.parameters(), lr=args.baseline_lr)
 
     def buffer() -> list[Any]:
         return [released_replay(episodes, args.per_experience)] if args.per_experience > 0 else []
 
     alpha = args.alphas[0] if args.alphas else 0.2
     beta = args.betas[0] if args.betas else 0.1
+    cfg = AUTHORS_BASELINES
     factories: dict[str, Callable[[nn.Module], Any]] = {
         "rebasin": lambda m: ReBasinStrategy(
             model=m,
@@ -469,17 +499,17 @@ def authors_strategies(
             **recipe(args.recipe, alpha, beta, args.lr_perm, args.lr_delta, args.override),
             **big,
         ),
-        "finetune": lambda m: Naive(model=m, optimizer=sgd(m), **small),
-        "ewc": lambda m: EWC(model=m, optimizer=sgd(m), ewc_lambda=args.ewc_lambda, **small),
-        "lwf": lambda m: LwF(model=m, optimizer=sgd(m), alpha=args.lwf_alpha, temperature=2.0, **small),
-        "agem": lambda m: AGEM(
-            model=m,
-            optimizer=sgd(m),
-            patterns_per_exp=args.per_experience or 50,
-            sample_size=args.agem_sample,
-            **small,
+        "finetune": lambda m: Naive(**sgd("finetune")(m)),
+        "ewc": lambda m: EWC(ewc_lambda=cfg["ewc"]["ewc_lambda"], mode="separate", **sgd("ewc")(m)),
+        "lwf": lambda m: LwF(
+            alpha=cfg["lwf"]["alpha"], temperature=cfg["lwf"]["temperature"], **sgd("lwf")(m)
         ),
-        "joint": lambda m: JointTraining(model=m, optimizer=sgd(m), **small),
+        "agem": lambda m: AGEM(
+            patterns_per_exp=int(cfg["agem"]["patterns_per_exp"]),
+            sample_size=int(cfg["agem"]["sample_size"]),
+            **sgd("agem")(m),
+        ),
+        "joint": lambda m: JointTraining(**sgd("joint")(m)),
         "naive": lambda m: Naive(model=m, optimizer=adamw(m), **big),
         "si": lambda m: SynapticIntelligence(model=m, optimizer=adamw(m), si_lambda=args.si_lambda, **big),
         "replay": lambda m: Naive(model=m, optimizer=adamw(m), plugins=buffer(), **big),
@@ -489,11 +519,11 @@ def authors_strategies(
 
 AUTHORS_LABELS = {
     "rebasin": "re-basin (released settings, fixed 50/exp buffer, AdamW, batch 500)",
-    "finetune": "Finetune (SGD, batch 10)",
-    "ewc": "EWC (SGD, batch 10)",
-    "lwf": "LwF (SGD, batch 10)",
-    "agem": "A-GEM (SGD, batch 10)",
-    "joint": "Joint, all experiences at once (SGD, batch 10; upper bound)",
+    "finetune": "Finetune (SGD lr 0.01, batch 10)",
+    "ewc": "EWC (SGD lr 0.01, batch 10, lambda 100)",
+    "lwf": "LwF (SGD lr 0.001, batch 10, alpha 1, T 0.5)",
+    "agem": "A-GEM (SGD lr 0.001, batch 10, 10 epochs, 50 per experience)",
+    "joint": "Joint, all experiences at once (SGD lr 0.1, batch 500, 50 epochs; upper bound)",
     "naive": "context: Naive (AdamW, batch 500)",
     "si": "context: SI (AdamW, batch 500)",
     "replay": "context: Replay, same buffer (AdamW, batch 500)",
@@ -547,7 +577,7 @@ def authors_table(summary: dict[str, dict[str, Any]]) -> str:
             return f"{v['mean']:.3f}" + (f" ± {v['std']:.3f}" if seeds > 1 else "")
 
         lines.append(
-            f"| {AUTHORS_LABELS.get(name, name)} | {s['seeds']} | {cell(s['accuracy'])} "
+            f"| {label(name)} | {s['seeds']} | {cell(s['accuracy'])} "
             f"| {cell(s['forgetting_avalanche'])} | {cell(s['forgetting'])} | {cell(s['plasticity'])} "
             f"| {s['seconds']['mean']:.0f} |"
         )
@@ -640,6 +670,21 @@ def authors_payload(
     }
 
 
+def variant(name: str, override: dict[str, Any]) -> str:
+    """The table key of a run: the method, and for re-basin the ``--set`` overrides it ran with."""
+    if name != "rebasin" or not override:
+        return name
+    return "rebasin (" + ", ".join(f"{k}={v}" for k, v in sorted(override.items())) + ")"
+
+
+def label(key: str) -> str:
+    if key in AUTHORS_LABELS:
+        return AUTHORS_LABELS[key]
+    if key.startswith("rebasin ("):
+        return AUTHORS_LABELS["rebasin"] + ", with " + key[len("rebasin (") : -1]
+    return key
+
+
 def merge_authors(paths: list[Path], out: Path | None) -> dict[str, Any]:
     """One table from several runs of the authors' protocol (e.g. one process per method or per seed on
     a many-core machine): runs of the same method are pooled over seeds. The runs must share ``--steps``
@@ -652,14 +697,15 @@ def merge_authors(paths: list[Path], out: Path | None) -> dict[str, Any]:
     runs: dict[str, list[RunResult]] = {}
     raw: dict[str, list[Any]] = {}
     for pl in payloads:
-        for name, items in pl["runs"].items():
+        for method, items in pl["runs"].items():
+            name = variant(method, pl.get("override") or {})
             for item in items:
                 if any(item["seed"] == other["seed"] for other in raw.get(name, [])):
                     raise SystemExit(f"--merge: {name} seed {item['seed']} appears twice")
                 r = RunResult(name, item["acc_matrix"], item["seconds"])
                 runs.setdefault(name, []).append(r)
                 raw.setdefault(name, []).append(item)
-    order = [m for m in AUTHORS_METHODS if m in runs] + [m for m in runs if m not in AUTHORS_METHODS]
+    order = sorted(runs, key=lambda k: (AUTHORS_METHODS.index(k.split(" ")[0]), k))
     summary = {name: summarise(runs[name]) for name in order}
     print(authors_table(summary), flush=True)
     payload = {**payloads[0], "merged_from": [str(p) for p in paths], "summary": summary, "runs": raw}
@@ -740,11 +786,13 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument(
         "--test-images", type=int, default=None, help="authors: test images per rotation (default all 10,000)"
     )
-    p.add_argument("--baseline-lr", type=float, default=0.01, help="authors: SGD lr of the baselines")
-    p.add_argument("--baseline-batch", type=int, default=10, help="authors: baselines' batch size")
-    p.add_argument("--baseline-epochs", type=int, default=5, help="authors: baselines' epochs")
+    p.add_argument(
+        "--baseline-epochs",
+        type=int,
+        default=None,
+        help="authors: every baseline's epochs (default: each as the authors ran it, AUTHORS_BASELINES)",
+    )
     p.add_argument("--per-experience", type=int, default=50, help="authors: buffer samples per experience")
-    p.add_argument("--agem-sample", type=int, default=256, help="authors: A-GEM reference batch")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument(
         "--merge",
@@ -778,7 +826,7 @@ def main(argv: list[str] | None = None) -> Any:
         metavar="NAME=VALUE",
         nargs="+",
         default=[],
-        help="override a ReBasinIncremental argument of the recipe, e.g. --set delta_grad_clip=0.01",
+        help="override a ReBasinIncremental argument of the recipe, e.g. --set delta_grad_clip=none",
     )
     p.add_argument(
         "--rebasin-replay",
@@ -811,9 +859,12 @@ def main(argv: list[str] | None = None) -> Any:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
-        args.override = {k: float(v) for k, v in (item.split("=", 1) for item in args.override)}
+        args.override = {
+            k: None if v.lower() == "none" else float(v)
+            for k, v in (item.split("=", 1) for item in args.override)
+        }
     except ValueError:
-        p.error(f"--set takes NAME=NUMBER items, got {args.override}")
+        p.error(f"--set takes NAME=NUMBER (or NAME=none) items, got {args.override}")
     if args.merge:
         return merge_authors(args.merge, args.out)
     if args.threads is not None:
