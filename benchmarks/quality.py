@@ -6,7 +6,8 @@ ResNet with BatchNorm). The second model of each pair is permuted into the first
 * ``wm``: weight matching (Git Re-Basin) alone;
 * ``align l2`` / ``align mid`` / ``align rnd``: :func:`rebasin_callbacks.align` with that cost (weight-matching
   warm start, then the Sinkhorn refinement; ``mid`` / ``rnd`` use training batches);
-* ``align l2 polish``: ``align(cost="l2", polish=True)`` (each new permutation refined by coordinate descent).
+* ``align l2`` is the default, which polishes every new permutation by weight matching's coordinate descent;
+  ``align l2 ste`` is ``align(cost="l2", polish=False)``: the straight-through refinement alone.
 
 Reported per pair and method: the hard L2 distance to the reference (parameters only), the loss and
 accuracy barrier on the test split along the straight line (BatchNorm statistics reset on training batches
@@ -50,7 +51,7 @@ from rebasin_callbacks.utils import l2_distance
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared models
 from bench_models import SmallResNet, mlp, small_vgg  # noqa: E402
 
-METHODS = ("wm", "align l2", "align l2 polish", "align mid", "align rnd")
+METHODS = ("wm", "align l2", "align l2 ste", "align mid", "align rnd")
 
 
 def makers(smoke: bool) -> dict[str, Callable[[], nn.Module]]:
@@ -92,8 +93,8 @@ def rebase(
         return permute(model, spec, weight_matching(model, reference, spec, seed=seed)), 0
     cost = method.split()[1]
     kwargs: dict = {"cost": cost, "spec": spec, "steps": steps, "seed": seed, "progress": False}
-    if method.endswith("polish"):
-        kwargs["polish"] = True
+    if method.endswith(" ste"):
+        kwargs["polish"] = False
     if cost in ("mid", "rnd"):
         kwargs.update(data=loader, loss_fn=F.cross_entropy)
     result = align(model, reference, **kwargs)

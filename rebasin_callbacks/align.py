@@ -243,7 +243,7 @@ def align(
     n_iters: int = 20,
     noise: float = 0.1,
     init_scale: float | Literal["auto"] = "auto",
-    polish: bool = False,
+    polish: bool | Literal["auto"] = "auto",
     threads: int | str | None = "auto",
 ) -> AlignResult:
     """Permute ``model``'s hidden units to bring it into ``reference``'s basin (Sinkhorn re-basin).
@@ -287,9 +287,10 @@ def align(
             time without improving, so a refinement with nothing to gain costs about one more warm start.
         polish: after each step that reaches a new hard permutation, run weight matching's coordinate
             descent from it and keep the result when it is better: the gradient step leaves the warm
-            start's local optimum, the descent settles in a neighbouring one. Best with the L2 cost
-            (weight matching maximises exactly its inner products): on trained pairs it ends closer than
-            weight matching, at several times its cost (BENCHMARKS.md), so it is off by default.
+            start's local optimum, the descent settles in a neighbouring one. ``"auto"`` (default): on for
+            ``cost="l2"`` after a weight-matching warm start, where weight matching is a local optimum of
+            the same cost that gradient steps alone only leave for worse permutations (BENCHMARKS.md:
+            without it the refinement ends at weight matching's answer on trained pairs); off otherwise.
         progress: show a progress bar (tqdm, when installed).
         threads: torch's CPU intra-op threads inside the call (:func:`~rebasin_callbacks.utils.thread_limit`):
             ``"auto"`` (1 per 4 cores, or ``$REBASIN_NUM_THREADS``), an int, or ``None`` for no cap.
@@ -353,6 +354,11 @@ def align(
         )
     if method == "auto":
         method = "soft" if getattr(cost_fn, "needs_data", False) else "ste"
+    if polish == "auto":
+        # weight matching's coordinate descent maximises exactly the L2 cost's inner products
+        polish = type(cost_fn) is L2Cost and isinstance(init, str) and init == "weight_matching"
+    elif not isinstance(polish, bool):
+        raise ValueError(f"polish must be True, False or 'auto', got {polish!r}")
     if lr == "auto":
         warm_start = not (isinstance(init, str) and init in ("identity", "random"))
         lr = 0.3 if warm_start and method == "ste" else 0.1

@@ -241,10 +241,12 @@ def test_the_refinement_beats_weight_matching_on_a_trained_pair():
     a, b = models
     spec = mlp_spec(a)
     wm = l2_distance(permute(a, spec, weight_matching(a, b, spec, seed=0)), b)
-    result = align(a, b, spec=spec, progress=False, seed=0, polish=True)
+    result = align(a, b, spec=spec, progress=False, seed=0)  # polish="auto": on for l2 after a warm start
     assert l2_distance(result.model, b) < wm - 1e-3  # a better local optimum than weight matching's
-    plain = align(a, b, spec=spec, progress=False, seed=0)
+    plain = align(a, b, spec=spec, progress=False, seed=0, polish=False)
     assert plain.steps <= 4 and plain.cost <= plain.history["init_cost"][0]  # cheap when nothing is gained
+    with pytest.raises(ValueError, match="polish"):
+        align(a, b, spec=spec, progress=False, polish="yes")  # type: ignore[arg-type]
 
 
 def test_align_caps_cpu_threads_inside_and_restores_them(monkeypatch):
