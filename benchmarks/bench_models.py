@@ -1,5 +1,6 @@
 """Small MNIST models the benchmarks train (an MLP, a VGG-style CNN with BatchNorm, a ResNet-8 with
-BatchNorm), shared so every benchmark measures the same architectures."""
+BatchNorm), shared so every benchmark measures the same architectures; and, for the Lightning benchmarks,
+a LightningModule around any network with seeded synthetic CIFAR-size images."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["mlp", "small_vgg", "BasicBlock", "SmallResNet"]
+__all__ = ["mlp", "small_vgg", "BasicBlock", "SmallResNet", "lit_classifier", "synthetic_images"]
 
 
 def mlp(width: int = 512) -> nn.Module:
@@ -67,3 +68,41 @@ class SmallResNet(nn.Module):
         x = F.relu(self.bn(self.conv(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def synthetic_images(n: int, seed: int, num_classes: int = 10) -> torch.utils.data.TensorDataset:
+    """Seeded 32x32 RGB images whose class sets a bright square's position: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    x = 0.5 * torch.randn(n, 3, 32, 32, generator=g)
+    for i, c in enumerate(y.tolist()):
+        r, col = divmod(c, 4)
+        x[i, c % 3, 8 * r : 8 * r + 8, 8 * col : 8 * col + 8] += 2.0
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def lit_classifier(net: nn.Module, lr: float = 0.05, momentum: float = 0.9) -> nn.Module:
+    """A cross-entropy LightningModule whose network is ``self.model`` (the callbacks' ``submodule``), with
+    SGD momentum (buffers the callbacks must permute with the weights)."""
+    import lightning.pytorch as pl
+
+    class LitClassifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum)
+
+    return LitClassifier()

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from rebasin_callbacks.lightning import LMCMonitor, ReBasinAlign
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for integrations.lightning.models
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared models
 
 
 class EpochClock(pl.Callback):
@@ -77,16 +77,16 @@ def _mlp_workload() -> dict[str, Any]:
 
 
 def _resnet_workload() -> dict[str, Any]:
-    from integrations.lightning.models import ImageClassifier, SyntheticImages, build_model
+    from bench_models import lit_classifier, synthetic_images
 
-    data = SyntheticImages(n_train=512, n_val=256, batch_size=64)
-    data.setup()
+    from rebasin_callbacks.commands.common import build_model
+
     return {
         "name": "timm resnet18, 32x32 synthetic, 512 images, batch 64",
-        "make_model": lambda: ImageClassifier("timm:resnet18"),
-        "train": data.train_dataloader(),
-        "val": data.val_dataloader(),
-        "reference": lambda: build_model("timm:resnet18"),
+        "make_model": lambda: lit_classifier(build_model("timm:resnet18", num_classes=10)),
+        "train": DataLoader(synthetic_images(512, seed=0), batch_size=64, shuffle=False),
+        "val": DataLoader(synthetic_images(256, seed=1), batch_size=64),
+        "reference": lambda: build_model("timm:resnet18", num_classes=10),
     }
 
 

@@ -289,6 +289,9 @@ def recipe(
     * ``released``: the settings of the authors' released code: scores ``I + 0.1 N(0, 1)`` at tau 1 (a
       near-uniform soft P for a 256-unit layer), AdamW for P, SGD with weight decay ``beta`` for delta and
       no penalty term, the residual's gradient clamped to 1e-3 element-wise.
+    * ``paper`` (the authors' protocol's default): ``released`` without the residual's gradient clamp,
+      which the supplement does not print; with it each new experience is learnt measurably worse
+      (BENCHMARKS.md).
     """
     kwargs: dict[str, Any] = dict(alpha=alpha, lr_perm=lr_perm, lr_delta=lr_delta)
     if name == "procedure":
@@ -297,10 +300,15 @@ def recipe(
             "beta": beta,
             "incremental_kwargs": dict(init_scale=10.0, init_noise=0.0, delta_grad_clip=None),
         }
-    elif name == "released":
+    elif name in ("released", "paper"):
         from rebasin_callbacks.avalanche import released_settings
 
-        out = {**released_settings(lr_perm=lr_perm, weight_decay=beta), "alpha": alpha, "lr_delta": lr_delta}
+        clip = {"delta_grad_clip": None} if name == "paper" else {}
+        out = {
+            **released_settings(lr_perm=lr_perm, weight_decay=beta, **clip),
+            "alpha": alpha,
+            "lr_delta": lr_delta,
+        }
     else:
         raise ValueError(f"unknown recipe {name!r}")
     out["incremental_kwargs"].update(override)
@@ -518,7 +526,7 @@ def authors_strategies(
 
 
 AUTHORS_LABELS = {
-    "rebasin": "re-basin (released settings, fixed 50/exp buffer, AdamW, batch 500)",
+    "rebasin": "re-basin (released settings without the residual clamp, fixed 50/exp buffer, AdamW, batch 500)",
     "finetune": "Finetune (SGD lr 0.01, batch 10)",
     "ewc": "EWC (SGD lr 0.01, batch 10, lambda 100)",
     "lwf": "LwF (SGD lr 0.001, batch 10, alpha 1, T 0.5)",
@@ -641,7 +649,8 @@ def authors_payload(
     runs: dict[str, list[RunResult]],
     extras: dict[str, list[Any]],
 ) -> dict[str, Any]:
-    summary = {name: summarise(rs) for name, rs in runs.items() if rs}
+    keys = {name: variant(name, args.recipe, args.override) for name in runs}
+    summary = {keys[name]: summarise(rs) for name, rs in runs.items() if rs}
     return {
         "protocol": "authors",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "override"},
@@ -670,18 +679,26 @@ def authors_payload(
     }
 
 
-def variant(name: str, override: dict[str, Any]) -> str:
-    """The table key of a run: the method, and for re-basin the ``--set`` overrides it ran with."""
-    if name != "rebasin" or not override:
+def variant(name: str, recipe: str, override: dict[str, Any]) -> str:
+    """The table key of a run: the method, and for re-basin its recipe and ``--set`` overrides when they
+    are not the paper's row (``"released"`` without the clamp *is* the paper's row)."""
+    if name != "rebasin":
         return name
-    return "rebasin (" + ", ".join(f"{k}={v}" for k, v in sorted(override.items())) + ")"
+    override = dict(override)
+    if recipe == "released" and "delta_grad_clip" in override and override["delta_grad_clip"] is None:
+        recipe = "paper"
+        del override["delta_grad_clip"]
+    parts = ([] if recipe == "paper" else [f"recipe={recipe}"]) + [
+        f"{k}={v}" for k, v in sorted(override.items())
+    ]
+    return "rebasin (" + ", ".join(parts) + ")" if parts else "rebasin"
 
 
 def label(key: str) -> str:
     if key in AUTHORS_LABELS:
         return AUTHORS_LABELS[key]
     if key.startswith("rebasin ("):
-        return AUTHORS_LABELS["rebasin"] + ", with " + key[len("rebasin (") : -1]
+        return "re-basin, " + key[len("rebasin (") : -1] + " (fixed 50/exp buffer, AdamW, batch 500)"
     return key
 
 
@@ -698,7 +715,7 @@ def merge_authors(paths: list[Path], out: Path | None) -> dict[str, Any]:
     raw: dict[str, list[Any]] = {}
     for pl in payloads:
         for method, items in pl["runs"].items():
-            name = variant(method, pl.get("override") or {})
+            name = variant(method, pl["args"].get("recipe", "released"), pl.get("override") or {})
             for item in items:
                 if any(item["seed"] == other["seed"] for other in raw.get(name, [])):
                     raise SystemExit(f"--merge: {name} seed {item['seed']} appears twice")
@@ -819,7 +836,12 @@ def main(argv: list[str] | None = None) -> Any:
         default=None,
         help="quick: grid (1e-4, 0.1, 1); authors: first (0.1)",
     )
-    p.add_argument("--recipe", choices=["procedure", "released"], default="released", help=recipe.__doc__)
+    p.add_argument(
+        "--recipe",
+        choices=["paper", "released", "procedure"],
+        default=None,
+        help="re-basin settings (default: paper for the authors' protocol, released for quick)",
+    )
     p.add_argument(
         "--set",
         dest="override",
@@ -870,6 +892,8 @@ def main(argv: list[str] | None = None) -> Any:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     authors = args.benchmark == "rotated-mnist" and args.protocol == "authors"
+    if args.recipe is None:
+        args.recipe = "paper" if authors else "released"
     if args.alphas is None:
         args.alphas = [0.2] if authors else [0.0, 0.2, 0.5, 0.8, 1.0]
     if args.betas is None:
