@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from rebasin_callbacks.costs import CosineCost, L2Cost, RndCost, resolve_cost
 from rebasin_callbacks.matching import resolve_spec, weight_matching
-from rebasin_callbacks.permute import identity_permutations, permute, random_permutations
+from rebasin_callbacks.permute import identity_permutations, perm_to_matrix, permute, random_permutations
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
 from rebasin_callbacks.sinkhorn import SinkhornConvergenceWarning
 from rebasin_callbacks.spec import PermutationSpec
@@ -82,7 +82,8 @@ class AlignResult:
         spec: the permutation spec used.
         history: per step, ``"cost"`` (soft cost the optimizer saw), ``"hard_cost"`` (cost of the
             projected hard permutations), ``"best_cost"`` and ``"time"`` (seconds since the first step
-            began, at the end of each step); ``"init_cost"`` holds the warm start's cost.
+            began, at the end of each step); ``"init_cost"`` holds the warm start's cost and
+            ``"identity_cost"`` the cost of the model as it is (a candidate too) when the two differ.
         steps: optimisation steps run (0 when the warm start could not be improved on).
         seconds: wall-clock time of the whole call.
     """
@@ -97,8 +98,10 @@ class AlignResult:
     @property
     def cost(self) -> float:
         """The best hard cost found."""
-        best = self.history.get("best_cost") or self.history.get("init_cost") or [math.nan]
-        return float(best[-1])
+        if self.history.get("best_cost"):
+            return float(self.history["best_cost"][-1])
+        start = self.history.get("init_cost", []) + self.history.get("identity_cost", [])
+        return float(min(start)) if start else math.nan
 
 
 class _Batches:
@@ -469,13 +472,6 @@ def _polisher(
     return polish
 
 
-def _one_hot(perm: Tensor, like: Tensor) -> Tensor:
-    # row i holds a 1 at column perm[i]: the matrix P with (P @ W)[i] = W[perm[i]], as permute() applies
-    out = torch.zeros_like(like)
-    out[torch.arange(len(perm), device=like.device), perm.to(like.device)] = 1
-    return out
-
-
 def _refine(
     model: nn.Module,
     reference: nn.Module,
@@ -534,6 +530,14 @@ def _refine(
         "time": [],
         "init_cost": [best],
     }
+    # The model as it is (identity permutations) is a candidate too: the result is never worse than
+    # leaving the model alone, e.g. when a model already aligned in place is aligned again.
+    identity = identity_permutations(spec)
+    if _perm_key(identity) != _perm_key(best_perms):
+        as_is = hard_cost(identity)
+        history["identity_cost"] = [as_is]
+        if as_is < best:
+            best, best_perms = as_is, identity
     lower = getattr(cost_fn, "lower_bound", None)
     if steps == 0 or (lower is not None and best <= lower + 1e-12):
         return best_perms, history, 0
@@ -564,7 +568,10 @@ def _refine(
                     # Straight-through: the forward pass sees the projected permutation exactly (P - P.detach()
                     # is zero), the backward pass the Sinkhorn gradient.
                     perms = rb.project()
-                    mats = {g: _one_hot(perms[g], P) + (P - P.detach()) for g, P in soft_mats.items()}
+                    mats = {
+                        g: perm_to_matrix(perms[g].to(P.device), P.dtype) + (P - P.detach())
+                        for g, P in soft_mats.items()
+                    }
                 else:
                     mats = soft_mats
                 view = PermutedView(model, apply_soft_permutations(base, spec, mats))

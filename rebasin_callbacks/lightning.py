@@ -247,9 +247,8 @@ def _compute_perms(
 ) -> tuple[dict[str, Tensor], float, float]:
     """Permutations aligning ``model`` to ``reference`` and the parameters' L2 distance before/after them.
 
-    Computed on rank 0 and broadcast, so that every rank applies exactly the same permutations. With the
-    data-free ``"l2"`` cost the distance is the objective itself: permutations that would increase it
-    (a local optimum worse than the current one) are replaced by the identity."""
+    Computed on rank 0 and broadcast, so that every rank applies exactly the same permutations. ``align``
+    never returns permutations that its cost scores worse than the model as it is (the identity)."""
     payload = None
     if trainer.is_global_zero:
         from rebasin_callbacks.align import align
@@ -261,8 +260,6 @@ def _compute_perms(
         ref_state = _params(reference, reference.state_dict())
         before = l2_distance(state, ref_state)
         after = l2_distance(_params(model, permute_state_dict(model.state_dict(), spec, perms)), ref_state)
-        if cost == "l2" and after > before:
-            perms, after = {g: torch.arange(n) for g, n in spec.sizes.items()}, before
         payload = (perms, before, after)
     received = trainer.strategy.broadcast(payload, src=0)
     assert received is not None

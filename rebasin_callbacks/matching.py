@@ -30,8 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rebasin_callbacks.permute import axis_index
-from rebasin_callbacks.rebasin import assignment
+from rebasin_callbacks.permute import assignment, axis_index
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.trace import trace_spec
 from rebasin_callbacks.utils import check_compatible, check_finite, infer_example_inputs

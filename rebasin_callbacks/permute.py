@@ -11,12 +11,15 @@ import copy
 from collections.abc import Mapping
 from typing import TypeVar, overload
 
+import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 
 __all__ = [
+    "assignment",
     "permute",
     "permute_state_dict",
     "random_permutations",
@@ -29,6 +32,23 @@ __all__ = [
 
 Perms = Mapping[str, Tensor]
 M = TypeVar("M", bound=nn.Module)
+
+
+def assignment(scores: Tensor) -> Tensor:
+    """The permutation maximising ``sum_i scores[i, perm[i]]`` (scipy's linear_sum_assignment).
+
+    When every row's maximum sits in a different column, that argmax is optimal (each term is as
+    large as it can be) and the solver is skipped: the common case once scores are near a permutation.
+    """
+    scores = scores.detach()
+    best = scores.argmax(-1).cpu()
+    if torch.bincount(best, minlength=scores.shape[-1]).max() == 1 and bool(torch.isfinite(scores).all()):
+        return best
+    cost = scores.to("cpu", torch.float64).numpy()
+    if not np.isfinite(cost).all():
+        raise ValueError("assignment scores contain NaN or inf")
+    _, cols = linear_sum_assignment(cost, maximize=True)
+    return torch.as_tensor(cols, dtype=torch.long)
 
 
 def random_permutations(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict[str, Tensor]:

@@ -12,17 +12,15 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from rebasin_callbacks.permute import permute_state_dict
+from rebasin_callbacks.permute import assignment, permute_state_dict
 from rebasin_callbacks.sinkhorn import sinkhorn
 from rebasin_callbacks.spec import PermutationSpec
 
-__all__ = ["ReBasin", "PermutedView", "apply_soft_permutations", "assignment", "auto_scale"]
+__all__ = ["ReBasin", "PermutedView", "apply_soft_permutations", "auto_scale"]
 
 
 class PermutedView:
@@ -44,23 +42,6 @@ class PermutedView:
         """The floating-point entries that are parameters of the model (not buffers)."""
         names = {n for n, _ in self.model.named_parameters()}
         return {k: v for k, v in self.state.items() if k in names}
-
-
-def assignment(scores: Tensor) -> Tensor:
-    """The permutation maximising ``sum_i scores[i, perm[i]]`` (scipy's linear_sum_assignment).
-
-    When every row's maximum sits in a different column, that argmax is optimal (each term is as
-    large as it can be) and the solver is skipped: the common case once scores are near a permutation.
-    """
-    scores = scores.detach()
-    best = scores.argmax(-1).cpu()
-    if torch.bincount(best, minlength=scores.shape[-1]).max() == 1 and bool(torch.isfinite(scores).all()):
-        return best
-    cost = scores.to("cpu", torch.float64).numpy()
-    if not np.isfinite(cost).all():
-        raise ValueError("assignment scores contain NaN or inf")
-    _, cols = linear_sum_assignment(cost, maximize=True)
-    return torch.as_tensor(cols, dtype=torch.long)
 
 
 def _apply_matrix(value: Tensor, P: Tensor, axis: int) -> Tensor:

@@ -286,3 +286,14 @@ def test_progress_names_the_phases_and_is_quiet_when_off(capsys):
     assert "align: weight matching warm start (1 group)" in err
     align(a, b, example_inputs=torch.randn(2, 3), steps=2, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_align_never_returns_worse_than_the_model_as_it_is():
+    # A start far worse than leaving the model alone: the identity is a candidate and wins.
+    a = mlp([4, 16, 16, 3], seed=0)
+    spec = mlp_spec(a)
+    start = random_permutations(spec, torch.Generator().manual_seed(0))
+    result = align(a, copy.deepcopy(a), spec=spec, init=start, steps=0, progress=False)
+    assert all(torch.equal(p, torch.arange(len(p))) for p in result.perms.values())
+    assert result.cost == 0.0 and result.history["identity_cost"] == [0.0]
+    assert result.history["init_cost"][0] > 0
