@@ -44,7 +44,7 @@ def run_cell(model: str, device: str, repeats: int, threads: int | None = None) 
     b = getattr(torchvision.models, model)(num_classes=10).eval().to(device)
     spec = trace_spec(a, torch.randn(2, 3, 32, 32, device=device))
     if device.startswith("cuda"):
-        weight_matching(a, b, spec, seed=0, max_iter=1)  # warm-up (kernels, allocator)
+        weight_matching(a, b, spec, seed=0, n_iters=1)  # warm-up (kernels, allocator)
     times, cpu_times, perms = [], [], {}
     for _ in range(repeats):
         if device.startswith("cuda"):

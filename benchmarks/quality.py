@@ -123,7 +123,7 @@ def evaluate_pair(
         seconds = time.perf_counter() - t0
         curve = lmc_curve(
             a, rebased, (test_loader, F.cross_entropy), n_points=5, progress=False, label=method,
-            reset_bn=has_bn, train_data=train_loader if has_bn else None, n_batches=bn_batches,
+            reset_bn=has_bn, bn_data=train_loader if has_bn else None, n_batches=bn_batches,
         )  # fmt: skip
         rows.append(
             {

@@ -155,9 +155,7 @@ def rebasin_with_frames(
     from rebasin_callbacks import PermutedView, ReBasin
     from rebasin_callbacks.costs import L2Cost
 
-    rb = ReBasin(
-        model_a, spec, init="identity", init_scale="auto", generator=torch.Generator().manual_seed(0)
-    )
+    rb = ReBasin(model_a, spec, init="identity", init_scale="auto", seed=0)
     # one learning rate per bucket of group size, scaled like the scores (what align() does)
     opt = torch.optim.Adam([{"params": [p], "lr": lr * rb.scales[b]} for b, p in rb.scores.items()])
     cost = L2Cost()

@@ -30,4 +30,4 @@ print(
 
 # BatchNorm statistics are recomputed at every point (5 training batches) before it is evaluated
 lmc_comparison(model_a, model_b, test_loader, args.out, "MNIST ResNet18 (BN reset): A -> B", args.smoke,
-               reset_bn=True, train_data=train_loader, n_batches=5)  # fmt: skip
+               reset_bn=True, bn_data=train_loader, n_batches=5)  # fmt: skip

@@ -48,6 +48,7 @@ from rebasin_callbacks.utils import (
     check_finite,
     infer_example_inputs,
     module_device,
+    renamed_arguments,
     split_batch,
     thread_limit,
     to_device,
@@ -226,6 +227,7 @@ def _perm_key(perms: Mapping[str, Tensor]) -> tuple:
     return tuple((g, p.numpy().tobytes()) for g, p in sorted(perms.items()))
 
 
+@renamed_arguments(noise="init_noise")
 def align(
     model: nn.Module,
     reference: nn.Module,
@@ -244,7 +246,7 @@ def align(
     progress: bool = True,
     seed: int | None = None,
     n_iters: int = 20,
-    noise: float = 0.1,
+    init_noise: float = 0.1,
     init_scale: float | Literal["auto"] = "auto",
     polish: bool | Literal["auto"] = "auto",
     threads: int | str | None = "auto",
@@ -299,8 +301,9 @@ def align(
             ``"auto"`` (1 per 4 cores, or ``$REBASIN_NUM_THREADS``), an int, or ``None`` for no cap.
         seed: makes the run repeatable (initial jitter, weight-matching order, random init, ``"rnd"``'s
             interpolation points, dropout); the global random state is left untouched.
-        n_iters: Sinkhorn iterations per step.
-        noise: standard deviation of the jitter added to the initial scores.
+        n_iters: Sinkhorn iterations per step (solver iterations; ``steps`` counts optimiser steps).
+        init_noise: standard deviation of the jitter added to the initial scores (``noise=`` is its
+            deprecated name).
         init_scale: margin of the initial permutation in the scores. ``"auto"``: the paper's 1 for
             ``method="ste"`` (its forward pass is the hard permutation whatever the margin), and for the
             soft methods a margin adapted to each group size (``log(n - 1)``, see
@@ -410,7 +413,7 @@ def align(
             warm = time.perf_counter() - t0 if isinstance(init, str) and init == "weight_matching" else None
             result = _refine(
                 model, reference, spec, perms0, cost_fn, score_fn, batches, first,
-                steps=steps, lr=lr, tau=tau, n_iters=n_iters, noise=noise, init_scale=init_scale, gen=gen,
+                steps=steps, lr=lr, tau=tau, n_iters=n_iters, init_noise=init_noise, init_scale=init_scale, gen=gen,
                 early_stopping=early_stopping, progress=progress, method=method, budget=warm,
                 polish=_polisher(model, reference, spec, seed) if polish else None,
                 budget_applies=not getattr(cost_fn, "needs_data", False),
@@ -466,7 +469,7 @@ def _polisher(
 ) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
     def polish(perms: dict[str, Tensor]) -> dict[str, Tensor]:
         return weight_matching(
-            model, reference, spec, init=perms, seed=seed, max_iter=_POLISH_SWEEPS, _checked=True
+            model, reference, spec, init=perms, seed=seed, n_iters=_POLISH_SWEEPS, _checked=True
         )
 
     return polish
@@ -486,7 +489,7 @@ def _refine(
     lr: float,
     tau: float,
     n_iters: int,
-    noise: float,
+    init_noise: float,
     init_scale: float | Literal["auto"],
     gen: torch.Generator | None,
     early_stopping: int | None,
@@ -498,7 +501,14 @@ def _refine(
 ) -> tuple[dict[str, Tensor], dict[str, list[float]], int]:
     t_enter = time.perf_counter()
     rb = ReBasin(
-        model, spec, init=perms0, tau=tau, n_iters=n_iters, init_scale=init_scale, noise=noise, generator=gen
+        model,
+        spec,
+        init=perms0,
+        tau=tau,
+        n_iters=n_iters,
+        init_scale=init_scale,
+        init_noise=init_noise,
+        seed=gen,
     )
     cache: dict[tuple, float] = {}
     polished: set[tuple] = {_perm_key(perms0)}

@@ -26,7 +26,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 # re-exported here too: the costs interpolate through it (differentiably)
-from rebasin_callbacks.utils import interpolate_state
+from rebasin_callbacks.utils import as_generator, interpolate_state, renamed_arguments
 
 __all__ = ["Cost", "L2Cost", "MidCost", "RndCost", "CosineCost", "interpolate_state", "resolve_cost"]
 
@@ -212,23 +212,25 @@ class RndCost(_LineCost):
 
     Args:
         loss_fn: ``(outputs, targets) -> scalar loss``.
-        generator: CPU random generator for ``lam`` (seed it, or let :func:`align` seed it, to repeat runs).
+        seed: an int or a CPU ``torch.Generator`` for ``lam`` (or let :func:`align` seed it) to repeat runs;
+            ``generator=`` is its deprecated name.
 
     Example:
         >>> import torch
         >>> from rebasin_callbacks.costs import RndCost
-        >>> cost = RndCost(torch.nn.functional.mse_loss, generator=torch.Generator().manual_seed(0))
+        >>> cost = RndCost(torch.nn.functional.mse_loss, seed=0)
     """
 
+    @renamed_arguments(generator="seed")
     def __init__(
         self,
         loss_fn: Callable[[Any, Any], Tensor],
-        generator: torch.Generator | None = None,
+        seed: int | torch.Generator | None = None,
         *,
         batch_stats: bool = True,
     ):
         super().__init__(loss_fn, batch_stats=batch_stats)
-        self.generator = generator
+        self.generator = as_generator(seed)
         self._fixed: float | None = None
 
     def _lambda(self, device: torch.device) -> float:

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from rebasin_callbacks.permute import permute_state_dict
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
 from rebasin_callbacks.spec import AxisEntry, PermutationSpec
-from rebasin_callbacks.utils import module_device, module_dtype, to_device
+from rebasin_callbacks.utils import as_generator, module_device, module_dtype, renamed_arguments, to_device
 
 __all__ = [
     "ReBasinIncremental",
@@ -268,7 +268,8 @@ class ReBasinIncremental:
         delta_grad_clip: clamp every element of the residual's gradient to ``[-c, c]`` before the
             optimizer sees it (default ``None``: no clamp; the authors' code uses 1e-3). Done with tensor
             hooks, so it applies in any training loop.
-        generator: random generator for the residual initialisation.
+        seed: an int or a ``torch.Generator`` for the residual initialisation and the scores' jitter
+            (``generator=`` is its deprecated name).
 
     Example:
         >>> import torch
@@ -285,6 +286,7 @@ class ReBasinIncremental:
         (6, 1)
     """
 
+    @renamed_arguments(generator="seed")
     def __init__(
         self,
         model: nn.Module,
@@ -306,7 +308,7 @@ class ReBasinIncremental:
         init_noise: float = 0.0,
         delta_init: float = 1e-6,
         delta_grad_clip: float | None = None,
-        generator: torch.Generator | None = None,
+        seed: int | torch.Generator | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -342,7 +344,7 @@ class ReBasinIncremental:
         self.delta_optimizer_factory = delta_optimizer
         self.fusion: Fusion = fusion
         self.tau, self.n_iters, self.tol, self.init_scale = tau, n_iters, tol, init_scale
-        self.generator = generator
+        self.generator = as_generator(seed)
         self.episodes_done = 0
         self.spec: PermutationSpec | None = None
         self.rebasin: ReBasin | None = None
@@ -400,8 +402,8 @@ class ReBasinIncremental:
             tol=self.tol,
             init="identity",
             init_scale=self.init_scale,
-            noise=self.init_noise,
-            generator=self.generator,
+            init_noise=self.init_noise,
+            seed=self.generator,
         )
         self.delta = {}
         for name, p in self.model.named_parameters():

@@ -43,6 +43,7 @@ from rebasin_callbacks.utils import (
     l2_distance,
     module_device,
     module_dtype,
+    renamed_arguments,
     split_batch,
     thread_limit,
     to_device,
@@ -716,7 +717,7 @@ class LMCMonitor(_EpochEndCallback):
       such logger a PNG ``lmc_epoch{N}.png`` in ``save_dir`` (default: the Trainer's log dir).
 
     The model being trained is never modified (copies are evaluated; train/eval modes, the global random
-    state and the random state of the DataLoaders' own generators are restored, so ``dataloader="train"``
+    state and the random state of the DataLoaders' own generators are restored, so ``data="train"``
     and ``reset_bn=True`` do not change the shuffling order either): training and validation metrics are
     the same as without the callback. Under DDP every rank evaluates its shard of the dataloader and the
     sums are reduced. Batches may be ``(inputs, targets)`` pairs or dicts with input/target keys
@@ -733,8 +734,8 @@ class LMCMonitor(_EpochEndCallback):
         every_n_epochs: evaluate after every ``n``-th training epoch; ``0`` = only when fitting ends.
         n_points: points on the segment, endpoints included.
         align: also evaluate the re-based curve.
-        dataloader: ``"val"`` (the Trainer's first validation dataloader), ``"train"``, or any iterable of
-            ``(inputs, targets)`` batches.
+        data: ``"val"`` (the Trainer's first validation dataloader), ``"train"``, or any iterable of
+            ``(inputs, targets)`` batches (``dataloader=`` is its deprecated name).
         reset_bn / repair: passed to :func:`~rebasin_callbacks.lmc_curve` (BatchNorm statistics are reset
             on the training dataloader).
         save_dir: where PNG figures go when the logger cannot take a figure.
@@ -760,6 +761,7 @@ class LMCMonitor(_EpochEndCallback):
         print(monitor.results[-1]["naive"].barrier, monitor.results[-1]["rebasin"].barrier)
     """
 
+    @renamed_arguments(dataloader="data")
     def __init__(
         self,
         reference: ReferenceLike,
@@ -767,7 +769,7 @@ class LMCMonitor(_EpochEndCallback):
         every_n_epochs: int = 1,
         n_points: int = 11,
         align: bool = True,
-        dataloader: Any = "val",
+        data: Any = "val",
         reset_bn: bool = False,
         repair: bool = False,
         save_dir: str | None = None,
@@ -784,15 +786,13 @@ class LMCMonitor(_EpochEndCallback):
         _check_every_n_epochs(every_n_epochs)
         if not isinstance(n_points, int) or n_points < 2:
             raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
-        if isinstance(dataloader, str) and dataloader not in ("val", "train"):
-            raise ValueError(
-                f"dataloader must be 'val', 'train' or an iterable of batches, got {dataloader!r}"
-            )
+        if isinstance(data, str) and data not in ("val", "train"):
+            raise ValueError(f"data must be 'val', 'train' or an iterable of batches, got {data!r}")
         self.reference = reference
         self.every_n_epochs = every_n_epochs
         self.n_points = n_points
         self.align = align
-        self.dataloader = dataloader
+        self.data = data
         self.reset_bn = reset_bn
         self.repair = repair
         self.save_dir = save_dir
@@ -819,15 +819,15 @@ class LMCMonitor(_EpochEndCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.dataloader == "val" and not _has_val_source(trainer):
+        if stage == "fit" and self.data == "val" and not _has_val_source(trainer):
             # fail now, not after the first training epoch
             raise ValueError(
-                "LMCMonitor(dataloader='val'): this fit has no validation dataloader (none passed to "
+                "LMCMonitor(data='val'): this fit has no validation dataloader (none passed to "
                 "Trainer.fit, no val_dataloader() on the module or datamodule); pass val_dataloaders, or "
-                "LMCMonitor(dataloader='train' or an iterable of (x, y) batches)"
+                "LMCMonitor(data='train' or an iterable of (x, y) batches)"
             )
-        if stage == "fit" and not isinstance(self.dataloader, str):
-            self._check_loader(self.dataloader)
+        if stage == "fit" and not isinstance(self.data, str):
+            self._check_loader(self.data)
 
     def _check_batch(self, batch: Any) -> None:
         if self._batch_checked:
@@ -835,16 +835,16 @@ class LMCMonitor(_EpochEndCallback):
         try:
             _, y = split_batch(batch)
         except TypeError as err:
-            raise TypeError(f"LMCMonitor(dataloader={self._describe()}): {err}") from None
+            raise TypeError(f"LMCMonitor(data={self._describe()}): {err}") from None
         if y is None:
             raise TypeError(
-                f"LMCMonitor(dataloader={self._describe()}): its batches hold no targets (a "
+                f"LMCMonitor(data={self._describe()}): its batches hold no targets (a "
                 f"{type(batch).__name__}); the curves need (inputs, targets) pairs or dicts with a target key"
             )
         self._batch_checked = True
 
     def _describe(self) -> str:
-        return repr(self.dataloader) if isinstance(self.dataloader, str) else type(self.dataloader).__name__
+        return repr(self.data) if isinstance(self.data, str) else type(self.data).__name__
 
     def _check_loader(self, loader: Any) -> None:
         """Check a user-given loader's first batch now (a re-iterable only: an iterator would lose it)."""
@@ -853,20 +853,20 @@ class LMCMonitor(_EpochEndCallback):
                 return
         except TypeError:
             raise TypeError(
-                f"LMCMonitor(dataloader=...): expected 'val', 'train' or an iterable of batches, got "
+                f"LMCMonitor(data=...): expected 'val', 'train' or an iterable of batches, got "
                 f"{type(loader).__name__}"
             ) from None
         with _isolated(nn.Module(), [loader]):
             first = next(iter(loader), None)
         if first is None:
-            raise ValueError("LMCMonitor(dataloader=...): the dataloader yields no batches")
+            raise ValueError("LMCMonitor(data=...): the dataloader yields no batches")
         self._check_batch(first)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # the batch format is checked on the first batch, not after the first epoch
-        if self.dataloader == "train":
+        if self.data == "train":
             self._check_batch(batch)
 
     def on_validation_batch_start(
@@ -877,7 +877,7 @@ class LMCMonitor(_EpochEndCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self.dataloader == "val" and dataloader_idx == 0 and trainer.state.fn == "fit":
+        if self.data == "val" and dataloader_idx == 0 and trainer.state.fn == "fit":
             self._check_batch(batch)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
@@ -888,16 +888,16 @@ class LMCMonitor(_EpochEndCallback):
             self.evaluate(trainer, pl_module, in_loop=False)
 
     def _loader(self, trainer: pl.Trainer) -> Any:
-        if not isinstance(self.dataloader, str):
-            return self.dataloader
-        loader = trainer.val_dataloaders if self.dataloader == "val" else trainer.train_dataloader
+        if not isinstance(self.data, str):
+            return self.data
+        loader = trainer.val_dataloaders if self.data == "val" else trainer.train_dataloader
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
         if isinstance(loader, Mapping):
             loader = next(iter(loader.values()), None)
         if loader is None:
             raise RuntimeError(
-                f"LMCMonitor(dataloader={self.dataloader!r}): the Trainer has no such dataloader; pass one"
+                f"LMCMonitor(data={self.data!r}): the Trainer has no such dataloader; pass one"
             )
         return loader
 

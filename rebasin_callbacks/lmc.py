@@ -57,6 +57,7 @@ from rebasin_callbacks.utils import (
     interpolate_state,
     module_device,
     module_dtype,
+    renamed_arguments,
     split_batch,
     take_batches,
     thread_limit,
@@ -375,6 +376,7 @@ def _progress(items: Sequence[float], enabled: bool, label: str) -> Iterable[flo
     return tqdm(items, desc=f"LMC {label}".strip(), leave=False)
 
 
+@renamed_arguments(train_data="bn_data")
 def lmc_curve(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -384,7 +386,7 @@ def lmc_curve(
     lambdas: Sequence[float] | None = None,
     reset_bn: bool = False,
     repair: bool = False,
-    train_data: Iterable[Any] | None = None,
+    bn_data: Iterable[Any] | None = None,
     n_batches: int | None = 10,
     progress: bool = True,
     label: str = "",
@@ -403,11 +405,12 @@ def lmc_curve(
         n_points: evenly spaced lambdas in ``[0, 1]`` (ignored when ``lambdas`` is given).
         lambdas: explicit increasing interpolation coefficients (first and last are the endpoints of the
             chord in Eq. 2 / 3).
-        reset_bn: recompute BatchNorm statistics of every point's model on ``train_data``
+        reset_bn: recompute BatchNorm statistics of every point's model on ``bn_data``
             (:func:`reset_bn_stats`); endpoints included, so the chord is that of the reset endpoints.
         repair: apply :func:`repair` at every lambda (after ``reset_bn`` when both are set).
-        train_data: batches for ``reset_bn`` / ``repair``; defaults to the evaluation dataloader.
-        n_batches: how many batches of ``train_data`` those use.
+        bn_data: batches for ``reset_bn`` / ``repair`` (training batches, as the literature does); defaults
+            to the evaluation data. ``train_data=`` is its deprecated name.
+        n_batches: how many batches of ``bn_data`` those use.
         progress: show a tqdm bar over the points (when tqdm is installed).
         label: stored on the result (tables, legends).
         on_nan: a NaN or inf from ``evaluate`` is recorded in ``result.nonfinite`` and makes that metric's
@@ -442,11 +445,11 @@ def lmc_curve(
     with thread_limit(threads):  # many small kernels: see utils.thread_limit
         batches: list[Any] = []
         if reset_bn or repair:
-            source = train_data if train_data is not None else eval_data
+            source = bn_data if bn_data is not None else eval_data
             if source is None:
                 what = "reset_bn=True" if reset_bn else "repair=True"
                 raise ValueError(
-                    f"lmc_curve: {what} needs train_data (evaluate is a callable, so it has no data)"
+                    f"lmc_curve: {what} needs bn_data (evaluate is a callable, so it has no data)"
                 )
             batches = take_batches(
                 source, n_batches, module_device(model_a), "lmc_curve", dtype=module_dtype(model_a)

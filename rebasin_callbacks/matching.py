@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from rebasin_callbacks.permute import assignment, axis_index
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.trace import trace_spec
-from rebasin_callbacks.utils import check_compatible, check_finite, infer_example_inputs
+from rebasin_callbacks.utils import check_compatible, check_finite, infer_example_inputs, renamed_arguments
 
 __all__ = [
     "weight_matching",
@@ -188,13 +188,14 @@ class _Problem:
         return perms
 
 
+@renamed_arguments(max_iter="n_iters")
 def weight_matching(
     model: nn.Module | Mapping[str, Tensor],
     reference: nn.Module | Mapping[str, Tensor],
     spec: PermutationSpec | None = None,
     example_inputs: Any = None,
     *,
-    max_iter: int = 100,
+    n_iters: int = 100,
     init: Mapping[str, Tensor] | None = None,
     seed: int | None = None,
     assignment_solver: Literal["auto", "scipy", "auction"] = "auto",
@@ -207,7 +208,7 @@ def weight_matching(
         reference: the model to match (same architecture).
         spec: the permutation spec; traced from ``example_inputs`` when omitted.
         example_inputs: inputs for :func:`~rebasin_callbacks.trace_spec` when ``spec`` is omitted.
-        max_iter: most coordinate-descent sweeps over all groups.
+        n_iters: most coordinate-descent sweeps over all groups (``max_iter=`` is its deprecated name).
         init: ``{group: LongTensor}`` to start from; by default a greedy first sweep (see module docs).
         seed: seeds the random order in which groups are visited.
         assignment_solver: ``"scipy"`` (exact, on the CPU), ``"auction"`` (:func:`auction_assignment`,
@@ -230,8 +231,8 @@ def weight_matching(
         >>> bool(torch.equal(permute(planted, spec, perms)[0].weight, mlp[0].weight))
         True
     """
-    if not (isinstance(max_iter, int) and max_iter >= 0):
-        raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+    if not (isinstance(n_iters, int) and n_iters >= 0):
+        raise ValueError(f"n_iters must be an int >= 0, got {n_iters!r}")
     if assignment_solver not in ("auto", "scipy", "auction"):
         raise ValueError(f"assignment_solver must be 'auto', 'scipy' or 'auction', got {assignment_solver!r}")
     if not _checked:
@@ -278,7 +279,7 @@ def weight_matching(
     # Every group is solved once with all the others known; after that only the groups whose
     # similarity changed (a group they depend on got a new permutation) can change.
     dirty = set(groups)
-    for _ in range(max_iter):
+    for _ in range(n_iters):
         if not dirty:
             break
         for i in torch.randperm(len(groups), generator=rng).tolist():

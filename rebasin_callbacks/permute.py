@@ -17,6 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+from rebasin_callbacks.utils import as_generator, renamed_arguments
 
 __all__ = [
     "assignment",
@@ -51,9 +52,14 @@ def assignment(scores: Tensor) -> Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
-def random_permutations(spec: PermutationSpec, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """One uniformly random permutation per group (on the CPU; pass a seeded ``generator`` to repeat)."""
+@renamed_arguments(generator="seed")
+def random_permutations(
+    spec: PermutationSpec, seed: int | torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """One uniformly random permutation per group (on the CPU; pass a ``seed``, an int or a generator, to
+    repeat; ``generator=`` is its deprecated name)."""
     _require_sizes(spec)
+    generator = as_generator(seed)
     return {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}
 
 
@@ -106,16 +112,21 @@ def axis_index(
     """The index that permutes ``axis`` of ``key`` (``None`` when no given permutation touches it).
 
     A plain axis uses its group's permutation; a block axis concatenates each block's permutation shifted
-    by the block's offset (identity for fixed blocks and for groups not in ``perms``)."""
+    by the block's offset (identity for fixed blocks and for groups not in ``perms``). A flattened block
+    (``k`` entries per unit) moves each unit's ``k`` entries together."""
     blocks = spec.axis_blocks(key, axis)
     if not any(g is not None and g in perms for g, _, _ in blocks):
         return None
-    parts = [
-        perms[g].to(device) + start
-        if g is not None and g in perms
-        else torch.arange(start, stop, device=device)
-        for g, start, stop in blocks
-    ]
+    parts = []
+    for g, start, stop in blocks:
+        if g is None or g not in perms:
+            parts.append(torch.arange(start, stop, device=device))
+            continue
+        perm = perms[g].to(device)
+        k = (stop - start) // len(perm)
+        if k > 1:
+            perm = (perm[:, None] * k + torch.arange(k, device=device)).reshape(-1)
+        parts.append(perm + start)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

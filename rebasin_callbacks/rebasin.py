@@ -19,6 +19,7 @@ from torch.func import functional_call
 from rebasin_callbacks.permute import assignment, permute_state_dict
 from rebasin_callbacks.sinkhorn import sinkhorn
 from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.utils import as_generator, renamed_arguments
 
 __all__ = ["ReBasin", "PermutedView", "apply_soft_permutations", "auto_scale"]
 
@@ -76,10 +77,15 @@ def apply_soft_permutations(
             parts = []
             for g, start, stop in blocks:
                 part = value.narrow(axis, start, stop - start)
-                parts.append(
-                    _apply_matrix(part, matrices[g], axis) if g is not None and g in matrices else part
-                )
-            value = torch.cat(parts, dim=axis)
+                if g is not None and g in matrices:
+                    n = matrices[g].shape[-1]
+                    if stop - start != n:  # a flattened block: each unit's k entries move together
+                        grouped = part.unflatten(axis, (n, (stop - start) // n))
+                        part = _apply_matrix(grouped, matrices[g], axis).flatten(axis, axis + 1)
+                    else:
+                        part = _apply_matrix(part, matrices[g], axis)
+                parts.append(part)
+            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
         out[key] = value
     return out
 
@@ -96,11 +102,12 @@ class ReBasin(nn.Module):
         n_iters / tol: Sinkhorn iteration budget and marginal tolerance.
         init: ``"identity"`` (scores ``init_scale * I`` plus ``noise`` Gaussian jitter), ``"random"``,
             or a dict ``{group: LongTensor}`` of hard permutations to start from (e.g. weight matching).
-        init_scale / noise: magnitude of the initial scores and of their jitter. ``init_scale="auto"``
+        init_scale / init_noise: magnitude of the initial scores and of their jitter. ``init_scale="auto"``
             adapts it to each group size ``n`` (:func:`auto_scale`: the initial permutation holds about
             half of each row's mass whatever ``n``; a fixed scale leaves wide layers almost uniform).
         backward: Sinkhorn gradient, ``"implicit"`` or ``"unrolled"``.
-        generator: random generator for the initial jitter.
+        seed: an int or a ``torch.Generator`` for the initial jitter (``None``: torch's global state).
+            ``generator=`` and ``noise=`` are the deprecated names of ``seed=`` and ``init_noise=``.
 
     Example:
         >>> import torch
@@ -113,6 +120,7 @@ class ReBasin(nn.Module):
         >>> perms = rb.project()             # hard permutations {group: LongTensor}
     """
 
+    @renamed_arguments(noise="init_noise", generator="seed")
     def __init__(
         self,
         model: nn.Module,
@@ -124,9 +132,9 @@ class ReBasin(nn.Module):
         tol: float = 1e-5,
         init: Literal["identity", "random"] | Mapping[str, Tensor] = "identity",
         init_scale: float | Literal["auto"] = 1.0,
-        noise: float = 0.1,
+        init_noise: float = 0.1,
         backward: Literal["implicit", "unrolled"] = "implicit",
-        generator: torch.Generator | None = None,
+        seed: int | torch.Generator | None = None,
     ):
         super().__init__()
         if spec is None:
@@ -148,6 +156,7 @@ class ReBasin(nn.Module):
         self.tau, self.n_iters, self.tol, self.backward = tau, n_iters, tol, backward
 
         ref = next(iter(state.values()))
+        generator = as_generator(seed)
         buckets: dict[int, list[str]] = {}
         for g in spec.groups:
             buckets.setdefault(spec.sizes[g], []).append(g)
@@ -161,7 +170,7 @@ class ReBasin(nn.Module):
             init_scores = torch.zeros(len(groups), n, n, dtype=torch.float32)
             for i, g in enumerate(groups):
                 self._where[g] = (str(n), i)
-                init_scores[i] = _initial_scores(n, init, g, scale, noise, generator)
+                init_scores[i] = _initial_scores(n, init, g, scale, init_noise, generator)
             self.scores[str(n)] = nn.Parameter(init_scores.to(ref.device))
 
     @property

@@ -10,10 +10,13 @@ A :class:`PermutationSpec` says which axes of which state_dict entries are permu
 Both dicts are kept consistent by construction (:meth:`PermutationSpec.from_axes`). Specs are plain data:
 write them by hand, derive them with :func:`~rebasin_callbacks.trace_spec`, save them as JSON.
 
-One extension to Git Re-Basin's format: an axis entry may be a tuple of blocks, each a group name or an int
-(the length of a block that no permutation touches). The axis is then the concatenation of those blocks and
-each group permutes inside its own block(s). This expresses ``torch.cat`` outputs and fused attention weights
-(``qkv``: the query, key and value blocks of every head, where a head's query and key blocks share a group).
+One extension to Git Re-Basin's format: an axis entry may be a tuple of blocks, each a group name, an int
+(the length of a block that no permutation touches) or a pair ``(group, k)``: the group's units flattened
+with ``k`` consecutive entries each (unit ``i`` owns entries ``[i * k, (i + 1) * k)``). The axis is then the
+concatenation of those blocks and each group permutes inside its own block(s). This expresses ``torch.cat``
+outputs, fused attention weights (``qkv``: the query, key and value blocks of every head, where a head's
+query and key blocks share a group) and a conv's ``(C, H, W)`` output flattened into a Linear
+(``(None, (("P", H * W),))`` on the Linear's weight).
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["PermutationSpec", "SpecMismatchError", "AxisEntry"]
+__all__ = ["PermutationSpec", "SpecMismatchError", "AxisEntry", "Block"]
 
-#: One axis of one state_dict entry: ``None`` (not permuted), a group name, or a tuple of blocks (group
-#: names, or ints for fixed blocks of that length) concatenated along the axis.
-AxisEntry = str | None | tuple[str | int, ...]
+#: One block of a block axis: a group name, an int (a fixed block of that length), or ``(group, k)`` (the
+#: group's units flattened with ``k`` entries each).
+Block = str | int | tuple[str, int]
+#: One axis of one state_dict entry: ``None`` (not permuted), a group name, or a tuple of blocks
+#: concatenated along the axis.
+AxisEntry = str | None | tuple[Block, ...]
 
 
 class SpecMismatchError(ValueError):
@@ -97,7 +103,7 @@ class PermutationSpec:
                     f"group {group!r}: {where} has size {size} but {first[group]} has size {sizes[group]}"
                 )
 
-        block_axes: list[tuple[str, int, tuple[str | int, ...], int]] = []
+        block_axes: list[tuple[str, int, tuple[Block, ...], int]] = []
         for key, axes in self.axes_to_perm.items():
             if key not in shapes:
                 raise SpecMismatchError(f"spec names {key!r} but the model has no such entry")
@@ -116,23 +122,24 @@ class PermutationSpec:
         while changed:
             changed = False
             for key, axis, entry, length in block_axes:
-                unknown = [b for b in entry if isinstance(b, str) and b not in sizes]
+                unknown = [_block_group(b) for b in entry if _block_group(b) not in (None, *sizes)]
                 if unknown and len(set(unknown)) == 1:
-                    known = sum(b if isinstance(b, int) else sizes[b] for b in entry if b not in unknown)
-                    size, rem = divmod(length - known, len(unknown))
+                    known = sum(_block_length(b, sizes) for b in entry if _block_group(b) not in unknown)
+                    per_unit = sum(_block_repeat(b) for b in entry if _block_group(b) in unknown)
+                    size, rem = divmod(length - known, per_unit)
                     if rem or size <= 0:
                         raise SpecMismatchError(
                             f"axis {axis} of {key!r} (length {length}) cannot hold the blocks {entry}"
                         )
-                    settle(unknown[0], size, f"a block of axis {axis} of {key!r}")
+                    settle(str(unknown[0]), size, f"a block of axis {axis} of {key!r}")
                     changed = True
         for key, axis, entry, length in block_axes:
-            missing = [b for b in entry if isinstance(b, str) and b not in sizes]
+            missing = [_block_group(b) for b in entry if _block_group(b) not in (None, *sizes)]
             if missing:
                 raise SpecMismatchError(
                     f"cannot infer the sizes of groups {missing} in axis {axis} of {key!r}"
                 )
-            total = sum(b if isinstance(b, int) else sizes[b] for b in entry)
+            total = sum(_block_length(b, sizes) for b in entry)
             if total != length:
                 raise SpecMismatchError(
                     f"axis {axis} of {key!r} has length {length} but its blocks {entry} add up to {total}"
@@ -149,7 +156,9 @@ class PermutationSpec:
         return len(self.perm_to_axes)
 
     def axis_blocks(self, key: str, axis: int) -> list[tuple[str | None, int, int]]:
-        """``[(group or None, start, stop), ...]`` along ``axis`` of ``key``; ``[]`` when it is not permuted."""
+        """``[(group or None, start, stop), ...]`` along ``axis`` of ``key``; ``[]`` when it is not permuted.
+
+        A flattened block ``(group, k)`` spans ``sizes[group] * k`` entries (``k = (stop - start) // n``)."""
         entry = self.axes_to_perm[key][axis]
         if entry is None:
             return []
@@ -158,8 +167,8 @@ class PermutationSpec:
         out: list[tuple[str | None, int, int]] = []
         start = 0
         for block in entry:
-            length = block if isinstance(block, int) else self.sizes[block]
-            out.append((None if isinstance(block, int) else block, start, start + length))
+            length = _block_length(block, self.sizes)
+            out.append((_block_group(block), start, start + length))
             start += length
         return out
 
@@ -186,7 +195,11 @@ class PermutationSpec:
     def to_dict(self) -> dict:
         return {
             "axes_to_perm": {
-                k: [list(e) if isinstance(e, tuple) else e for e in v] for k, v in self.axes_to_perm.items()
+                k: [
+                    [list(b) if isinstance(b, tuple) else b for b in e] if isinstance(e, tuple) else e
+                    for e in v
+                ]
+                for k, v in self.axes_to_perm.items()
             },
             "sizes": dict(self.sizes),
         }
@@ -226,14 +239,46 @@ def _entry_groups(entry: AxisEntry) -> list[str]:
         return []
     if isinstance(entry, str):
         return [entry]
-    return [b for b in entry if isinstance(b, str)]
+    return [g for g in map(_block_group, entry) if g is not None]
+
+
+def _block_group(block: Block) -> str | None:
+    if isinstance(block, str):
+        return block
+    return block[0] if isinstance(block, tuple) else None
+
+
+def _block_repeat(block: Block) -> int:
+    return block[1] if isinstance(block, tuple) else 1
+
+
+def _block_length(block: Block, sizes: Mapping[str, int]) -> int:
+    if isinstance(block, int):
+        return block
+    if isinstance(block, tuple):
+        return sizes[block[0]] * block[1]
+    return sizes[block]
+
+
+def _as_block(block: object) -> Block:
+    if isinstance(block, (str, int)) and not isinstance(block, bool):
+        return block
+    if (
+        isinstance(block, (list, tuple))
+        and len(block) == 2
+        and isinstance(block[0], str)
+        and isinstance(block[1], int)
+        and block[1] >= 1
+    ):
+        return (block[0], int(block[1]))
+    raise TypeError(f"a block must be a group name, an int or a (group, k >= 1) pair, got {block!r}")
 
 
 def _as_entry(entry: object) -> AxisEntry:
     if entry is None or isinstance(entry, str):
         return entry
-    if isinstance(entry, (list, tuple)) and all(isinstance(b, (str, int)) for b in entry):
-        return tuple(entry)
+    if isinstance(entry, (list, tuple)):
+        return tuple(_as_block(b) for b in entry)
     raise TypeError(f"an axis entry must be None, a group name or a tuple of blocks, got {entry!r}")
 
 

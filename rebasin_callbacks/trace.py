@@ -40,7 +40,7 @@ from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.trace_rules import TraceRule, rule_for_function, rule_for_method, rule_for_module
 
 # the one state-dict check lives in the bottom layer; re-exported here where it has always been importable
-from rebasin_callbacks.utils import check_compatible
+from rebasin_callbacks.utils import as_generator, check_compatible, renamed_arguments
 from rebasin_callbacks.verify import SpecCheckError, check_spec, normalize_inputs, validate_inputs
 
 __all__ = ["trace_spec", "check_spec", "check_compatible", "SpecCheckError", "UntraceableModelError"]
@@ -62,7 +62,17 @@ class _Blocks:
         return sum(n for _, n in self.parts)
 
 
-DimLabel = int | _Blocks | None  # a space id, a concatenation of spaces, or None (fixed / not a channel)
+@dataclass(frozen=True)
+class _Repeat:
+    """A dimension that is a channel space flattened with ``k`` fixed entries per channel (``(C, H, W)`` ->
+    ``C * H * W``: channel ``i`` owns entries ``[i * k, (i + 1) * k)``), as a conv feeding a Linear."""
+
+    space: int
+    k: int
+
+
+# a space id, a concatenation of spaces, a flattened space, or None (fixed / not a channel)
+DimLabel = int | _Blocks | _Repeat | None
 
 
 class _Spaces:
@@ -73,7 +83,8 @@ class _Spaces:
         self.size: list[int] = []
         self.name: list[str] = []
         self.fixed: list[bool] = []
-        self.blocks: dict[int, _Blocks] = {}  # root -> the concatenation this space was found to be
+        # root -> the concatenation (or flattened space) this space was found to be
+        self.blocks: dict[int, _Blocks | _Repeat] = {}
 
     def new(self, size: int, name: str) -> int:
         self.parent.append(len(self.parent))
@@ -99,11 +110,17 @@ class _Spaces:
             if r in self.blocks:
                 return self.resolve(self.blocks[r])
             return r
+        if isinstance(label, _Repeat):
+            sub = self.resolve(label.space)
+            # a flattened space later found to be a concatenation is not followed (verification drops it)
+            return _Repeat(sub, label.k) if isinstance(sub, int) else None
         parts: list[tuple[int | None, int]] = []
         for space, n in label.parts:
             sub = self.resolve(space)
             if isinstance(sub, _Blocks):
                 parts.extend(sub.parts)
+            elif isinstance(sub, _Repeat):
+                parts.append((None, n))  # not followed inside a concatenation
             else:
                 parts.append((sub, n))
         if all(s is None for s, _ in parts):
@@ -122,6 +139,8 @@ class _Spaces:
         elif isinstance(label, _Blocks):
             for space, _ in label.parts:
                 self.fix(space)
+        elif isinstance(label, _Repeat):
+            self.fix(label.space)
         elif isinstance(label, Mapping):
             for v in label.values():
                 self.fix(v)
@@ -134,6 +153,8 @@ class _Spaces:
             return self.size[label]
         if isinstance(label, _Blocks):
             return label.size
+        if isinstance(label, _Repeat):
+            return self.size[label.space] * label.k
         return None
 
     def merge(self, a: DimLabel, b: DimLabel) -> DimLabel:
@@ -153,6 +174,23 @@ class _Spaces:
             lo, hi = min(a, b), max(a, b)
             self.parent[hi] = lo
             return lo
+        if isinstance(a, _Repeat) or isinstance(b, _Repeat):
+            if isinstance(a, _Repeat) and isinstance(b, _Repeat) and a.k == b.k:
+                m = self.merge(a.space, b.space)
+                return _Repeat(m, a.k) if isinstance(m, int) else None
+            if isinstance(b, _Repeat) and isinstance(a, int):
+                a, b = b, a
+            if (
+                isinstance(a, _Repeat)
+                and isinstance(b, int)
+                and b != a.space
+                and self.size[b] == self.size[a.space] * a.k
+            ):
+                self.blocks[b] = a  # a free space found to be a flattened one (a Linear's input axis)
+                return a
+            self.fix(a)
+            self.fix(b)
+            return None
         if isinstance(a, _Blocks) and isinstance(b, int):
             a, b = b, a
         if isinstance(a, int) and isinstance(b, _Blocks):
@@ -501,7 +539,7 @@ class _Walker:
             return any(self._has_space(x) for x in label)
         if isinstance(label, Mapping):
             return any(self._has_space(x) for x in label.values())
-        return self.sp.resolve(label) is not None if isinstance(label, (int, _Blocks)) else False
+        return self.sp.resolve(label) is not None if isinstance(label, (int, _Blocks, _Repeat)) else False
 
     def _module_keys(self, target: str) -> list[str]:
         m = self.modules[target]
@@ -559,6 +597,11 @@ class _Walker:
                     break
             if len(gi) == 1 and len(gj) == 1:
                 out[gj[0]] = labels[gi[0]]
+            elif len(gj) == 1 and self._flattens_channels([labels[k] for k in gi]):
+                # (C, H, W) -> C * H * W with H, W free of channels: channel i owns a block of H * W
+                space = self.sp.resolve(labels[gi[0]])
+                assert isinstance(space, int)
+                out[gj[0]] = _Repeat(space, math.prod(in_shape[k] for k in gi[1:]))
             else:
                 self.cut(
                     node,
@@ -566,6 +609,11 @@ class _Walker:
                     f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits or merges a channel dim",
                 )
         return tuple(out)
+
+    def _flattens_channels(self, labels: list[DimLabel]) -> bool:
+        """Whether merged dims are one channel space followed by dims that carry none."""
+        first, *rest = [self.sp.resolve(lab) for lab in labels]
+        return isinstance(first, int) and all(lab is None for lab in rest)
 
     def reduce(self, node: fx.Node, x: Any, dims: Any) -> Any:
         labels, in_shape, out_shape = self.labels[x], self.shape(x), self.shape(node)
@@ -998,7 +1046,9 @@ class _Walker:
         label = self.sp.resolve(lx[d])
         sizes = [s[d] for s in so]
         pieces: list[DimLabel] = [None] * len(so)
-        if label is not None:
+        if isinstance(label, _Repeat):
+            self.cut(node, label, "split of a flattened channel dim")
+        elif label is not None:
             parts = label.parts if isinstance(label, _Blocks) else ((label, self.sp.size[label]),)
             bounds, acc = {0: 0}, 0
             for k, (_, n) in enumerate(parts):
@@ -1058,6 +1108,9 @@ class _Walker:
             return label
         r = self.sp.resolve(label)
         if r is None:
+            return None
+        if isinstance(r, _Repeat):
+            self.cut(node, label, "slice of a flattened channel dim")
             return None
         parts = r.parts if isinstance(r, _Blocks) else ((r, self.sp.size[r]),)
         offsets = [0]
@@ -1186,6 +1239,9 @@ class _Walker:
         out: list[DimLabel] = []
         for i in range(len(so)):
             if i == d:
+                for t in tensors:  # a flattened channel dim is not followed inside a concatenation
+                    if isinstance(self.sp.resolve(self.lab(t)[i]), _Repeat):
+                        self.cut(node, self.lab(t)[i], "cat of a flattened channel dim")
                 parts = tuple((self.lab(t)[i], self.shape(t)[i]) for t in tensors if self.shape(t)[i] > 0)  # type: ignore[index]
                 out.append(
                     self.sp.resolve(_Blocks(parts)) if len(parts) > 1 else (parts[0][0] if parts else None)
@@ -1262,10 +1318,22 @@ def _assemble(walker: _Walker, state: Mapping[str, Tensor]) -> PermutationSpec:
             if isinstance(r, _Blocks):  # fixed blocks are written as their length
                 blocks = tuple((group_of(s) if s is not None else None) or n for s, n in r.parts)
                 entry.append(blocks if any(isinstance(b, str) for b in blocks) else None)
+            elif isinstance(r, _Repeat):  # a flattened group: one block, k entries per unit
+                g = group_of(r.space)
+                entry.append(((g, r.k),) if g is not None else None)
             else:
                 entry.append(group_of(r) if isinstance(r, int) else None)
         axes[key] = tuple(entry)
     return PermutationSpec.from_axes(axes, state, sizes=sizes)
+
+
+def _drop_block(block: Any, drop: set[str], sizes: Mapping[str, int]) -> Any:
+    """A block of an axis entry with a dropped group replaced by its length (a fixed block)."""
+    if isinstance(block, str) and block in drop:
+        return sizes[block]
+    if isinstance(block, tuple) and block[0] in drop:
+        return sizes[block[0]] * block[1]
+    return block
 
 
 def _drop_groups(spec: PermutationSpec, drop: Iterable[str], state: Mapping[str, Tensor]) -> PermutationSpec:
@@ -1276,8 +1344,8 @@ def _drop_groups(spec: PermutationSpec, drop: Iterable[str], state: Mapping[str,
         new: list[Any] = []
         for g in entry:
             if isinstance(g, tuple):
-                blocks = tuple(spec.sizes[b] if isinstance(b, str) and b in drop else b for b in g)
-                new.append(blocks if any(isinstance(b, str) for b in blocks) else None)
+                blocks = tuple(_drop_block(b, drop, spec.sizes) for b in g)
+                new.append(blocks if any(not isinstance(b, int) for b in blocks) else None)
             else:
                 new.append(None if g in drop else g)
         axes[key] = tuple(new)
@@ -1286,6 +1354,7 @@ def _drop_groups(spec: PermutationSpec, drop: Iterable[str], state: Mapping[str,
 
 
 # ====================================================================================== public API
+@renamed_arguments(generator="seed")
 def trace_spec(
     model: nn.Module,
     example_inputs: Any,
@@ -1293,7 +1362,7 @@ def trace_spec(
     check: bool = True,
     leaf_modules: Iterable[type | str] | None = None,
     rtol: float | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator | None = None,
 ) -> PermutationSpec:
     """Derive the permutation spec of ``model`` from its computation graph.
 
@@ -1306,7 +1375,8 @@ def trace_spec(
         leaf_modules: module types or qualified names not to trace into; they become boundaries.
         rtol: tolerance of the check, relative to the output's magnitude (default: near float64 round-off,
             see :data:`~rebasin_callbacks.verify.DEFAULT_RTOL`).
-        generator: seeds the check's random permutations, parameters and inputs.
+        seed: an int or a ``torch.Generator`` for the check's random permutations, parameters and inputs
+            (``generator=`` is its deprecated name).
 
     Returns:
         A :class:`PermutationSpec` keyed by ``model.state_dict()`` names (buffers included), with a size for
@@ -1359,7 +1429,7 @@ def trace_spec(
         notes.append(f"the traced groups do not fit the state dict ({e}): every group dropped")
         spec = PermutationSpec.from_axes({}, plain_state)
     if check and len(spec):
-        spec, check_notes = _verified(model, spec, example_inputs, rtol, generator, plain_state)
+        spec, check_notes = _verified(model, spec, example_inputs, rtol, as_generator(seed), plain_state)
         notes += check_notes
     if notes:
         shown = notes[:12] + ([f"... {len(notes) - 12} more"] if len(notes) > 12 else [])
@@ -1405,7 +1475,7 @@ def _verified(
     notes: list[str] = []
     for _ in range(3):
         try:
-            err = check_spec(model, spec, example_inputs, rtol=rtol, generator=generator)
+            err = check_spec(model, spec, example_inputs, rtol=rtol, seed=generator)
         except SpecCheckError as e:
             notes.append(
                 "dropped groups that changed the outputs: "

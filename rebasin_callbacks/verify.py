@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten_with_path, tree_leaves, tree_map
 
 from rebasin_callbacks.permute import permute_state_dict
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+from rebasin_callbacks.utils import as_generator, renamed_arguments
 
 __all__ = ["check_spec", "SpecCheckError", "DEFAULT_RTOL", "normalize_inputs", "validate_inputs"]
 
@@ -341,13 +342,14 @@ def _bisect(
 
 
 # ====================================================================================== public API
+@renamed_arguments(generator="seed")
 def check_spec(
     model: nn.Module,
     spec: PermutationSpec,
     example_inputs: Any,
     *,
     rtol: float | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator | None = None,
     groups: Iterable[str] | None = None,
     dtype: torch.dtype = torch.float64,
     n_inputs: int = 3,
@@ -366,8 +368,8 @@ def check_spec(
             must be non-empty and finite.
         rtol: allowed ``max |out - out_perm| / max |out|``; default :data:`DEFAULT_RTOL` of ``dtype``
             (1e-9 in float64, near round-off).
-        generator: seeds the permutations, the randomised parameters and the random inputs (default: a
-            fixed seed).
+        seed: an int or a ``torch.Generator`` for the permutations, the randomised parameters and the
+            random inputs (default: a fixed seed; ``generator=`` is its deprecated name).
         groups: check only these groups (default: all).
         dtype: the working precision (float64; float32 only where float64 cannot run).
         n_inputs: how many inputs to compare on (the example plus random ones).
@@ -392,7 +394,7 @@ def check_spec(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if n_inputs < 1:
         raise ValueError(f"n_inputs must be >= 1, got {n_inputs}")
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    gen = as_generator(seed) or torch.Generator().manual_seed(0)
     chosen = list(spec.groups if groups is None else groups)
     unknown = [g for g in chosen if g not in spec.sizes]
     if unknown:

@@ -79,12 +79,8 @@ def test_rnd_cost_lies_between_the_ends_and_repeats_with_a_seed():
     a, b = mlp([2, 6, 1], seed=0), mlp([2, 6, 1], seed=1)
     x, y = torch.randn(16, 2), torch.randn(16, 1)
     mse = nn.functional.mse_loss
-    values = [
-        float(RndCost(mse, generator=torch.Generator().manual_seed(s))(_view(a), b, (x, y))) for s in range(3)
-    ]
-    again = [
-        float(RndCost(mse, generator=torch.Generator().manual_seed(s))(_view(a), b, (x, y))) for s in range(3)
-    ]
+    values = [float(RndCost(mse, seed=s)(_view(a), b, (x, y))) for s in range(3)]
+    again = [float(RndCost(mse, seed=s)(_view(a), b, (x, y))) for s in range(3)]
     assert values == again
     assert len(set(values)) == 3  # a different point of the line for each seed
 

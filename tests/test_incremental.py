@@ -98,7 +98,7 @@ def test_spec_without_groups_is_rejected() -> None:
 def test_episode_starts_at_theta_and_trains_only_p_and_delta() -> None:
     net, spec = _mlp()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    inc = ReBasinIncremental(net, spec=spec, generator=torch.Generator().manual_seed(0))
+    inc = ReBasinIncremental(net, spec=spec, seed=0)
     inc.begin_episode()
     x = torch.randn(5, 6)
     # P starts at the identity and delta is ~1e-6: the training model is theta_{e-1}
@@ -261,7 +261,7 @@ def test_soft_start_is_not_the_identity() -> None:
     """init_scale=1, init_noise=0.1 (the released code's start): the soft P of 16 units is far from I."""
     net, spec = _mlp()
     g = torch.Generator().manual_seed(0)
-    soft = ReBasinIncremental(net, spec=spec, init_scale=1.0, init_noise=0.1, generator=g)
+    soft = ReBasinIncremental(net, spec=spec, init_scale=1.0, init_noise=0.1, seed=g)
     soft.begin_episode()
     assert soft.rebasin is not None
     (p,) = [t.detach() for t in soft.rebasin.soft_permutations().values()]

@@ -177,9 +177,9 @@ def test_lmc_monitor_without_val_loader_fails_at_setup(tmp_path):
     with pytest.raises(ValueError, match="no validation dataloader"):
         _trainer(tmp_path, [LMCMonitor(Tiny().model, submodule="model")]).fit(model, train)
     assert model.losses == []  # no training step ran
-    # with a val loader, or with dataloader="train", the same fit runs
+    # with a val loader, or with data="train", the same fit runs
     _trainer(tmp_path, [LMCMonitor(Tiny().model, submodule="model")], max_epochs=1).fit(model, train, val)
-    _trainer(tmp_path, [LMCMonitor(Tiny().model, submodule="model", dataloader="train")], max_epochs=1).fit(
+    _trainer(tmp_path, [LMCMonitor(Tiny().model, submodule="model", data="train")], max_epochs=1).fit(
         Tiny(), train
     )
 
@@ -193,8 +193,8 @@ def test_invalid_arguments():
         ReBasinAlign(Tiny(), every_n_epochs=0)
     with pytest.raises(ValueError, match="n_points"):
         LMCMonitor(Tiny(), n_points=1)
-    with pytest.raises(ValueError, match="dataloader"):
-        LMCMonitor(Tiny(), dataloader="test")
+    with pytest.raises(ValueError, match="data must be"):
+        LMCMonitor(Tiny(), data="test")
 
 
 # ----------------------------------------------------------------------------- ReBasinAlign
@@ -550,7 +550,7 @@ def test_monitor_on_train_loader_with_bn_reset_does_not_change_training(tmp_path
     plain = run([])
     torch.manual_seed(3)
     reference = TinyBN().model
-    monitor = LMCMonitor(reference, submodule="model", dataloader="train", reset_bn=True, n_points=3)
+    monitor = LMCMonitor(reference, submodule="model", data="train", reset_bn=True, n_points=3)
     monitored = run([monitor])
     assert len(monitor.results) == 3
     assert monitored.losses == plain.losses  # identical, not close

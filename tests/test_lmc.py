@@ -241,7 +241,7 @@ def test_nan_evaluation_is_reported_not_averaged() -> None:
 
 def test_lmc_curve_errors() -> None:
     a, b = mlp(0), mlp(1)
-    with pytest.raises(ValueError, match="reset_bn=True needs train_data"):
+    with pytest.raises(ValueError, match="reset_bn=True needs bn_data"):
         lmc_curve(a, b, lambda m: 1.0, reset_bn=True, progress=False)
     with pytest.raises(ValueError, match="n_points"):
         lmc_curve(a, b, lambda m: 1.0, n_points=1, progress=False)
@@ -291,7 +291,7 @@ def test_reset_bn_in_lmc_curve_changes_interpolated_stats() -> None:
         seen.append(m[1].running_var.clone())
         return evaluate_model(m, loader)["loss"]
 
-    lmc_curve(a, b, evaluate, lambdas=[0.0, 0.5, 1.0], reset_bn=True, train_data=loader, progress=False)
+    lmc_curve(a, b, evaluate, lambdas=[0.0, 0.5, 1.0], reset_bn=True, bn_data=loader, progress=False)
     mid = interpolate(a, b, 0.5).eval()
     with torch.no_grad():
         direct = torch.stack([mid[0](xb).var((0, 2, 3), unbiased=True) for xb, _ in loader]).mean(0)

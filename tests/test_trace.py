@@ -113,17 +113,33 @@ def test_cnn_batchnorm_buffers_are_permuted():
     _assert_preserved(cnn, spec, x)
 
 
-def test_flatten_of_spatial_map_is_a_boundary():
+def test_flatten_of_spatial_map_carries_the_channel_group():
     cnn = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)
     )
     x = torch.randn(2, 3, 8, 8)
-    with pytest.warns(UserWarning, match="boundar"):
-        spec = trace_spec(cnn, x)
+    spec = _quiet_trace(cnn, x)
     assert spec.axes_to_perm["0.weight"][0] == "P_0"
-    assert spec.axes_to_perm["2.weight"][0] is None  # C*H*W flattened: fixed
-    assert spec.axes_to_perm["4.weight"] == (None, None)
+    assert spec.axes_to_perm["2.weight"][0] == "P_2"  # C*H*W flattened: blocks of H*W follow channel i
+    assert spec.axes_to_perm["4.weight"] == (None, (("P_2", 16),))
     _assert_preserved(cnn, spec, x)
+
+
+class _ChannelsLastFlatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 6, 3), nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).permute(0, 2, 3, 1).flatten(1))  # (H, W, C): channels innermost
+
+
+def test_flatten_with_channels_innermost_is_a_boundary():
+    net, x = _ChannelsLastFlatten(), torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match="boundar"):
+        spec = trace_spec(net, x)
+    assert spec.axes_to_perm["conv.weight"][0] is None and spec.axes_to_perm["fc.weight"] == (None, None)
+    assert len(spec) == 0  # nothing left to permute: the conv's channels end inside the flatten
 
 
 def test_groupnorm_inside_groups_is_a_boundary():

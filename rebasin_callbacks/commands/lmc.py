@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     test = make_loader(args, shape, train=False, device=x.device)
     train = make_loader(args, shape, train=True, device=x.device) if (args.reset_bn or args.repair) else None
     options = dict(
-        n_points=args.n_points, reset_bn=args.reset_bn, repair=args.repair, train_data=train,
+        n_points=args.n_points, reset_bn=args.reset_bn, repair=args.repair, bn_data=train,
         progress=not args.no_progress,
     )  # fmt: skip
     versions: dict[str, torch.nn.Module] = {"naive": model_a}

@@ -69,7 +69,7 @@ def test_nan_reference_fails_at_setup(tmp_path, cls):
     with torch.no_grad():
         reference[2].weight[0, 0] = float("nan")
     net = Net()
-    kwargs = {"dataloader": "train"} if cls is LMCMonitor else {}
+    kwargs = {"data": "train"} if cls is LMCMonitor else {}
     with pytest.raises(ValueError, match=r"reference: '2.weight' holds 1 NaN/inf"):
         _trainer(tmp_path, [cls(reference, submodule="model", **kwargs)]).fit(
             net, DataLoader(_data(), batch_size=8)
@@ -79,15 +79,15 @@ def test_nan_reference_fails_at_setup(tmp_path, cls):
 
 def test_monitor_with_unknown_dict_batches_fails_on_the_first_batch(tmp_path):
     net = Net()
-    monitor = LMCMonitor(Net().model, submodule="model", dataloader="train")
-    with pytest.raises(TypeError, match=r"LMCMonitor\(dataloader='train'\).*input key.*'pixels'"):
+    monitor = LMCMonitor(Net().model, submodule="model", data="train")
+    with pytest.raises(TypeError, match=r"LMCMonitor\(data='train'\).*input key.*'pixels'"):
         _trainer(tmp_path, [monitor]).fit(net, DataLoader(_Odd(), batch_size=8))
     assert net.steps == 0
 
 
 def test_monitor_with_unknown_dict_loader_fails_at_setup(tmp_path):
     net = Net()
-    monitor = LMCMonitor(Net().model, submodule="model", dataloader=DataLoader(_Odd(), batch_size=8))
+    monitor = LMCMonitor(Net().model, submodule="model", data=DataLoader(_Odd(), batch_size=8))
     with pytest.raises(TypeError, match="input key"):
         _trainer(tmp_path, [monitor]).fit(net, DataLoader(_data(), batch_size=8))
     assert net.steps == 0

@@ -65,7 +65,7 @@ def test_lmc_curve_reset_bn_with_an_empty_loader_fails_before_evaluating():
         return 0.0
 
     with pytest.raises(ValueError, match="lmc_curve: the data yielded no batches"):
-        lmc_curve(_net(0), _net(1), evaluate, reset_bn=True, train_data=[], progress=False)
+        lmc_curve(_net(0), _net(1), evaluate, reset_bn=True, bn_data=[], progress=False)
     assert not calls
 
 
