@@ -501,10 +501,8 @@ class ReBasinStrategy(SupervisedTemplate):
 
 
 def _find_heads_prefix(model: nn.Module) -> str | None:
-    try:
-        from avalanche.models import MultiHeadClassifier
-    except ImportError:  # pragma: no cover - avalanche is a dependency of this module
-        return None
+    from avalanche.models import MultiHeadClassifier
+
     for name, module in model.named_modules():
         if isinstance(module, MultiHeadClassifier):
             return f"{name}.classifiers." if name else "classifiers."

@@ -177,7 +177,7 @@ class ReBasin(nn.Module):
     def model(self) -> nn.Module:
         return self._model[0]
 
-    def _bucket_matrices(self, soft: bool) -> dict[str, Tensor]:
+    def _bucket_matrices(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for n, scores in self.scores.items():
             P = sinkhorn(scores, tau=self.tau, n_iters=self.n_iters, tol=self.tol, backward=self.backward)
@@ -186,7 +186,7 @@ class ReBasin(nn.Module):
 
     def soft_permutations(self) -> dict[str, Tensor]:
         """``{group: doubly-stochastic [n, n] matrix}`` (differentiable w.r.t. the scores)."""
-        mats = self._bucket_matrices(soft=True)
+        mats = self._bucket_matrices()
         return {g: mats[b][i] for g, (b, i) in self._where.items()}
 
     def project(self) -> dict[str, Tensor]:

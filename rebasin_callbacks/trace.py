@@ -1163,66 +1163,9 @@ class _Walker:
             if self.shape(node) == self.shape(x):
                 return self.lab(x)
             return self.boundary(node, name)
-        if fn in _BINARY:
-            return self.broadcast(
-                node, [v for v in list(args) + list(node.kwargs.values()) if isinstance(v, fx.Node)]
-            )
-        if fn in _REDUCTIONS:
-            return self.reduce(
-                node, x, self.arg_dim(node, 2 if fn in (torch.norm, torch.linalg.vector_norm) else 1)
-            )
-        if fn in _RESHAPES:
-            return self.reshape(node, x)
-        if fn in (torch.permute, torch.transpose, torch.movedim, torch.swapaxes, torch.t):
-            return self.permute_like(
-                node, {torch.swapaxes: "transpose", torch.t: "t"}.get(fn, name), x, args[1:]
-            )
-        if fn in (torch.chunk, torch.split, torch.unbind, torch.tensor_split):
-            return self.split(node, name, x)
-        if fn in (operator.matmul, torch.matmul, torch.bmm, torch.mm):
-            return self.matmul(node, args[0], args[1])
-        if fn in (torch.cat, torch.concat, torch.concatenate):
-            return self.cat(node)
-        if fn is torch.stack:
-            return self.stack(node)
-        if fn in _SPATIAL_FUNCS:
-            return self.spatial(node, x, _SPATIAL_FUNCS[fn])
-        if fn in (F.interpolate, F.upsample, F.pad):
-            sx = self.shape(x)
-            k = len(self.arg(node, 1, "pad", ())) // 2 if fn is F.pad else (len(sx) - 2 if sx else 0)
-            return self.spatial(node, x, max(k, 1))
-        if fn is F.linear:
-            w, b = self.lab(self.arg(node, 1, "weight")), self.lab(self.arg(node, 2, "bias"))
-            return self.linear(x, w, b, None)
-        if fn in (F.conv1d, F.conv2d, F.conv3d):
-            w, b = self.arg(node, 1, "weight"), self.arg(node, 2, "bias")
-            return self.conv(node, x, w, b, int(self.arg(node, 6, "groups", 1)))
-        if fn is F.batch_norm or fn is F.instance_norm:
-            names = ["running_mean", "running_var", "weight", "bias"]
-            return self.per_channel(x, [self.lab(self.arg(node, i + 1, n)) for i, n in enumerate(names)])
-        if fn is F.layer_norm or fn is getattr(F, "rms_norm", None):
-            shape = self.arg(node, 1, "normalized_shape")
-            k = len(shape) if isinstance(shape, (list, tuple)) else 1
-            names = ["weight", "bias"] if fn is F.layer_norm else ["weight"]
-            return self.layer_norm(x, k, [self.lab(self.arg(node, i + 2, n)) for i, n in enumerate(names)])
-        if fn is F.group_norm:
-            names = ["weight", "bias"]
-            return self.group_norm(
-                node,
-                x,
-                int(self.arg(node, 1, "num_groups")),
-                [self.lab(self.arg(node, i + 2, n)) for i, n in enumerate(names)],
-            )
-        if fn is F.scaled_dot_product_attention:
-            return self.sdpa(
-                args[0], self.arg(node, 1, "key"), self.arg(node, 2, "value"), self.arg(node, 3, "attn_mask")
-            )
-        if fn is torch.einsum:
-            return self.einsum(node)
-        if fn is F.embedding:
-            w = self.lab(self.arg(node, 1, "weight"))
-            self.sp.fix([self.lab(x), w[0]])
-            return (None,) * len(self.shape(x)) + (w[1],)  # type: ignore[arg-type]
+        handler = _FUNCTION_HANDLERS.get(fn)
+        if handler is not None:
+            return handler(self, node, fn, x)
         return self.generic(node, f"function {name}")
 
     def cat(self, node: fx.Node) -> Any:
@@ -1291,6 +1234,136 @@ class _Walker:
 
 
 # ====================================================================================== spec assembly
+# ====================================================================================== function table
+# torch functions the walker understands, by what they do to channel dims. Elementwise ops, activations and
+# casts are in trace_rules.py's public table; anything in neither becomes a boundary (``_Walker.generic``).
+Handler = Callable[[_Walker, fx.Node, Any, Any], Any]
+
+
+def _binary(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # elementwise with broadcasting: operands share the labels of the dims they align on
+    return w.broadcast(
+        node, [v for v in list(node.args) + list(node.kwargs.values()) if isinstance(v, fx.Node)]
+    )
+
+
+def _reduction(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # a reduced dim disappears (a reduced channel dim is fixed); the others keep their labels
+    return w.reduce(node, x, w.arg_dim(node, 2 if fn in (torch.norm, torch.linalg.vector_norm) else 1))
+
+
+def _reshape(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # one-to-one dims keep their label; (C, H, W) -> C*H*W flattens a channel dim; other merges are fixed
+    return w.reshape(node, x)
+
+
+def _transpose(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # dims move, labels move with them
+    name = {torch.swapaxes: "transpose", torch.t: "t"}.get(fn, getattr(fn, "__name__", str(fn)))
+    return w.permute_like(node, name, x, node.args[1:])
+
+
+def _split(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # pieces that take whole blocks of a concatenation keep them
+    return w.split(node, getattr(fn, "__name__", str(fn)), x)
+
+
+def _matmul(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # the contracted dims share a permutation (a sum over them is invariant to it)
+    return w.matmul(node, node.args[0], node.args[1])
+
+
+def _cat(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # the joined dim is the concatenation of its inputs' labels (a block axis)
+    return w.cat(node)
+
+
+def _stack(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    return w.stack(node)
+
+
+def _pool(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # pooling acts on the trailing spatial dims only
+    return w.spatial(node, x, _SPATIAL_FUNCS[fn])
+
+
+def _resize(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # interpolation and padding change spatial dims (padding: the last len(pad) // 2 dims)
+    sx = w.shape(x)
+    k = len(w.arg(node, 1, "pad", ())) // 2 if fn is F.pad else (len(sx) - 2 if sx else 0)
+    return w.spatial(node, x, max(k, 1))
+
+
+def _f_linear(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    return w.linear(x, w.lab(w.arg(node, 1, "weight")), w.lab(w.arg(node, 2, "bias")), None)
+
+
+def _f_conv(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    weight, bias = w.arg(node, 1, "weight"), w.arg(node, 2, "bias")
+    return w.conv(node, x, weight, bias, int(w.arg(node, 6, "groups", 1)))
+
+
+def _f_batch_norm(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # per-channel statistics and affine parameters follow dim 1
+    names = ["running_mean", "running_var", "weight", "bias"]
+    return w.per_channel(x, [w.lab(w.arg(node, i + 1, n)) for i, n in enumerate(names)])
+
+
+def _f_layer_norm(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # normalises over the last k dims: their channels may move, the affine parameters with them
+    shape = w.arg(node, 1, "normalized_shape")
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    names = ["weight", "bias"] if fn is F.layer_norm else ["weight"]
+    return w.layer_norm(x, k, [w.lab(w.arg(node, i + 2, n)) for i, n in enumerate(names)])
+
+
+def _f_group_norm(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # statistics per group of channels: only permutations inside each group keep them
+    names = ["weight", "bias"]
+    groups = int(w.arg(node, 1, "num_groups"))
+    return w.group_norm(node, x, groups, [w.lab(w.arg(node, i + 2, n)) for i, n in enumerate(names)])
+
+
+def _f_sdpa(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # attention: query/key share the contracted dim, value's channels pass to the output
+    return w.sdpa(node.args[0], w.arg(node, 1, "key"), w.arg(node, 2, "value"), w.arg(node, 3, "attn_mask"))
+
+
+def _einsum(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    return w.einsum(node)
+
+
+def _f_embedding(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # rows are looked up by index (fixed); the embedding dim is a channel dim
+    weight = w.lab(w.arg(node, 1, "weight"))
+    w.sp.fix([w.lab(x), weight[0]])
+    return (None,) * len(w.shape(x)) + (weight[1],)  # type: ignore[arg-type]
+
+
+_FUNCTION_HANDLERS: dict[Any, Handler] = {
+    **dict.fromkeys(_BINARY, _binary),
+    **dict.fromkeys(_REDUCTIONS, _reduction),
+    **dict.fromkeys(_RESHAPES, _reshape),
+    **dict.fromkeys((torch.permute, torch.transpose, torch.movedim, torch.swapaxes, torch.t), _transpose),
+    **dict.fromkeys((torch.chunk, torch.split, torch.unbind, torch.tensor_split), _split),
+    **dict.fromkeys((operator.matmul, torch.matmul, torch.bmm, torch.mm), _matmul),
+    **dict.fromkeys((torch.cat, torch.concat, torch.concatenate), _cat),
+    torch.stack: _stack,
+    **dict.fromkeys(_SPATIAL_FUNCS, _pool),
+    **dict.fromkeys((F.interpolate, F.upsample, F.pad), _resize),
+    F.linear: _f_linear,
+    **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d), _f_conv),
+    **dict.fromkeys((F.batch_norm, F.instance_norm), _f_batch_norm),
+    **dict.fromkeys(
+        [f for f in (F.layer_norm, getattr(F, "rms_norm", None)) if f is not None], _f_layer_norm
+    ),
+    F.group_norm: _f_group_norm,
+    F.scaled_dot_product_attention: _f_sdpa,
+    torch.einsum: _einsum,
+    F.embedding: _f_embedding,
+}
+
+
 def _assemble(walker: _Walker, state: Mapping[str, Tensor]) -> PermutationSpec:
     sp = walker.sp
     names: dict[int, str] = {}
