@@ -7,7 +7,8 @@ ResNet with BatchNorm). The second model of each pair is permuted into the first
 * ``align l2`` / ``align mid`` / ``align rnd``: :func:`rebasin_callbacks.align` with that cost (weight-matching
   warm start, then the Sinkhorn refinement; ``mid`` / ``rnd`` use training batches);
 * ``align l2`` is the default, which polishes every new permutation by weight matching's coordinate descent;
-  ``align l2 ste`` is ``align(cost="l2", polish=False)``: the straight-through refinement alone.
+  ``align l2 ste`` is ``align(cost="l2", polish=False)``: the straight-through refinement alone;
+  ``align mid ste`` / ``align mid soft`` (and ``rnd``) force ``method=`` for the data costs.
 
 Reported per pair and method: the hard L2 distance to the reference (parameters only), the loss and
 accuracy barrier on the test split along the straight line (BatchNorm statistics reset on training batches
@@ -51,7 +52,10 @@ from rebasin_callbacks.utils import l2_distance
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared models
 from bench_models import SmallResNet, mlp, small_vgg  # noqa: E402
 
-METHODS = ("wm", "align l2", "align l2 ste", "align mid", "align rnd")
+METHODS = (
+    "wm", "align l2", "align l2 ste", "align mid", "align rnd",
+    "align mid ste", "align rnd ste", "align mid soft", "align rnd soft",
+)  # fmt: skip
 
 
 def makers(smoke: bool) -> dict[str, Callable[[], nn.Module]]:
@@ -91,10 +95,12 @@ def rebase(
     """``model`` permuted into ``reference``'s basin by ``method``, and the refinement steps run."""
     if method == "wm":
         return permute(model, spec, weight_matching(model, reference, spec, seed=seed)), 0
-    cost = method.split()[1]
+    _, cost, *variant = method.split()
     kwargs: dict = {"cost": cost, "spec": spec, "steps": steps, "seed": seed, "progress": False}
-    if method.endswith(" ste"):
-        kwargs["polish"] = False
+    if variant == ["ste"] and cost == "l2":
+        kwargs["polish"] = False  # the straight-through refinement alone
+    elif variant:
+        kwargs["method"] = variant[0]
     if cost in ("mid", "rnd"):
         kwargs.update(data=loader, loss_fn=F.cross_entropy)
     result = align(model, reference, **kwargs)
