@@ -68,6 +68,8 @@ _ENTROPY_WEIGHT = 0.1
 # With polish, the fewest steps without a gain before the time budget may stop the refinement: on trained
 # pairs the first better permutation comes at step 4 (benchmarks/quality.py).
 _MIN_STALE = 4
+# steps without a better hard permutation before the refinement stops (early_stopping="auto")
+_PATIENCE, _PATIENCE_DATA = 30, 100
 # A gain smaller than this (relative) is kept but does not extend the search.
 _SIGNIFICANT = 1e-3
 _POLISH_SWEEPS = 5
@@ -242,7 +244,7 @@ def align(
     init: Init | Mapping[str, Tensor] = "weight_matching",
     tau: float = 1.0,
     method: Method | Literal["auto"] = "auto",
-    early_stopping: int | None = 30,
+    early_stopping: int | Literal["auto"] | None = "auto",
     progress: bool = True,
     seed: int | None = None,
     n_iters: int = 20,
@@ -287,7 +289,10 @@ def align(
               the matrices approach permutations.
             * ``"entropy"``: ``"soft"`` plus a penalty on the matrices' row entropy.
         early_stopping: stop after this many steps without a better hard permutation (``None``: run all
-            ``steps``). With a data-free cost after a weight-matching warm start, the refinement also
+            ``steps``). ``"auto"``: 30 for data-free costs; 100 for data-driven ones, whose hard
+            permutations are scored on one batch, so progress shows up slowly and unevenly (stopping after
+            30 quiet steps left a ResNet's midpoint barrier 10% above what 200 steps reach, BENCHMARKS.md).
+            With a data-free cost after a weight-matching warm start, the refinement also
             stops (after at least 2 steps, 4 with ``polish``) before a step that would take it past the warm start's own
             time without improving, so a refinement with nothing to gain costs about one more warm start.
         polish: after each step that reaches a new hard permutation, run weight matching's coordinate
@@ -338,8 +343,8 @@ def align(
         raise ValueError(f"tau must be a number in [1e-3, 1e3], got {tau!r}")
     if method not in (*METHODS, "auto"):
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    if early_stopping is not None and not (isinstance(early_stopping, int) and early_stopping >= 1):
-        raise ValueError(f"early_stopping must be an int >= 1 or None, got {early_stopping!r}")
+    if early_stopping not in (None, "auto") and not (isinstance(early_stopping, int) and early_stopping >= 1):
+        raise ValueError(f"early_stopping must be an int >= 1, 'auto' or None, got {early_stopping!r}")
     if isinstance(example_inputs, Mapping):
         raise TypeError(
             f"example_inputs is a dict (keys {list(example_inputs)[:5]}): pass the model's positional "
@@ -360,6 +365,8 @@ def align(
         )
     if method == "auto":
         method = "soft" if getattr(cost_fn, "needs_data", False) else "ste"
+    if early_stopping == "auto":
+        early_stopping = _PATIENCE_DATA if getattr(cost_fn, "needs_data", False) else _PATIENCE
     if polish == "auto":
         # weight matching's coordinate descent maximises exactly the L2 cost's inner products
         polish = type(cost_fn) is L2Cost and isinstance(init, str) and init == "weight_matching"
