@@ -101,6 +101,30 @@ def _generators(loader: Any) -> list[torch.Generator]:
     return found
 
 
+def _trainer_loader(trainer: pl.Trainer, which: str, who: str) -> Any:
+    """The Trainer's first training (``"train"``) or validation (``"val"``) dataloader."""
+    loader = trainer.val_dataloaders if which == "val" else trainer.train_dataloader
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    if isinstance(loader, Mapping):
+        loader = next(iter(loader.values()), None)
+    if loader is None:
+        raise RuntimeError(f"{who}: the Trainer has no {which} dataloader; pass one")
+    return loader
+
+
+def _align_kwargs(
+    trainer: pl.Trainer, cost: Any, align_kwargs: Mapping[str, Any], who: str
+) -> dict[str, Any]:
+    """``align_kwargs``; a data cost without ``data`` gets the Trainer's training dataloader (its generators'
+    state is restored afterwards by ``_isolated``) and cross-entropy unless ``loss_fn`` is given."""
+    kwargs = dict(align_kwargs)
+    if cost in ("mid", "rnd") and kwargs.get("data") is None:
+        kwargs["data"] = _trainer_loader(trainer, "train", f"{who}(cost={cost!r})")
+        kwargs.setdefault("loss_fn", F.cross_entropy)
+    return kwargs
+
+
 def _trainer_loaders(trainer: pl.Trainer) -> list[Any]:
     loaders: list[Any] = []
     for name in ("train_dataloader", "val_dataloaders"):
@@ -463,7 +487,9 @@ class ReBasinAlign(_EpochEndCallback):
             a state dict, or a checkpoint path (``torch.save``'d state dict or Lightning ``.ckpt``; keys
             prefixed by the LightningModule's attribute name are matched automatically).
         every_n_epochs: align after every ``n``-th training epoch; ``0`` = never at epoch end.
-        cost: :func:`~rebasin_callbacks.align`'s cost (``"l2"``, ``"mid"``, ``"rnd"``, ``"cosine"``).
+        cost: :func:`~rebasin_callbacks.align`'s cost (``"l2"``, ``"mid"``, ``"rnd"``, ``"cosine"``). The
+            data costs use the Trainer's training dataloader and cross-entropy unless ``align_kwargs``
+            gives ``data`` / ``loss_fn``; BatchNorm layers use batch statistics there.
         mode: ``"inplace"`` or ``"copy"`` (see above).
         submodule: name of the submodule to align (e.g. ``"model"``); ``None`` = the whole LightningModule.
         at_fit_end: also align when fitting ends.
@@ -585,7 +611,7 @@ class ReBasinAlign(_EpochEndCallback):
                     reference,
                     spec,
                     self.cost,
-                    self.align_kwargs,
+                    _align_kwargs(trainer, self.cost, self.align_kwargs, "ReBasinAlign"),
                     _show_progress(trainer, self.progress),
                 )
             records.append(
@@ -890,16 +916,7 @@ class LMCMonitor(_EpochEndCallback):
     def _loader(self, trainer: pl.Trainer) -> Any:
         if not isinstance(self.data, str):
             return self.data
-        loader = trainer.val_dataloaders if self.data == "val" else trainer.train_dataloader
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0] if loader else None
-        if isinstance(loader, Mapping):
-            loader = next(iter(loader.values()), None)
-        if loader is None:
-            raise RuntimeError(
-                f"LMCMonitor(data={self.data!r}): the Trainer has no such dataloader; pass one"
-            )
-        return loader
+        return _trainer_loader(trainer, self.data, f"LMCMonitor(data={self.data!r})")
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool = False) -> dict:
         """Evaluate (and log) the curves now; returns ``{"epoch", "naive", "rebasin", "rebasin_source"}``."""
@@ -941,7 +958,13 @@ class LMCMonitor(_EpochEndCallback):
                         perms, before, after, source = shared.perms, shared.before, shared.after, shared.owner
                     else:
                         perms, before, after = _compute_perms(
-                            trainer, model, reference, spec, self.cost, self.align_kwargs, progress
+                            trainer,
+                            model,
+                            reference,
+                            spec,
+                            self.cost,
+                            _align_kwargs(trainer, self.cost, self.align_kwargs, "LMCMonitor"),
+                            progress,
                         )
                         source = "LMCMonitor"
                         records.append(

@@ -651,3 +651,24 @@ def test_should_update_is_the_overridable_schedule(tmp_path):
     assert [default.should_update(e) for e in range(4)] == [False, True, False, True]
     _fit(tmp_path, [odd], max_epochs=4)
     assert [r["epoch"] for r in odd.results] == [1, 3]
+
+
+def test_data_cost_uses_the_training_loader_and_leaves_training_unchanged(tmp_path):
+    def run(callbacks):
+        pl.seed_everything(1, verbose=False)
+        model = TinyBN()
+        train, val = _loaders(shuffle=True)  # shuffled by the DataLoader's own generator
+        _trainer(tmp_path, callbacks, max_epochs=2).fit(model, train, val)
+        return model
+
+    plain = run([])
+    torch.manual_seed(3)
+    cb = ReBasinAlign(
+        TinyBN().model, submodule="model", cost="mid", mode="copy", align_kwargs={"steps": 3, "seed": 0}
+    )
+    trained = run([cb])
+    assert len(cb.history) == 2 and cb.aligned_model is not None  # no data passed: the training loader
+    assert trained.losses == plain.losses  # identical: the loader's generator state was restored
+    x = _data(32, seed=7).tensors[0]
+    with torch.no_grad():
+        torch.testing.assert_close(cb.aligned_model.eval()(x), trained.model.eval()(x), rtol=1e-4, atol=1e-5)
