@@ -28,7 +28,6 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from torch.utils._pytree import tree_leaves
 
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.trace_rules import TraceRule, rule_for_function, rule_for_method, rule_for_module
+from rebasin_callbacks.trace_spaces import Blocks, DimLabel, Repeat, Spaces
 
 # the one state-dict check lives in the bottom layer; re-exported here where it has always been importable
 from rebasin_callbacks.utils import as_generator, check_compatible, renamed_arguments
@@ -48,168 +48,6 @@ __all__ = ["trace_spec", "check_spec", "check_compatible", "SpecCheckError", "Un
 
 class UntraceableModelError(RuntimeError):
     """``torch.fx`` cannot trace the model's own ``forward`` (e.g. data-dependent control flow)."""
-
-
-# ====================================================================================== channel spaces
-@dataclass(frozen=True)
-class _Blocks:
-    """A dimension that is the concatenation of blocks ``(space or None, size)`` (from ``torch.cat``)."""
-
-    parts: tuple[tuple[int | None, int], ...]
-
-    @property
-    def size(self) -> int:
-        return sum(n for _, n in self.parts)
-
-
-@dataclass(frozen=True)
-class _Repeat:
-    """A dimension that is a channel space flattened with ``k`` fixed entries per channel (``(C, H, W)`` ->
-    ``C * H * W``: channel ``i`` owns entries ``[i * k, (i + 1) * k)``), as a conv feeding a Linear."""
-
-    space: int
-    k: int
-
-
-# a space id, a concatenation of spaces, a flattened space, or None (fixed / not a channel)
-DimLabel = int | _Blocks | _Repeat | None
-
-
-class _Spaces:
-    """Union-find over channel spaces. The root of a class is its earliest space (it gives the name)."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.size: list[int] = []
-        self.name: list[str] = []
-        self.fixed: list[bool] = []
-        # root -> the concatenation (or flattened space) this space was found to be
-        self.blocks: dict[int, _Blocks | _Repeat] = {}
-
-    def new(self, size: int, name: str) -> int:
-        self.parent.append(len(self.parent))
-        self.size.append(int(size))
-        self.name.append(name)
-        self.fixed.append(size <= 1)  # a single channel has nothing to permute
-        return len(self.parent) - 1
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def resolve(self, label: DimLabel) -> DimLabel:
-        """Canonical form: fixed spaces become None, refined spaces become their blocks."""
-        if label is None:
-            return None
-        if isinstance(label, int):
-            r = self.find(label)
-            if self.fixed[r]:
-                return None
-            if r in self.blocks:
-                return self.resolve(self.blocks[r])
-            return r
-        if isinstance(label, _Repeat):
-            sub = self.resolve(label.space)
-            # a flattened space later found to be a concatenation is not followed (verification drops it)
-            return _Repeat(sub, label.k) if isinstance(sub, int) else None
-        parts: list[tuple[int | None, int]] = []
-        for space, n in label.parts:
-            sub = self.resolve(space)
-            if isinstance(sub, _Blocks):
-                parts.extend(sub.parts)
-            elif isinstance(sub, _Repeat):
-                parts.append((None, n))  # not followed inside a concatenation
-            else:
-                parts.append((sub, n))
-        if all(s is None for s, _ in parts):
-            return None
-        return _Blocks(tuple(parts))
-
-    def fix(self, label: Any) -> None:
-        """Fix every space inside ``label`` (a dim label, or nested lists / tuples / dicts of them)."""
-        if label is None:
-            return
-        if isinstance(label, int):
-            r = self.find(label)
-            self.fixed[r] = True
-            if r in self.blocks:
-                self.fix(self.blocks[r])
-        elif isinstance(label, _Blocks):
-            for space, _ in label.parts:
-                self.fix(space)
-        elif isinstance(label, _Repeat):
-            self.fix(label.space)
-        elif isinstance(label, Mapping):
-            for v in label.values():
-                self.fix(v)
-        elif isinstance(label, (list, tuple)):
-            for v in label:
-                self.fix(v)
-
-    def label_size(self, label: DimLabel) -> int | None:
-        if isinstance(label, int):
-            return self.size[label]
-        if isinstance(label, _Blocks):
-            return label.size
-        if isinstance(label, _Repeat):
-            return self.size[label.space] * label.k
-        return None
-
-    def merge(self, a: DimLabel, b: DimLabel) -> DimLabel:
-        """Two dimensions that must be permuted alike; returns the merged label."""
-        a, b = self.resolve(a), self.resolve(b)
-        if a is None or b is None:
-            self.fix(a)
-            self.fix(b)
-            return None
-        if isinstance(a, int) and isinstance(b, int):
-            if a == b:
-                return a
-            if self.size[a] != self.size[b]:
-                self.fix(a)
-                self.fix(b)
-                return None
-            lo, hi = min(a, b), max(a, b)
-            self.parent[hi] = lo
-            return lo
-        if isinstance(a, _Repeat) or isinstance(b, _Repeat):
-            if isinstance(a, _Repeat) and isinstance(b, _Repeat) and a.k == b.k:
-                m = self.merge(a.space, b.space)
-                return _Repeat(m, a.k) if isinstance(m, int) else None
-            if isinstance(b, _Repeat) and isinstance(a, int):
-                a, b = b, a
-            if (
-                isinstance(a, _Repeat)
-                and isinstance(b, int)
-                and b != a.space
-                and self.size[b] == self.size[a.space] * a.k
-            ):
-                self.blocks[b] = a  # a free space found to be a flattened one (a Linear's input axis)
-                return a
-            self.fix(a)
-            self.fix(b)
-            return None
-        if isinstance(a, _Blocks) and isinstance(b, int):
-            a, b = b, a
-        if isinstance(a, int) and isinstance(b, _Blocks):
-            # a free space equal to a concatenation: refine it (a block-diagonal permutation is still valid).
-            if self.size[a] != b.size or any(s == a for s, _ in b.parts):
-                self.fix(a)
-                self.fix(b)
-                return None
-            self.blocks[a] = b
-            return b
-        assert isinstance(a, _Blocks) and isinstance(b, _Blocks)
-        if [n for _, n in a.parts] != [n for _, n in b.parts]:
-            self.fix(a)
-            self.fix(b)
-            return None
-        merged = tuple((self.merge(sa, sb), n) for (sa, n), (sb, _) in zip(a.parts, b.parts))
-        return self.resolve(
-            _Blocks(tuple((s if isinstance(s, int) or s is None else None, n) for s, n in merged))
-        )
 
 
 # ====================================================================================== tracing
@@ -450,7 +288,7 @@ class _Walker:
 
     def __init__(self, gm: fx.GraphModule, shapes: Mapping[fx.Node, Any], state: Mapping[str, Tensor]):
         self.gm, self.shapes = gm, shapes
-        self.sp = _Spaces()
+        self.sp = Spaces()
         self.labels: dict[fx.Node, Any] = {}
         self.bindings: dict[str, list[DimLabel]] = {}
         self.boundaries: list[str] = []
@@ -539,7 +377,7 @@ class _Walker:
             return any(self._has_space(x) for x in label)
         if isinstance(label, Mapping):
             return any(self._has_space(x) for x in label.values())
-        return self.sp.resolve(label) is not None if isinstance(label, (int, _Blocks, _Repeat)) else False
+        return self.sp.resolve(label) is not None if isinstance(label, (int, Blocks, Repeat)) else False
 
     def _module_keys(self, target: str) -> list[str]:
         m = self.modules[target]
@@ -601,7 +439,7 @@ class _Walker:
                 # (C, H, W) -> C * H * W with H, W free of channels: channel i owns a block of H * W
                 space = self.sp.resolve(labels[gi[0]])
                 assert isinstance(space, int)
-                out[gj[0]] = _Repeat(space, math.prod(in_shape[k] for k in gi[1:]))
+                out[gj[0]] = Repeat(space, math.prod(in_shape[k] for k in gi[1:]))
             else:
                 self.cut(
                     node,
@@ -785,8 +623,8 @@ class _Walker:
                 if labels is not None:  # one norm shared by all heads: the head perms must agree
                     for s in qk:
                         self.bind(f"{t}.{norm}.{p}", 0, s)
-        qkv_out = _Blocks(tuple((s, head_dim) for s in qk + qk + v))
-        v_blocks = _Blocks(tuple((s, head_dim) for s in v))
+        qkv_out = Blocks(tuple((s, head_dim) for s in qk + qk + v))
+        v_blocks = Blocks(tuple((s, head_dim) for s in v))
         self.bind(f"{t}.qkv.weight", 1, lx[-1])
         self.bind(f"{t}.qkv.weight", 0, qkv_out)
         if f"{t}.qkv.bias" in self.state:
@@ -813,18 +651,18 @@ class _Walker:
         for lab in (lq, lk, lv):
             self.cut(node, list(lab[:-1]), "attention over a channel dim")  # sequence and batch positions
         qk, vh = self.heads(str(t), m.num_heads, m.head_dim)
-        qk_b = _Blocks(tuple((s, m.head_dim) for s in qk))
-        v_b = _Blocks(tuple((s, m.head_dim) for s in vh))
+        qk_b = Blocks(tuple((s, m.head_dim) for s in qk))
+        v_b = Blocks(tuple((s, m.head_dim) for s in vh))
         if m._qkv_same_embed_dim:
             for lab in (lq, lk, lv):
                 self.bind(f"{t}.in_proj_weight", 1, lab[-1])
-            self.bind(f"{t}.in_proj_weight", 0, _Blocks(qk_b.parts + qk_b.parts + v_b.parts))
+            self.bind(f"{t}.in_proj_weight", 0, Blocks(qk_b.parts + qk_b.parts + v_b.parts))
         else:
             for p, lab, blocks in (("q", lq, qk_b), ("k", lk, qk_b), ("v", lv, v_b)):
                 self.bind(f"{t}.{p}_proj_weight", 1, lab[-1])
                 self.bind(f"{t}.{p}_proj_weight", 0, blocks)
         if m.in_proj_bias is not None:
-            self.bind(f"{t}.in_proj_bias", 0, _Blocks(qk_b.parts + qk_b.parts + v_b.parts))
+            self.bind(f"{t}.in_proj_bias", 0, Blocks(qk_b.parts + qk_b.parts + v_b.parts))
         if m.bias_k is not None:
             self.bind(f"{t}.bias_k", 2, qk_b)
             self.bind(f"{t}.bias_v", 2, v_b)
@@ -1046,10 +884,10 @@ class _Walker:
         label = self.sp.resolve(lx[d])
         sizes = [s[d] for s in so]
         pieces: list[DimLabel] = [None] * len(so)
-        if isinstance(label, _Repeat):
+        if isinstance(label, Repeat):
             self.cut(node, label, "split of a flattened channel dim")
         elif label is not None:
-            parts = label.parts if isinstance(label, _Blocks) else ((label, self.sp.size[label]),)
+            parts = label.parts if isinstance(label, Blocks) else ((label, self.sp.size[label]),)
             bounds, acc = {0: 0}, 0
             for k, (_, n) in enumerate(parts):
                 acc += n
@@ -1058,7 +896,7 @@ class _Walker:
             for k, n in enumerate(sizes):
                 if start in bounds and start + n in bounds and bounds[start + n] > bounds[start]:
                     sub = parts[bounds[start] : bounds[start + n]]
-                    pieces[k] = sub[0][0] if len(sub) == 1 else _Blocks(tuple(sub))
+                    pieces[k] = sub[0][0] if len(sub) == 1 else Blocks(tuple(sub))
                 else:
                     self.cut(node, label, "split inside a channel block")
                     pieces = [None] * len(so)
@@ -1109,16 +947,16 @@ class _Walker:
         r = self.sp.resolve(label)
         if r is None:
             return None
-        if isinstance(r, _Repeat):
+        if isinstance(r, Repeat):
             self.cut(node, label, "slice of a flattened channel dim")
             return None
-        parts = r.parts if isinstance(r, _Blocks) else ((r, self.sp.size[r]),)
+        parts = r.parts if isinstance(r, Blocks) else ((r, self.sp.size[r]),)
         offsets = [0]
         for _, n in parts:
             offsets.append(offsets[-1] + n)
         if step == 1 and start in offsets and stop in offsets and stop > start:
             sub = parts[offsets.index(start) : offsets.index(stop)]
-            return sub[0][0] if len(sub) == 1 else _Blocks(tuple(sub))
+            return sub[0][0] if len(sub) == 1 else Blocks(tuple(sub))
         self.cut(node, label, "slice of a channel dim")
         return None
 
@@ -1183,11 +1021,11 @@ class _Walker:
         for i in range(len(so)):
             if i == d:
                 for t in tensors:  # a flattened channel dim is not followed inside a concatenation
-                    if isinstance(self.sp.resolve(self.lab(t)[i]), _Repeat):
+                    if isinstance(self.sp.resolve(self.lab(t)[i]), Repeat):
                         self.cut(node, self.lab(t)[i], "cat of a flattened channel dim")
                 parts = tuple((self.lab(t)[i], self.shape(t)[i]) for t in tensors if self.shape(t)[i] > 0)  # type: ignore[index]
                 out.append(
-                    self.sp.resolve(_Blocks(parts)) if len(parts) > 1 else (parts[0][0] if parts else None)
+                    self.sp.resolve(Blocks(parts)) if len(parts) > 1 else (parts[0][0] if parts else None)
                 )
             else:
                 cur: Any = ...
@@ -1388,10 +1226,10 @@ def _assemble(walker: _Walker, state: Mapping[str, Tensor]) -> PermutationSpec:
         entry: list[Any] = []
         for ax in range(value.ndim):
             r = sp.resolve(labels[ax]) if labels is not None else None
-            if isinstance(r, _Blocks):  # fixed blocks are written as their length
+            if isinstance(r, Blocks):  # fixed blocks are written as their length
                 blocks = tuple((group_of(s) if s is not None else None) or n for s, n in r.parts)
                 entry.append(blocks if any(isinstance(b, str) for b in blocks) else None)
-            elif isinstance(r, _Repeat):  # a flattened group: one block, k entries per unit
+            elif isinstance(r, Repeat):  # a flattened group: one block, k entries per unit
                 g = group_of(r.space)
                 entry.append(((g, r.k),) if g is not None else None)
             else:
