@@ -95,8 +95,11 @@ def rebase(
     """``model`` permuted into ``reference``'s basin by ``method``, and the refinement steps run."""
     if method == "wm":
         return permute(model, spec, weight_matching(model, reference, spec, seed=seed)), 0
-    _, cost, *variant = method.split()
+    _, cost, *words = method.split()
     kwargs: dict = {"cost": cost, "spec": spec, "steps": steps, "seed": seed, "progress": False}
+    # NAME=NUMBER words are align() keywords, e.g. "align mid tau=0.5"
+    kwargs.update({k: float(v) for k, v in (w.split("=", 1) for w in words if "=" in w)})
+    variant = [w for w in words if "=" not in w]
     if variant == ["ste"] and cost == "l2":
         kwargs["polish"] = False  # the straight-through refinement alone
     elif variant:
@@ -250,7 +253,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--seeds", type=int, default=1, help="independently trained pairs per model")
     parser.add_argument("--models", nargs="+", default=["mlp", "vgg_bn", "resnet_bn"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        help=f"any of {', '.join(METHODS)}; an align method may add NAME=NUMBER align() keywords, e.g. "
+        "'align mid tau=0.5'",
+    )
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--train-size", type=int, default=10000, help="training images (0: all)")
     parser.add_argument("--test-size", type=int, default=2000, help="test images (0: all)")
@@ -265,6 +274,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="instead: time default align() vs weight_matching on random-init pairs (REPS repeats)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    for m in args.methods:
+        base = " ".join(w for w in m.split() if "=" not in w)
+        if base not in METHODS or (base == "wm" and base != m):
+            parser.error(f"--methods: {m!r} is not one of {', '.join(METHODS)} (plus NAME=NUMBER for align)")
     if args.nothing_to_gain:
         print("\n".join(nothing_to_gain(args.nothing_to_gain, args.device)))
         return []
