@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rebasin_callbacks.costs import CosineCost, L2Cost, RndCost, resolve_cost
+from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost, resolve_cost
 from rebasin_callbacks.matching import resolve_spec, weight_matching
 from rebasin_callbacks.permute import identity_permutations, perm_to_matrix, permute, random_permutations
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
@@ -70,8 +70,8 @@ _ENTROPY_WEIGHT = 0.1
 _MIN_STALE = 4
 # steps without a better hard permutation before the refinement stops (early_stopping="auto")
 _PATIENCE, _PATIENCE_DATA = 30, 100
-# Sinkhorn temperature of the data costs (tau="auto"): sharper soft permutations than tau 1
-_TAU_DATA = 0.5
+# Sinkhorn temperature of the midpoint cost (tau="auto"): sharper soft permutations than tau 1
+_TAU_MID = 0.5
 # A gain smaller than this (relative) is kept but does not extend the search.
 _SIGNIFICANT = 1e-3
 _POLISH_SWEEPS = 5
@@ -278,10 +278,11 @@ def align(
             the refinement must leave within a few steps to find a better one.
         init: ``"weight_matching"`` (warm start), ``"identity"`` (the paper's start), ``"random"``, or
             ``{group: LongTensor}``.
-        tau: Sinkhorn temperature (on top of the per-size score scale), in ``[1e-3, 1e3]``. ``"auto"``: 1
-            for data-free costs; 0.5 for data costs, whose soft midpoint at tau 1 rewards averaging units
-            rather than choosing a better permutation (loss barrier 26-61% below weight matching's on all 9
-            trained pairs of BENCHMARKS.md, against 8-74% at tau 1).
+        tau: Sinkhorn temperature (on top of the per-size score scale), in ``[1e-3, 1e3]``. ``"auto"``: 0.5
+            for ``cost="mid"``, whose soft midpoint at tau 1 rewards averaging units rather than choosing a
+            better permutation (loss barrier 26-61% below weight matching's on all 9 trained pairs of
+            BENCHMARKS.md, against 8-74% at tau 1); 1 for the other costs (``"rnd"`` measured 37-65% below at
+            tau 1).
         method: how the relaxation is trained; ``"auto"``: ``"ste"`` for data-free costs, ``"soft"`` for
             data-driven ones (whose soft midpoint loss is the smoother signal on a changing batch).
 
@@ -372,7 +373,7 @@ def align(
     if method == "auto":
         method = "soft" if getattr(cost_fn, "needs_data", False) else "ste"
     if tau == "auto":
-        tau = _TAU_DATA if getattr(cost_fn, "needs_data", False) else 1.0
+        tau = _TAU_MID if isinstance(cost_fn, MidCost) else 1.0
     if early_stopping == "auto":
         early_stopping = _PATIENCE_DATA if getattr(cost_fn, "needs_data", False) else _PATIENCE
     if polish == "auto":
