@@ -539,13 +539,17 @@ class TinyBN(Tiny):
         )
 
 
+def _fit_bn(tmp_path: Path, callbacks=(), max_epochs: int = 3) -> TinyBN:
+    pl.seed_everything(1, verbose=False)
+    model = TinyBN()
+    train, val = _loaders(shuffle=True)  # shuffled by the DataLoader's own generator
+    _trainer(tmp_path, callbacks, max_epochs=max_epochs).fit(model, train, val)
+    return model
+
+
 def test_monitor_on_train_loader_with_bn_reset_does_not_change_training(tmp_path):
     def run(callbacks):
-        pl.seed_everything(1, verbose=False)
-        model = TinyBN()
-        train, val = _loaders(shuffle=True)  # shuffled by the DataLoader's own generator
-        _trainer(tmp_path, callbacks, max_epochs=3).fit(model, train, val)
-        return model
+        return _fit_bn(tmp_path, callbacks)
 
     plain = run([])
     torch.manual_seed(3)
@@ -655,11 +659,7 @@ def test_should_update_is_the_overridable_schedule(tmp_path):
 
 def test_data_cost_uses_the_training_loader_and_leaves_training_unchanged(tmp_path):
     def run(callbacks):
-        pl.seed_everything(1, verbose=False)
-        model = TinyBN()
-        train, val = _loaders(shuffle=True)  # shuffled by the DataLoader's own generator
-        _trainer(tmp_path, callbacks, max_epochs=2).fit(model, train, val)
-        return model
+        return _fit_bn(tmp_path, callbacks, max_epochs=2)
 
     plain = run([])
     torch.manual_seed(3)
