@@ -98,7 +98,9 @@ def rebase(
     _, cost, *words = method.split()
     kwargs: dict = {"cost": cost, "spec": spec, "steps": steps, "seed": seed, "progress": False}
     # NAME=NUMBER words are align() keywords, e.g. "align mid tau=0.5"
-    kwargs.update({k: float(v) for k, v in (w.split("=", 1) for w in words if "=" in w)})
+    kwargs.update(
+        {k: int(v) if v.isdigit() else float(v) for k, v in (w.split("=", 1) for w in words if "=" in w)}
+    )
     variant = [w for w in words if "=" not in w]
     if variant == ["ste"] and cost == "l2":
         kwargs["polish"] = False  # the straight-through refinement alone
