@@ -30,8 +30,9 @@ import importlib.util
 import statistics
 import sys
 import time
+import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +108,8 @@ def build(name: str, seed: int, device: str) -> tuple[nn.Module, torch.Tensor]:
     return model.eval().to(device), example.to(device)
 
 
-def bench_sinkhorn(device: str, sizes: list[int], taus: list[float], repeats: int) -> list[dict]:
+def bench_sinkhorn(device: str, sizes: list[int], taus: list[float], repeats: int) -> Iterator[dict]:
     sk = _sinkhorn_bench()
-    rows = []
     for tau in taus:
         for n in sizes:
             for method in sk.METHODS:
@@ -122,23 +122,19 @@ def bench_sinkhorn(device: str, sizes: list[int], taus: list[float], repeats: in
                 fwd_bwd()  # warm-up outside the peak measurement
                 _reset_peak(device)
                 seconds, _ = timed(fwd_bwd, device, repeats, warmup=0)
-                rows.append(
-                    {
-                        "section": "sinkhorn",
-                        "workload": f"n={n}, tau={tau:g}, 20 iterations, forward+backward",
-                        "method": method,
-                        "time": f"{seconds * 1e3:.1f} ms",
-                        "peak": _peak_mib(device),
-                    }
-                )
+                yield {
+                    "section": "sinkhorn",
+                    "workload": f"n={n}, tau={tau:g}, 20 iterations, forward+backward",
+                    "method": method,
+                    "time": f"{seconds * 1e3:.1f} ms",
+                    "peak": _peak_mib(device),
+                }
                 del S, grad_P
-    return rows
 
 
-def bench_matching(device: str, models: list[str], repeats: int) -> list[dict]:
+def bench_matching(device: str, models: list[str], repeats: int) -> Iterator[dict]:
     from rebasin_callbacks import trace_spec, weight_matching
 
-    rows = []
     for name in models:
         a, example = build(name, 0, device)
         b, _ = build(name, 1, device)
@@ -153,17 +149,14 @@ def bench_matching(device: str, models: list[str], repeats: int) -> list[dict]:
                 device,
                 repeats,
             )
-            rows.append(
-                {
-                    "section": "matching",
-                    "workload": f"{name}: weight_matching, two random inits ({len(spec)} groups, "
-                    f"widest {max(spec.sizes.values())})",
-                    "method": f"rebasin-callbacks (assignment_solver={solver})",
-                    "time": f"{seconds:.3f} s",
-                    "peak": _peak_mib(device),
-                }
-            )
-    return rows
+            yield {
+                "section": "matching",
+                "workload": f"{name}: weight_matching, two random inits ({len(spec)} groups, "
+                f"widest {max(spec.sizes.values())})",
+                "method": f"rebasin-callbacks (assignment_solver={solver})",
+                "time": f"{seconds:.3f} s",
+                "peak": _peak_mib(device),
+            }
 
 
 def _seed_package() -> Any:
@@ -176,10 +169,9 @@ def _seed_package() -> Any:
     return RebasinNet, DistL2Loss
 
 
-def bench_step(device: str, models: list[str], steps: int) -> list[dict]:
+def bench_step(device: str, models: list[str], steps: int) -> Iterator[dict]:
     from rebasin_callbacks import align, trace_spec
 
-    rows = []
     for name in models:
         a, example = build(name, 0, device)
         b, _ = build(name, 1, device)
@@ -194,20 +186,17 @@ def bench_step(device: str, models: list[str], steps: int) -> list[dict]:
         _sync(device)
         t = result.history["time"]
         per_step = statistics.median(y - x for x, y in zip([0.0] + t[:-1], t))
-        rows.append(
-            {
-                "section": "step",
-                "workload": f"{name}: one Sinkhorn step, data-free L2 (median of {result.steps}); peak of the alignment",
-                "method": "rebasin-callbacks",
-                "time": f"{per_step:.3f} s",
-                "peak": _peak_mib(device),
-            }
-        )
+        yield {
+            "section": "step",
+            "workload": f"{name}: one Sinkhorn step, data-free L2 (median of {result.steps}); peak of the alignment",
+            "method": "rebasin-callbacks",
+            "time": f"{per_step:.3f} s",
+            "peak": _peak_mib(device),
+        }
         peer = _seed_package()
         if peer is not None and name != "mlp":
-            rows.append(_seed_step(peer, name, a, b, example, device, steps))
+            yield _seed_step(peer, name, a, b, example, device, steps)
         del result
-    return rows
 
 
 def _seed_step(
@@ -237,10 +226,9 @@ def _seed_step(
     }
 
 
-def bench_align(device: str, models: list[str], repeats: int) -> list[dict]:
+def bench_align(device: str, models: list[str], repeats: int) -> Iterator[dict]:
     from rebasin_callbacks import align, trace_spec
 
-    rows = []
     for name in models:
         a, example = build(name, 0, device)
         b, _ = build(name, 1, device)
@@ -249,16 +237,13 @@ def bench_align(device: str, models: list[str], repeats: int) -> list[dict]:
         seconds, result = timed(
             lambda a=a, b=b, spec=spec: align(a, b, spec=spec, progress=False, seed=0), device, repeats
         )
-        rows.append(
-            {
-                "section": "align",
-                "workload": f"{name}: default align() end to end ({result.steps} Sinkhorn steps after the warm start)",
-                "method": "rebasin-callbacks",
-                "time": f"{seconds:.3f} s",
-                "peak": _peak_mib(device),
-            }
-        )
-    return rows
+        yield {
+            "section": "align",
+            "workload": f"{name}: default align() end to end ({result.steps} Sinkhorn steps after the warm start)",
+            "method": "rebasin-callbacks",
+            "time": f"{seconds:.3f} s",
+            "peak": _peak_mib(device),
+        }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -278,24 +263,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.sizes, args.models, args.repeats, args.steps = [16, 32], ["mlp"], 1, 2
     name = device_name(args.device)
     print(f"device={name} torch={torch.__version__} repeats={args.repeats}", flush=True)
-    rows: list[dict] = []
-    with warnings.catch_warnings():
-        # Fixed iteration budgets leave sharp plans unconverged on purpose.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        if "sinkhorn" in args.sections:
-            rows += bench_sinkhorn(args.device, args.sizes, args.taus, args.repeats)
-        if "matching" in args.sections:
-            rows += bench_matching(args.device, args.models, args.repeats)
-        if "step" in args.sections:
-            rows += bench_step(args.device, args.models, args.steps)
-        if "align" in args.sections:
-            rows += bench_align(args.device, args.models, max(1, min(args.repeats, 3)))
     command = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\nCommand: `{command.strip()}`\n")
     print("| section | workload | method | time (median) | CUDA peak MiB | device |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['section']} | {r['workload']} | {r['method']} | {r['time']} | {r['peak']} | {name} |")
+    print("|---|---|---|---|---|---|", flush=True)
+    sections = {
+        "sinkhorn": lambda: bench_sinkhorn(args.device, args.sizes, args.taus, args.repeats),
+        "matching": lambda: bench_matching(args.device, args.models, args.repeats),
+        "step": lambda: bench_step(args.device, args.models, args.steps),
+        "align": lambda: bench_align(args.device, args.models, max(1, min(args.repeats, 3))),
+    }
+    rows: list[dict] = []
+    failed: list[str] = []
+    with warnings.catch_warnings():
+        # Fixed iteration budgets leave sharp plans unconverged on purpose.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for section in SECTIONS:
+            if section not in args.sections:
+                continue
+            # Each row is printed as soon as it is measured and a failing section does not stop the
+            # others: a run cut short by a time limit still reports what it measured.
+            try:
+                for r in sections[section]():
+                    rows.append(r)
+                    print(
+                        f"| {r['section']} | {r['workload']} | {r['method']} | {r['time']} | {r['peak']} | {name} |",
+                        flush=True,
+                    )
+            except Exception:
+                failed.append(section)
+                traceback.print_exc()
+    if failed:
+        raise SystemExit(f"benchmarks/gpu.py: section(s) {', '.join(failed)} failed (traceback above)")
     return rows
 
 

@@ -259,3 +259,43 @@ def test_cuda_auction_matches_scipy_at_large_n():
     rows, cols = linear_sum_assignment(scores.double().numpy(), maximize=True)
     best = float(scores.double().numpy()[rows, cols].sum())
     assert float(scores.double()[torch.arange(2048), perm.cpu()].sum()) == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("model_pair", ["mlp", "cnn"])
+def test_updated_similarity_terms_equal_a_fresh_computation(monkeypatch, model_pair):
+    # The cache moves a term to new permutations by adding only the changed rows' products; every
+    # similarity the descent uses must equal the one computed from scratch for the same permutations.
+    import rebasin_callbacks.matching as m
+
+    if model_pair == "mlp":
+        widths = [8, 64, 64, 64, 4]
+        model, target = mlp(widths, normal_init=True, seed=0), mlp(widths, normal_init=True, seed=1)
+        spec = mlp_spec(model)
+    else:
+        model, target = small_cnn(seed=0), small_cnn(seed=1)
+        spec = cnn_spec(model)
+    updates = []
+    original_update = m._Problem._updated_term
+
+    def updated_term(self, key, axis, blocks, deps, hit, perms):
+        out = original_update(self, key, axis, blocks, deps, hit, perms)
+        if out is not None and out is not hit[1]:
+            updates.append(key)
+        return out
+
+    original = m._Problem.similarity
+    checked = []
+
+    def similarity(self, g, perms, known=None):
+        got = original(self, g, perms, known)
+        fresh = original(m._Problem(self.spec, self.a, self.b), g, perms, known)
+        torch.testing.assert_close(got, fresh, rtol=1e-5, atol=1e-5 * float(fresh.abs().max()))
+        checked.append(g)
+        return got
+
+    monkeypatch.setattr(m._Problem, "_updated_term", updated_term)
+    monkeypatch.setattr(m._Problem, "similarity", similarity)
+    weight_matching(model, target, spec, seed=0)
+    assert len(checked) > len(spec.perm_to_axes)
+    if model_pair == "mlp":
+        assert updates, "no similarity term was updated in place of a recomputation"
