@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost, resolve_cost
-from rebasin_callbacks.matching import resolve_spec, weight_matching
+from rebasin_callbacks.matching import L2Gradient, resolve_spec, weight_matching
 from rebasin_callbacks.permute import identity_permutations, perm_to_matrix, permute, random_permutations
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
 from rebasin_callbacks.sinkhorn import SinkhornConvergenceWarning
@@ -575,6 +575,13 @@ def _refine(
     rb.train()
     base = rb.base_state()
     penalty = _ENTROPY_WEIGHT * abs(best) if method == "entropy" else 0.0
+    # The default data-free step (straight-through, L2) has its gradient in closed form: no matrix is
+    # applied to the weights, and only the similarity terms whose neighbours moved are recomputed.
+    l2_gradient = (
+        L2Gradient(model, reference, spec)
+        if method == "ste" and type(cost_fn) is L2Cost and score_fn is cost_fn and not penalty
+        else None
+    )
     t_start = time.perf_counter()
     t_best = t_enter  # the refinement's setup counts against the time budget too
     stale = 0
@@ -590,33 +597,44 @@ def _refine(
                     rb.tau = tau * max(_ANNEAL_FLOOR, _ANNEAL_RATE**step)
                 opt.zero_grad(set_to_none=True)
                 soft_mats = rb.soft_permutations()
-                if method == "ste":
-                    # Straight-through: the forward pass sees the projected permutation exactly (P - P.detach()
-                    # is zero), the backward pass the Sinkhorn gradient.
+                if l2_gradient is not None:
+                    # The same straight-through step as below, with L2's gradient in closed form.
                     perms = rb.project()
-                    mats = {
-                        g: perm_to_matrix(perms[g].to(P.device), P.dtype) + (P - P.detach())
-                        for g, P in soft_mats.items()
-                    }
+                    soft = hard_cost(perms)
+                    grads = l2_gradient(perms)
+                    torch.autograd.backward(
+                        [soft_mats[g] for g in grads], [G.to(soft_mats[g].dtype) for g, G in grads.items()]
+                    )
+                    opt.step()
+                    hard = soft
                 else:
-                    mats = soft_mats
-                view = PermutedView(model, apply_soft_permutations(base, spec, mats))
-                value = _check_cost_value(cost_fn(view, reference, batch), cost_fn, need_grad=True)
-                soft = float(value.detach())
-                if not math.isfinite(soft):
-                    raise FloatingPointError(f"the cost is {soft} at step {step} (cost {cost_fn!r})")
-                if penalty:
-                    value = value + penalty * _mean_entropy(soft_mats)
-                value.backward()
-                opt.step()
-                if method == "ste":
-                    key = _perm_key(perms)
-                    if batch is first and score_fn is cost_fn and key not in cache:
-                        remember(key, soft)  # the forward pass was the hard cost on the scoring batch
-                    hard = hard_cost(perms)
-                else:
-                    perms = rb.project()
-                    hard = hard_cost(perms)
+                    if method == "ste":
+                        # Straight-through: the forward pass sees the projected permutation exactly
+                        # (P - P.detach() is zero), the backward pass the Sinkhorn gradient.
+                        perms = rb.project()
+                        mats = {
+                            g: perm_to_matrix(perms[g].to(P.device), P.dtype) + (P - P.detach())
+                            for g, P in soft_mats.items()
+                        }
+                    else:
+                        mats = soft_mats
+                    view = PermutedView(model, apply_soft_permutations(base, spec, mats))
+                    value = _check_cost_value(cost_fn(view, reference, batch), cost_fn, need_grad=True)
+                    soft = float(value.detach())
+                    if not math.isfinite(soft):
+                        raise FloatingPointError(f"the cost is {soft} at step {step} (cost {cost_fn!r})")
+                    if penalty:
+                        value = value + penalty * _mean_entropy(soft_mats)
+                    value.backward()
+                    opt.step()
+                    if method == "ste":
+                        key = _perm_key(perms)
+                        if batch is first and score_fn is cost_fn and key not in cache:
+                            remember(key, soft)  # the forward pass was the hard cost on the scoring batch
+                        hard = hard_cost(perms)
+                    else:
+                        perms = rb.project()
+                        hard = hard_cost(perms)
                 if polish is not None:
                     key = _perm_key(perms)
                     if key not in polished:

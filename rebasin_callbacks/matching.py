@@ -238,6 +238,55 @@ def _block_products(n: int, axis: int, blocks: list[tuple[int, int]], a: Tensor,
     return out
 
 
+class L2Gradient:
+    """The gradient of :class:`~rebasin_callbacks.costs.L2Cost` with respect to every group's permutation
+    matrix, at hard permutations, in closed form: what a straight-through step needs, without applying
+    any matrix to the weights.
+
+    Where group ``g``'s matrix ``M`` multiplies the rows ``X`` of a model entry (its other axes permuted)
+    and ``Y`` are the reference's, ``d/dM ||M X - Y||^2 = 2 (M X X^T - Y X^T)``. ``X X^T`` does not depend
+    on the other permutations (they only relabel what is summed over), so it is computed once; ``Y X^T`` is
+    weight matching's similarity over the parameters, cached and updated as in the descent. A step then
+    costs the terms whose neighbours moved, instead of two products of every weight with its matrices.
+
+    Example:
+        >>> import torch
+        >>> from rebasin_callbacks import identity_permutations, trace_spec
+        >>> from rebasin_callbacks.matching import L2Gradient
+        >>> a, b = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)), None
+        >>> b = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> spec = trace_spec(a, torch.randn(2, 3))
+        >>> {g: tuple(G.shape) for g, G in L2Gradient(a, b, spec)(identity_permutations(spec)).items()}
+        {'P_0': (4, 4)}
+    """
+
+    def __init__(self, model: nn.Module, reference: nn.Module, spec: PermutationSpec):
+        names = {n for n, _ in model.named_parameters()}
+        sa, sb = model.state_dict(), reference.state_dict()
+        # L2Cost divides by the size of every floating-point parameter, permuted or not.
+        self.count = sum(v.numel() for k, v in sa.items() if k in names and v.is_floating_point())
+        a = {
+            k: v.detach() if v.dtype == torch.float64 else v.detach().float()
+            for k, v in sa.items()
+            if k in names and k in spec.axes_to_perm and v.is_floating_point()
+        }
+        b = {k: sb[k].detach().to(device=v.device, dtype=v.dtype) for k, v in a.items()}
+        self.problem = _Problem(spec, a, b)
+        self.gram: dict[str, Tensor] = {}
+        for g, terms in self.problem.terms.items():
+            for key, axis, blocks in terms:
+                term = _block_products(spec.sizes[g], axis, blocks, a[key], a[key])
+                self.gram[g] = term if g not in self.gram else self.gram[g] + term
+
+    def __call__(self, perms: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``{group: dL2Cost/dM}`` at the hard permutations ``perms`` (groups no parameter touches are left out)."""
+        out = {}
+        for g, gram in self.gram.items():
+            S = self.problem.similarity(g, perms)
+            out[g] = (gram[perms[g].to(gram.device)] - S) * (2.0 / self.count)
+        return out
+
+
 def weight_matching(
     model: nn.Module | Mapping[str, Tensor],
     reference: nn.Module | Mapping[str, Tensor],

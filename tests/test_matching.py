@@ -299,3 +299,70 @@ def test_updated_similarity_terms_equal_a_fresh_computation(monkeypatch, model_p
     assert len(checked) > len(spec.perm_to_axes)
     if model_pair == "mlp":
         assert updates, "no similarity term was updated in place of a recomputation"
+
+
+class _ResidualFlatten(nn.Module):
+    """A residual stream (one group on both sides of an addition) and a flatten into a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1))
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        h = h + self.body(h)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn_bn", "residual_flatten"])
+def test_closed_form_l2_gradient_equals_autograd(kind):
+    # The refinement's default step uses L2Gradient instead of autograd through the permuted weights;
+    # both must give the same gradient for every group, at any hard permutations.
+    from rebasin_callbacks import trace_spec
+    from rebasin_callbacks.costs import L2Cost
+    from rebasin_callbacks.matching import L2Gradient
+    from rebasin_callbacks.permute import perm_to_matrix
+    from rebasin_callbacks.rebasin import PermutedView, apply_soft_permutations
+
+    if kind == "mlp":
+        model, ref = mlp([5, 16, 16, 3], seed=0), mlp([5, 16, 16, 3], seed=1)
+        spec = mlp_spec(model)
+    elif kind == "cnn_bn":
+        model, ref = small_cnn(seed=0), small_cnn(seed=1)
+        spec = cnn_spec(model)
+    else:
+        torch.manual_seed(0)
+        model, ref = _ResidualFlatten(), _ResidualFlatten()
+        spec = trace_spec(model, torch.randn(2, 3, 4, 4))
+        assert any(k > 1 for g, _, k in _flatten_blocks(spec)), "the spec should have a flattened block"
+    closed = L2Gradient(model, ref, spec)
+    gen = torch.Generator().manual_seed(0)
+    perms = random_permutations(spec, gen)
+    for trial in range(3):
+        if trial == 2:  # a few units moved: the cached similarity terms are updated, not recomputed
+            g0 = next(iter(perms))
+            p = perms[g0].clone()
+            p[[0, 1]] = p[[1, 0]]
+            perms = {**perms, g0: p}
+        mats = {g: perm_to_matrix(p, torch.float32).requires_grad_() for g, p in perms.items()}
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        L2Cost()(PermutedView(model, apply_soft_permutations(state, spec, mats)), ref).backward()
+        got = closed(perms)
+        for g, M in mats.items():
+            expected = M.grad if M.grad is not None else torch.zeros_like(M)
+            torch.testing.assert_close(got.get(g, torch.zeros_like(M)), expected, rtol=1e-4, atol=1e-7)
+        if trial == 0:
+            perms = random_permutations(spec, gen)
+
+
+def _flatten_blocks(spec):
+    """(group, axis size, entries per unit) of every block of every axis."""
+    out = []
+    for key, axes in spec.axes_to_perm.items():
+        for axis in range(len(axes)):
+            for g, start, stop in spec.axis_blocks(key, axis):
+                if g is not None:
+                    out.append((g, stop - start, (stop - start) // spec.sizes[g]))
+    return out
