@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost, resolve_cost
-from rebasin_callbacks.matching import L2Gradient, resolve_spec, weight_matching
+from rebasin_callbacks.matching import L2Gradient, MatchingProblem, resolve_spec
 from rebasin_callbacks.permute import identity_permutations, perm_to_matrix, permute, random_permutations
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
 from rebasin_callbacks.sinkhorn import SinkhornConvergenceWarning
@@ -425,13 +425,14 @@ def align(
             if isinstance(init, str) and init == "weight_matching":
                 n = len(spec)
                 _phase(f"align: weight matching warm start ({n} group{'s' if n != 1 else ''})", progress)
-            perms0 = _initial_permutations(model, reference, spec, init, gen, seed)
+            match = _Matcher(model, reference, spec, seed)
+            perms0 = _initial_permutations(spec, init, gen, match)
             warm = time.perf_counter() - t0 if isinstance(init, str) and init == "weight_matching" else None
             result = _refine(
                 model, reference, spec, perms0, cost_fn, score_fn, batches, first,
                 steps=steps, lr=lr, tau=tau, n_iters=n_iters, init_noise=init_noise, init_scale=init_scale, gen=gen,
                 early_stopping=early_stopping, progress=progress, method=method, budget=warm,
-                polish=_polisher(model, reference, spec, seed) if polish else None,
+                polish=match.polish if polish else None,
                 budget_applies=not getattr(cost_fn, "needs_data", False),
             )  # fmt: skip
         perms, history, n_steps = result
@@ -457,20 +458,38 @@ def _probe_cost(model: nn.Module, reference: nn.Module, cost_fn: Any, batch: Any
     _check_cost_value(cost_fn(PermutedView(model, state), reference, batch), cost_fn, need_grad=True)
 
 
+class _Matcher:
+    """Weight matching for one ``align()`` call: the warm start and every polish share one problem, so a
+    polish recomputes only the similarity terms whose neighbours moved (built on first use)."""
+
+    def __init__(self, model: nn.Module, reference: nn.Module, spec: PermutationSpec, seed: int | None):
+        self.model, self.reference, self.spec, self.seed = model, reference, spec, seed
+        self._problem: MatchingProblem | None = None
+
+    def __call__(self, init: Mapping[str, Tensor] | None = None, n_iters: int = 100) -> dict[str, Tensor]:
+        if self._problem is None:
+            self._problem = MatchingProblem.from_states(
+                self.spec, self.model.state_dict(), self.reference.state_dict()
+            )
+        return self._problem.descend(n_iters=n_iters, init=init, seed=self.seed)
+
+    def polish(self, perms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The local optimum of weight matching's coordinate descent next to ``perms``."""
+        return self(init=perms, n_iters=_POLISH_SWEEPS)
+
+
 def _initial_permutations(
-    model: nn.Module,
-    reference: nn.Module,
     spec: PermutationSpec,
     init: Init | Mapping[str, Tensor],
     gen: torch.Generator | None,
-    seed: int | None,
+    match: _Matcher,
 ) -> dict[str, Tensor]:
     if isinstance(init, Mapping):
         perms = identity_permutations(spec)
         perms.update({g: p.detach().cpu().long() for g, p in init.items()})
         return perms
     if init == "weight_matching":
-        return weight_matching(model, reference, spec, seed=seed, _checked=True)
+        return match()
     if init == "identity":
         return identity_permutations(spec)
     if init == "random":
@@ -478,17 +497,6 @@ def _initial_permutations(
     raise ValueError(
         f"init must be 'weight_matching', 'identity', 'random' or a dict of permutations, got {init!r}"
     )
-
-
-def _polisher(
-    model: nn.Module, reference: nn.Module, spec: PermutationSpec, seed: int | None
-) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
-    def polish(perms: dict[str, Tensor]) -> dict[str, Tensor]:
-        return weight_matching(
-            model, reference, spec, init=perms, seed=seed, n_iters=_POLISH_SWEEPS, _checked=True
-        )
-
-    return polish
 
 
 def _refine(

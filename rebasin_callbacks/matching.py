@@ -72,7 +72,7 @@ def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_inputs:
     return spec
 
 
-class _Problem:
+class MatchingProblem:
     """Both models' tensors restricted to the spec, with the per-group term lists precomputed."""
 
     def __init__(
@@ -101,6 +101,69 @@ class _Problem:
         # terms it appears in, not their whole similarity. Bounded, as these are n x n each.
         self._cache: dict[tuple[str, str, int], tuple[tuple[Tensor, ...], Tensor]] = {}
         self._cache_budget = _CACHE_BYTES
+
+    @classmethod
+    def from_states(
+        cls, spec: PermutationSpec, sa: Mapping[str, Tensor], sb: Mapping[str, Tensor], solver: str = "auto"
+    ) -> MatchingProblem:
+        """The problem of matching state ``sa`` to ``sb`` (every floating-point entry the spec permutes)."""
+
+        def prep(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            # Matching needs no gradients; float32 keeps half-precision models accurate enough.
+            return {
+                k: v.detach().float() if v.dtype != torch.float64 else v.detach()
+                for k, v in state.items()
+                if k in spec.axes_to_perm and v.is_floating_point()
+            }
+
+        a, b = prep(sa), prep(sb)
+        if a:
+            device = next(iter(a.values())).device
+            b = {k: v.to(device) for k, v in b.items()}
+        return cls(spec, a, b, solver)
+
+    def descend(
+        self, *, n_iters: int = 100, init: Mapping[str, Tensor] | None = None, seed: int | None = None
+    ) -> dict[str, Tensor]:
+        """Coordinate descent from ``init`` (default: the greedy sweep) until no group changes. The
+        similarity cache is kept between calls, so a second descent from nearby permutations (align's
+        polish) recomputes only the terms whose neighbours differ."""
+        spec = self.spec
+        rng = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        if init is not None:
+            unknown = set(init) - set(spec.perm_to_axes)
+            if unknown:
+                raise SpecMismatchError(f"init names groups the spec does not have: {sorted(unknown)[:5]}")
+            perms = {g: torch.arange(n) for g, n in spec.sizes.items()}
+            perms.update({g: p.detach().cpu().long() for g, p in init.items()})
+        else:
+            perms = self.greedy(rng)
+
+        groups = list(spec.perm_to_axes)
+        dependents = self.dependents()
+        # Every group is solved once with all the others known; after that only the groups whose
+        # similarity changed (a group they depend on got a new permutation) can change.
+        dirty = set(groups)
+        for _ in range(n_iters):
+            if not dirty:
+                break
+            for i in torch.randperm(len(groups), generator=rng).tolist():
+                g = groups[i]
+                if g not in dirty:
+                    continue
+                dirty.discard(g)
+                S = self.similarity(g, perms)
+                new_perm = _assign(S, g, self.solver)
+                if torch.equal(new_perm, perms[g]):
+                    continue
+                rows = torch.arange(S.shape[0], device=S.device)
+                # Scores summed in float64 on the device; two numbers come back.
+                picked = [S[rows, p.to(S.device)].double().sum() for p in (perms[g], new_perm)]
+                old, new = torch.stack(picked).tolist()
+                if new > old + 1e-12 * max(1.0, abs(old)):
+                    perms[g] = new_perm
+                    dirty |= dependents[g]
+        return perms
 
     def blocks(self, key: str, axis: int) -> list[Block]:
         return self.spec.axis_blocks(key, axis)
@@ -271,7 +334,7 @@ class L2Gradient:
             if k in names and k in spec.axes_to_perm and v.is_floating_point()
         }
         b = {k: sb[k].detach().to(device=v.device, dtype=v.dtype) for k, v in a.items()}
-        self.problem = _Problem(spec, a, b)
+        self.problem = MatchingProblem(spec, a, b)
         self.gram: dict[str, Tensor] = {}
         for g, terms in self.problem.terms.items():
             for key, axis, blocks in terms:
@@ -347,56 +410,9 @@ def weight_matching(
             spec.sizes = spec._infer_sizes(model)
     sa = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     sb = reference.state_dict() if isinstance(reference, nn.Module) else dict(reference)
-
-    def prep(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        # Matching needs no gradients; float32 keeps half-precision models accurate enough.
-        return {
-            k: v.detach().float() if v.dtype != torch.float64 else v.detach()
-            for k, v in state.items()
-            if k in spec.axes_to_perm and v.is_floating_point()
-        }
-
-    a, b = prep(sa), prep(sb)
-    if a:
-        device = next(iter(a.values())).device
-        b = {k: v.to(device) for k, v in b.items()}
-    problem = _Problem(spec, a, b, assignment_solver)
-    rng = torch.Generator().manual_seed(0 if seed is None else int(seed))
-
-    if init is not None:
-        unknown = set(init) - set(spec.perm_to_axes)
-        if unknown:
-            raise SpecMismatchError(f"init names groups the spec does not have: {sorted(unknown)[:5]}")
-        perms = {g: torch.arange(n) for g, n in spec.sizes.items()}
-        perms.update({g: p.detach().cpu().long() for g, p in init.items()})
-    else:
-        perms = problem.greedy(rng)
-
-    groups = list(spec.perm_to_axes)
-    dependents = problem.dependents()
-    # Every group is solved once with all the others known; after that only the groups whose
-    # similarity changed (a group they depend on got a new permutation) can change.
-    dirty = set(groups)
-    for _ in range(n_iters):
-        if not dirty:
-            break
-        for i in torch.randperm(len(groups), generator=rng).tolist():
-            g = groups[i]
-            if g not in dirty:
-                continue
-            dirty.discard(g)
-            S = problem.similarity(g, perms)
-            new_perm = _assign(S, g, problem.solver)
-            if torch.equal(new_perm, perms[g]):
-                continue
-            rows = torch.arange(S.shape[0], device=S.device)
-            # Scores summed in float64 on the device; two numbers come back.
-            picked = [S[rows, p.to(S.device)].double().sum() for p in (perms[g], new_perm)]
-            old, new = torch.stack(picked).tolist()
-            if new > old + 1e-12 * max(1.0, abs(old)):
-                perms[g] = new_perm
-                dirty |= dependents[g]
-    return perms
+    return MatchingProblem.from_states(spec, sa, sb, assignment_solver).descend(
+        n_iters=n_iters, init=init, seed=seed
+    )
 
 
 def auction_assignment(

@@ -164,7 +164,7 @@ def _record_similarities(monkeypatch):
     import rebasin_callbacks.matching as m
 
     seen = []
-    original = m._Problem.similarity
+    original = m.MatchingProblem.similarity
 
     def similarity(self, g, perms, known=None):
         if known is None:
@@ -172,7 +172,7 @@ def _record_similarities(monkeypatch):
             seen.append((g, tuple((h, tuple(perms[h].tolist())) for h in deps)))
         return original(self, g, perms, known)
 
-    monkeypatch.setattr(m._Problem, "similarity", similarity)
+    monkeypatch.setattr(m.MatchingProblem, "similarity", similarity)
     return seen
 
 
@@ -275,7 +275,7 @@ def test_updated_similarity_terms_equal_a_fresh_computation(monkeypatch, model_p
         model, target = small_cnn(seed=0), small_cnn(seed=1)
         spec = cnn_spec(model)
     updates = []
-    original_update = m._Problem._updated_term
+    original_update = m.MatchingProblem._updated_term
 
     def updated_term(self, key, axis, blocks, deps, hit, perms):
         out = original_update(self, key, axis, blocks, deps, hit, perms)
@@ -283,18 +283,18 @@ def test_updated_similarity_terms_equal_a_fresh_computation(monkeypatch, model_p
             updates.append(key)
         return out
 
-    original = m._Problem.similarity
+    original = m.MatchingProblem.similarity
     checked = []
 
     def similarity(self, g, perms, known=None):
         got = original(self, g, perms, known)
-        fresh = original(m._Problem(self.spec, self.a, self.b), g, perms, known)
+        fresh = original(m.MatchingProblem(self.spec, self.a, self.b), g, perms, known)
         torch.testing.assert_close(got, fresh, rtol=1e-5, atol=1e-5 * float(fresh.abs().max()))
         checked.append(g)
         return got
 
-    monkeypatch.setattr(m._Problem, "_updated_term", updated_term)
-    monkeypatch.setattr(m._Problem, "similarity", similarity)
+    monkeypatch.setattr(m.MatchingProblem, "_updated_term", updated_term)
+    monkeypatch.setattr(m.MatchingProblem, "similarity", similarity)
     weight_matching(model, target, spec, seed=0)
     assert len(checked) > len(spec.perm_to_axes)
     if model_pair == "mlp":
