@@ -610,9 +610,11 @@ def _refine(
                     perms = rb.project()
                     soft = hard_cost(perms)
                     grads = l2_gradient(perms)
-                    torch.autograd.backward(
-                        [soft_mats[g] for g in grads], [G.to(soft_mats[g].dtype) for g, G in grads.items()]
-                    )
+                    if grads:  # empty only when no parameter moves with any group
+                        torch.autograd.backward(
+                            [soft_mats[g] for g in grads],
+                            [G.to(soft_mats[g].dtype) for g, G in grads.items()],
+                        )
                     opt.step()
                     hard = soft
                 else:
