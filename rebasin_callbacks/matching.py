@@ -288,7 +288,6 @@ class MatchingProblem:
         return perms
 
 
-@renamed_arguments(max_iter="n_iters")
 def _block_products(n: int, axis: int, blocks: list[tuple[int, int]], a: Tensor, b: Tensor) -> Tensor:
     """``sum`` over the group's blocks on ``axis`` of ``B_blk @ A_blk^T``, each block laid out ``[n, -1]``
     (a flattened block keeps each unit's ``k`` entries in its row)."""
@@ -350,6 +349,7 @@ class L2Gradient:
         return out
 
 
+@renamed_arguments(max_iter="n_iters")
 def weight_matching(
     model: nn.Module | Mapping[str, Tensor],
     reference: nn.Module | Mapping[str, Tensor],
