@@ -433,6 +433,7 @@ def align(
                 steps=steps, lr=lr, tau=tau, n_iters=n_iters, init_noise=init_noise, init_scale=init_scale, gen=gen,
                 early_stopping=early_stopping, progress=progress, method=method, budget=warm,
                 polish=match.polish if polish else None,
+                matcher=match,
                 budget_applies=not getattr(cost_fn, "needs_data", False),
             )  # fmt: skip
         perms, history, n_steps = result
@@ -466,12 +467,17 @@ class _Matcher:
         self.model, self.reference, self.spec, self.seed = model, reference, spec, seed
         self._problem: MatchingProblem | None = None
 
-    def __call__(self, init: Mapping[str, Tensor] | None = None, n_iters: int = 100) -> dict[str, Tensor]:
+    @property
+    def problem(self) -> MatchingProblem:
+        """The shared problem, built on first use."""
         if self._problem is None:
             self._problem = MatchingProblem.from_states(
                 self.spec, self.model.state_dict(), self.reference.state_dict()
             )
-        return self._problem.descend(n_iters=n_iters, init=init, seed=self.seed)
+        return self._problem
+
+    def __call__(self, init: Mapping[str, Tensor] | None = None, n_iters: int = 100) -> dict[str, Tensor]:
+        return self.problem.descend(n_iters=n_iters, init=init, seed=self.seed)
 
     def polish(self, perms: dict[str, Tensor]) -> dict[str, Tensor]:
         """The local optimum of weight matching's coordinate descent next to ``perms``."""
@@ -522,6 +528,7 @@ def _refine(
     budget: float | None,
     polish: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
     budget_applies: bool = True,
+    matcher: _Matcher | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, list[float]], int]:
     t_enter = time.perf_counter()
     rb = ReBasin(
@@ -586,7 +593,7 @@ def _refine(
     # The default data-free step (straight-through, L2) has its gradient in closed form: no matrix is
     # applied to the weights, and only the similarity terms whose neighbours moved are recomputed.
     l2_gradient = (
-        L2Gradient(model, reference, spec)
+        L2Gradient(model, reference, spec, problem=None if matcher is None else matcher.problem)
         if method == "ste" and type(cost_fn) is L2Cost and score_fn is cost_fn and not penalty
         else None
     )

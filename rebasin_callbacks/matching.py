@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 import torch
@@ -176,12 +176,20 @@ class MatchingProblem:
                 out.update(g for g, _, _ in self.blocks(key, ax) if g is not None)
         return out
 
-    def similarity(self, g: str, perms: Mapping[str, Tensor], known: set[str] | None = None) -> Tensor:
+    def similarity(
+        self,
+        g: str,
+        perms: Mapping[str, Tensor],
+        known: set[str] | None = None,
+        keys: Collection[str] | None = None,
+    ) -> Tensor:
         """``S[i, j] = sum <B_i, A_j>`` over the entries of group ``g``; with ``known``, only the entries
-        whose other axes are all unpermuted or in ``known``."""
+        whose other axes are all unpermuted or in ``known``; with ``keys``, only those entries."""
         n = self.spec.sizes[g]
         S: Tensor | None = None
         for key, axis, blocks in self.terms[g]:
+            if keys is not None and key not in keys:
+                continue
             deps = self._deps[(key, axis)]
             if known is not None and not set(deps) <= known:
                 continue
@@ -322,7 +330,13 @@ class L2Gradient:
         {'P_0': (4, 4)}
     """
 
-    def __init__(self, model: nn.Module, reference: nn.Module, spec: PermutationSpec):
+    def __init__(
+        self,
+        model: nn.Module,
+        reference: nn.Module,
+        spec: PermutationSpec,
+        problem: MatchingProblem | None = None,
+    ):
         names = {n for n, _ in model.named_parameters()}
         sa, sb = model.state_dict(), reference.state_dict()
         # L2Cost divides by the size of every floating-point parameter, permuted or not.
@@ -333,10 +347,17 @@ class L2Gradient:
             if k in names and k in spec.axes_to_perm and v.is_floating_point()
         }
         b = {k: sb[k].detach().to(device=v.device, dtype=v.dtype) for k, v in a.items()}
-        self.problem = MatchingProblem(spec, a, b)
+        # The weight-matching problem of the same models (align's warm start) holds these terms already,
+        # computed at the permutations the refinement starts from: share its cache when given.
+        self.keys = set(a)
+        if problem is None or not all(k in problem.a and problem.a[k].dtype == v.dtype for k, v in a.items()):
+            problem = MatchingProblem(spec, a, b)
+        self.problem = problem
         self.gram: dict[str, Tensor] = {}
         for g, terms in self.problem.terms.items():
             for key, axis, blocks in terms:
+                if key not in self.keys:
+                    continue
                 term = _block_products(spec.sizes[g], axis, blocks, a[key], a[key])
                 self.gram[g] = term if g not in self.gram else self.gram[g] + term
 
@@ -344,7 +365,7 @@ class L2Gradient:
         """``{group: dL2Cost/dM}`` at the hard permutations ``perms`` (groups no parameter touches are left out)."""
         out = {}
         for g, gram in self.gram.items():
-            S = self.problem.similarity(g, perms)
+            S = self.problem.similarity(g, perms, keys=self.keys)
             out[g] = (gram[perms[g].to(gram.device)] - S) * (2.0 / self.count)
         return out
 

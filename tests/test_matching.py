@@ -316,10 +316,13 @@ class _ResidualFlatten(nn.Module):
         return self.head(h.flatten(1))
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own-problem", "shared-problem"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn_bn", "residual_flatten"])
-def test_closed_form_l2_gradient_equals_autograd(kind):
+def test_closed_form_l2_gradient_equals_autograd(kind, shared):
     # The refinement's default step uses L2Gradient instead of autograd through the permuted weights;
-    # both must give the same gradient for every group, at any hard permutations.
+    # both must give the same gradient for every group, at any hard permutations. Shared with align's
+    # weight-matching problem (which also holds BatchNorm statistics), only the parameters may count.
+    import rebasin_callbacks.matching as m
     from rebasin_callbacks import trace_spec
     from rebasin_callbacks.costs import L2Cost
     from rebasin_callbacks.matching import L2Gradient
@@ -337,7 +340,9 @@ def test_closed_form_l2_gradient_equals_autograd(kind):
         model, ref = _ResidualFlatten(), _ResidualFlatten()
         spec = trace_spec(model, torch.randn(2, 3, 4, 4))
         assert any(k > 1 for g, _, k in _flatten_blocks(spec)), "the spec should have a flattened block"
-    closed = L2Gradient(model, ref, spec)
+    problem = m.MatchingProblem.from_states(spec, model.state_dict(), ref.state_dict()) if shared else None
+    closed = L2Gradient(model, ref, spec, problem=problem)
+    assert (closed.problem is problem) == shared
     gen = torch.Generator().manual_seed(0)
     perms = random_permutations(spec, gen)
     for trial in range(3):
