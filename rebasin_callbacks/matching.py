@@ -323,7 +323,7 @@ class L2Gradient:
         >>> import torch
         >>> from rebasin_callbacks import identity_permutations, trace_spec
         >>> from rebasin_callbacks.matching import L2Gradient
-        >>> a, b = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)), None
+        >>> a = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> b = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> spec = trace_spec(a, torch.randn(2, 3))
         >>> {g: tuple(G.shape) for g, G in L2Gradient(a, b, spec)(identity_permutations(spec)).items()}
