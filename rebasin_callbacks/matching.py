@@ -246,6 +246,7 @@ class MatchingProblem:
         old_perms = dict(zip(deps, old_used))
         a, b = self.a[key], self.b[key]
         changed: tuple[int, Tensor, Tensor] | None = None
+        unchanged: list[tuple[int, Tensor]] = []
         for ax in range(a.ndim):
             if ax == axis:
                 continue
@@ -254,17 +255,19 @@ class MatchingProblem:
             if new_idx is None or old_idx is None:
                 continue
             if torch.equal(new_idx, old_idx):
-                a = a.index_select(ax, new_idx)
+                unchanged.append((ax, new_idx))
                 continue
             if changed is not None:
                 return None
             changed = (ax, old_idx, new_idx)
-        if changed is None:
+        if changed is None:  # the common case in a refinement step: nothing to copy or multiply
             return old_term
         ax, old_idx, new_idx = changed
         pos = (old_idx != new_idx).nonzero().squeeze(1)
         if 2 * pos.numel() > a.shape[ax]:
             return None
+        for other, idx in unchanged:
+            a = a.index_select(other, idx)
         diff = a.index_select(ax, new_idx[pos]) - a.index_select(ax, old_idx[pos])
         return old_term + _block_products(old_term.shape[0], axis, blocks, diff, b.index_select(ax, pos))
 
