@@ -738,7 +738,6 @@ class _Walker:
         return tuple(lab if i == d else None for i, lab in enumerate(lx))
 
     def visit_module(self, node: fx.Node, m: nn.Module) -> Any:
-        t = str(node.target)
         x = self.arg(node, 0, "input")
         rule = rule_for_module(m)
         if rule is not None:
@@ -747,44 +746,9 @@ class _Walker:
             return self.boundary(node, f"module {type(m).__name__} on a non-tensor input")
         if _pattern_of(m) == "timm_attention":
             return self.timm_attention(node, m)
-        if isinstance(m, nn.MultiheadAttention):
-            return self.multihead_attention(node, m)
-        p = self.param
-        if isinstance(m, nn.Linear):
-            return self.linear(x, p(f"{t}.weight"), p(f"{t}.bias") if m.bias is not None else None, None)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return self.conv(node, x, f"{t}.weight", f"{t}.bias" if m.bias is not None else None, m.groups)
-        if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and m.groups == 1:
-            return self.conv(node, x, f"{t}.weight", f"{t}.bias" if m.bias is not None else None, 1, True)
-        if isinstance(m, (nn.modules.batchnorm._NormBase)):  # BatchNorm*, SyncBatchNorm, InstanceNorm*
-            keys = [f"{t}.{n}" for n in ("weight", "bias", "running_mean", "running_var")]
-            return self.per_channel(x, [p(k) for k in keys if k in self.state])
-        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-            k = len(m.normalized_shape)
-            return self.layer_norm(
-                x, k, [p(f"{t}.{n}") for n in ("weight", "bias") if f"{t}.{n}" in self.state]
-            )
-        if isinstance(m, nn.GroupNorm):
-            return self.group_norm(
-                node, x, m.num_groups, [p(f"{t}.{n}") for n in ("weight", "bias") if f"{t}.{n}" in self.state]
-            )
-        if isinstance(m, nn.PReLU):
-            if m.num_parameters == 1:
-                return self.lab(x)
-            return self.per_channel(x, [p(f"{t}.weight")])
-        if type(m) in _SPATIAL_MODULES:
-            return self.spatial(node, x, _SPATIAL_MODULES[type(m)])
-        if isinstance(
-            m, (nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
-        ):
-            return self.spatial(node, x, 2 if self.shape(x) and len(self.shape(x)) >= 3 else 1)  # type: ignore[arg-type]
-        if isinstance(m, (nn.Flatten, nn.Unflatten)):
-            return self.reshape(node, x)
-        if isinstance(m, nn.Embedding):
-            w = p(f"{t}.weight")
-            self.sp.fix(w[0])  # type: ignore[index]
-            self.sp.fix(self.lab(x))
-            return (None,) * len(self.shape(x)) + (w[1],)  # type: ignore[arg-type,index]
+        handler = _module_handler(type(m))
+        if handler is not None:
+            return handler(self, node, m, x)
         return self.boundary(node, f"module {type(m).__name__} not understood")
 
     def visit_method(self, node: fx.Node, name: str) -> Any:
@@ -1200,6 +1164,107 @@ _FUNCTION_HANDLERS: dict[Any, Handler] = {
     torch.einsum: _einsum,
     F.embedding: _f_embedding,
 }
+
+
+# ====================================================================================== module table
+# Built-in modules the walker understands, keyed by type; a subclass uses its nearest listed base
+# (``_module_handler``). Registered rules (trace_rules.py) and timm's attention pattern come first.
+ModuleHandler = Callable[[_Walker, fx.Node, Any, Any], Any]
+
+
+def _m_linear(w: _Walker, node: fx.Node, m: nn.Linear, x: Any) -> Any:
+    t = str(node.target)
+    return w.linear(x, w.param(f"{t}.weight"), w.param(f"{t}.bias") if m.bias is not None else None, None)
+
+
+def _m_conv(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    t = str(node.target)
+    bias = f"{t}.bias" if getattr(m, "bias", None) is not None else None
+    return w.conv(node, x, f"{t}.weight", bias, int(m.groups))  # type: ignore[arg-type]
+
+
+def _m_conv_transpose(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    if m.groups != 1:
+        return w.boundary(node, f"module {type(m).__name__} not understood")
+    t = str(node.target)
+    bias = f"{t}.bias" if getattr(m, "bias", None) is not None else None
+    return w.conv(node, x, f"{t}.weight", bias, 1, True)
+
+
+def _m_tensors(w: _Walker, node: fx.Node, names: Sequence[str]) -> list[Any]:
+    t = str(node.target)
+    return [w.param(f"{t}.{n}") for n in names if f"{t}.{n}" in w.state]
+
+
+def _m_batch_norm(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    # BatchNorm*, SyncBatchNorm, InstanceNorm*: per-channel statistics and affine parameters
+    return w.per_channel(x, _m_tensors(w, node, ("weight", "bias", "running_mean", "running_var")))
+
+
+def _m_layer_norm(w: _Walker, node: fx.Node, m: Any, x: Any) -> Any:
+    return w.layer_norm(x, len(m.normalized_shape), _m_tensors(w, node, ("weight", "bias")))
+
+
+def _m_group_norm(w: _Walker, node: fx.Node, m: nn.GroupNorm, x: Any) -> Any:
+    return w.group_norm(node, x, m.num_groups, _m_tensors(w, node, ("weight", "bias")))
+
+
+def _m_prelu(w: _Walker, node: fx.Node, m: nn.PReLU, x: Any) -> Any:
+    if m.num_parameters == 1:
+        return w.lab(x)
+    return w.per_channel(x, [w.param(f"{node.target}.weight")])
+
+
+def _m_pool(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    return w.spatial(node, x, _SPATIAL_MODULES[type(m)])
+
+
+def _m_resize(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    sx = w.shape(x)
+    return w.spatial(node, x, 2 if sx and len(sx) >= 3 else 1)
+
+
+def _m_reshape(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    return w.reshape(node, x)
+
+
+def _m_embedding(w: _Walker, node: fx.Node, m: nn.Embedding, x: Any) -> Any:
+    weight = w.param(f"{node.target}.weight")
+    w.sp.fix(weight[0])  # type: ignore[index]  # rows are looked up by index
+    w.sp.fix(w.lab(x))
+    return (None,) * len(w.shape(x)) + (weight[1],)  # type: ignore[arg-type,index]
+
+
+def _m_multihead_attention(w: _Walker, node: fx.Node, m: nn.MultiheadAttention, x: Any) -> Any:
+    return w.multihead_attention(node, m)
+
+
+_MODULE_HANDLERS: dict[type, ModuleHandler] = {
+    nn.Linear: _m_linear,
+    **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), _m_conv),
+    **dict.fromkeys((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _m_conv_transpose),
+    nn.modules.batchnorm._NormBase: _m_batch_norm,
+    **dict.fromkeys((nn.LayerNorm, nn.RMSNorm), _m_layer_norm),
+    nn.GroupNorm: _m_group_norm,
+    nn.PReLU: _m_prelu,
+    **dict.fromkeys(_SPATIAL_MODULES, _m_pool),
+    **dict.fromkeys(
+        (nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d), _m_resize
+    ),
+    **dict.fromkeys((nn.Flatten, nn.Unflatten), _m_reshape),
+    nn.Embedding: _m_embedding,
+    nn.MultiheadAttention: _m_multihead_attention,
+}
+
+
+def _module_handler(cls: type) -> ModuleHandler | None:
+    """The handler of the nearest class in ``cls``'s MRO that the table lists (``isinstance`` semantics),
+    except for pooling, which is matched by exact type (its dimensionality comes from the type)."""
+    for base in cls.__mro__:
+        handler = _MODULE_HANDLERS.get(base)
+        if handler is not None and (handler is not _m_pool or base is cls):
+            return handler
+    return None
 
 
 def _assemble(walker: _Walker, state: Mapping[str, Tensor]) -> PermutationSpec:
