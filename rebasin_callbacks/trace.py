@@ -292,6 +292,8 @@ class _Walker:
         self.labels: dict[fx.Node, Any] = {}
         self.bindings: dict[str, list[DimLabel]] = {}
         self.boundaries: list[str] = []
+        # head groups: name -> (number of heads, {state key: block-level axis entries})
+        self.head_groups: dict[str, tuple[int, dict[str, tuple[Any, ...]]]] = {}
         self.modules = dict(gm.named_modules())
         # tied tensors (one tensor under several names) must get one permutation: bind them to one key
         self.alias: dict[str, str] = {}
@@ -612,6 +614,21 @@ class _Walker:
         v = [self.sp.new(head_dim, f"P_{name}.v{h}") for h in range(num_heads)]
         return qk, v
 
+    def head_group(
+        self, name: str, num_heads: int, head_dim: int, axes: Mapping[str, tuple[int, int]]
+    ) -> None:
+        """A group permuting whole heads: ``axes[key] = (axis, segments)`` has ``segments`` consecutive blocks
+        of ``num_heads * head_dim`` entries (q, k, v) on that axis, each made of one block per head."""
+        if num_heads < 2:
+            return
+        entries: dict[str, tuple[Any, ...]] = {}
+        for key, (axis, segments) in axes.items():
+            if key not in self.state or self.alias.get(key, key) != key:
+                return  # a tied tensor: one permutation for several names is not followed at this level
+            ndim = self.state[key].ndim
+            entries[key] = tuple(((name, head_dim),) * segments if ax == axis else None for ax in range(ndim))
+        self.head_groups[name] = (num_heads, entries)
+
     def timm_attention(self, node: fx.Node, m: nn.Module) -> Any:
         x = node.args[0] if node.args else node.kwargs.get("x")
         lx, t = self.lab(x), str(node.target)
@@ -639,6 +656,12 @@ class _Walker:
         mask = node.args[1] if len(node.args) > 1 else node.kwargs.get("attn_mask")
         if isinstance(mask, fx.Node):
             self.sp.fix(self.lab(mask))
+        else:  # a mask may differ per head: heads move only without one
+            axes = {f"{t}.qkv.weight": (0, 3), f"{t}.qkv.bias": (0, 3), f"{t}.proj.weight": (1, 1)}
+            axes |= {f"{t}.norm.{p}": (0, 1) for p in ("weight", "bias")}
+            self.head_group(
+                f"P_{t}.heads", num_heads, head_dim, {k: v for k, v in axes.items() if k in self.state}
+            )
         return tuple(lx[:-1]) + (out,)
 
     def multihead_attention(self, node: fx.Node, m: nn.MultiheadAttention) -> Any:
@@ -646,8 +669,12 @@ class _Walker:
         names = ["query", "key", "value"]
         q, k, v = (node.args[i] if len(node.args) > i else node.kwargs.get(names[i]) for i in range(3))
         lq, lk, lv = self.lab(q), self.lab(k), self.lab(v)
-        for other in list(node.args[3:]) + [a for n, a in node.kwargs.items() if n not in names]:
-            self.sp.fix(self.lab(other))  # masks
+        masks = [
+            a for a in list(node.args[3:]) + [a for n, a in node.kwargs.items() if n not in names]
+            if isinstance(a, fx.Node)
+        ]  # fmt: skip
+        for other in masks:
+            self.sp.fix(self.lab(other))
         for lab in (lq, lk, lv):
             self.cut(node, list(lab[:-1]), "attention over a channel dim")  # sequence and batch positions
         qk, vh = self.heads(str(t), m.num_heads, m.head_dim)
@@ -672,6 +699,20 @@ class _Walker:
             out = self.bind(f"{t}.out_proj.bias", 0, out)
         structure = self.shapes.get(node)
         weights = self.none_like(structure[1]) if isinstance(structure, list) else None
+        returned = isinstance(structure, list) and structure[1] is not None
+        per_head = returned and node.kwargs.get("average_attn_weights", True) is False
+        if not masks and not per_head:
+            # per-head attention weights returned, or a mask that may differ per head: heads stay in place
+            axes = {
+                f"{t}.in_proj_weight": (0, 3),
+                f"{t}.in_proj_bias": (0, 3),
+                f"{t}.out_proj.weight": (1, 1),
+            }
+            axes |= {f"{t}.{p}_proj_weight": (0, 1) for p in "qkv"}
+            axes |= {f"{t}.bias_k": (2, 1), f"{t}.bias_v": (2, 1)}
+            self.head_group(
+                f"P_{t}.heads", m.num_heads, m.head_dim, {k: v for k, v in axes.items() if k in self.state}
+            )
         return [(None,) * (len(lq) - 1) + (out,), weights]
 
     # ------------------------------------------------------------------ dispatch
@@ -1300,7 +1341,11 @@ def _assemble(walker: _Walker, state: Mapping[str, Tensor]) -> PermutationSpec:
             else:
                 entry.append(group_of(r) if isinstance(r, int) else None)
         axes[key] = tuple(entry)
-    return PermutationSpec.from_axes(axes, state, sizes=sizes)
+    block_axes: dict[str, tuple] = {}
+    for name, (num_heads, entries) in walker.head_groups.items():
+        sizes[name] = num_heads
+        block_axes.update(entries)
+    return PermutationSpec.from_axes(axes, state, sizes=sizes, block_axes=block_axes)
 
 
 def _drop_block(block: Any, drop: set[str], sizes: Mapping[str, int]) -> Any:
@@ -1325,8 +1370,12 @@ def _drop_groups(spec: PermutationSpec, drop: Iterable[str], state: Mapping[str,
             else:
                 new.append(None if g in drop else g)
         axes[key] = tuple(new)
+    block_axes = {
+        key: tuple(None if any(g[0] in drop for g in e or ()) else e for e in entry)  # type: ignore[index,union-attr]
+        for key, entry in spec.block_axes.items()
+    }
     kept = {g: n for g, n in spec.sizes.items() if g not in drop}
-    return PermutationSpec.from_axes(axes, state, sizes=kept)
+    return PermutationSpec.from_axes(axes, state, sizes=kept, block_axes=block_axes)
 
 
 # ====================================================================================== public API
