@@ -1399,7 +1399,8 @@ def trace_spec(
             changes the outputs; the achieved error is kept in ``spec.check_error``.
         leaf_modules: module types or qualified names not to trace into; they become boundaries.
         rtol: tolerance of the check, relative to the output's magnitude (default: near float64 round-off,
-            see :data:`~rebasin_callbacks.verify.DEFAULT_RTOL`).
+            see :data:`~rebasin_callbacks.verify.DEFAULT_RTOL`, raised to follow the model's own measured
+            round-off where it is larger, at most :data:`~rebasin_callbacks.verify.MAX_RTOL`).
         seed: an int or a ``torch.Generator`` for the check's random permutations, parameters and inputs
             (``generator=`` is its deprecated name).
 
