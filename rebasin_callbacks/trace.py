@@ -1388,6 +1388,7 @@ def trace_spec(
     leaf_modules: Iterable[type | str] | None = None,
     rtol: float | None = None,
     seed: int | torch.Generator | None = None,
+    heads: bool = True,
 ) -> PermutationSpec:
     """Derive the permutation spec of ``model`` from its computation graph.
 
@@ -1403,6 +1404,8 @@ def trace_spec(
             round-off where it is larger, at most :data:`~rebasin_callbacks.verify.MAX_RTOL`).
         seed: an int or a ``torch.Generator`` for the check's random permutations, parameters and inputs
             (``generator=`` is its deprecated name).
+        heads: permute the heads of attention layers as units (block groups, ``spec.block_axes``) on top
+            of the units inside each head; ``False`` keeps every head in place.
 
     Returns:
         A :class:`PermutationSpec` keyed by ``model.state_dict()`` names (buffers included), with a size for
@@ -1443,6 +1446,8 @@ def trace_spec(
                 raise _run_error(model, args, kwargs, e) from e
         walker = _Walker(gm, recorder.shapes, state)
         walker.run()
+        if not heads:
+            walker.head_groups.clear()
     finally:
         model.train(was_training)
     plain_state = {k: v.detach() if isinstance(v, Tensor) else v for k, v in state.items()}
