@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--mid", action="store_true", help='also align(cost="mid") (slow on a CPU)')
+    p.add_argument("--methods", nargs="*", help="only these methods (default: all, with --mid the mid ones)")
+    p.add_argument("--pairs", type=int, nargs="*", help="only these pairs (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     data = mnist(train=True)
@@ -152,9 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     test = mnist(train=False)
     test_loader = DataLoader(test, batch_size=1000)
     train_loader = DataLoader(data, batch_size=256, shuffle=True, generator=torch.Generator().manual_seed(0))
-    methods = list(METHODS) + (list(MID) if args.mid else [])
+    methods = args.methods or list(METHODS) + (list(MID) if args.mid else [])
     rows: list[dict] = []
-    for pair in range(args.seeds):
+    for pair in args.pairs if args.pairs is not None else range(args.seeds):
         rows += evaluate_pair(
             pair, models[2 * pair], models[2 * pair + 1], train_loader, test_loader, methods
         )

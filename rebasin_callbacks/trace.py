@@ -294,6 +294,9 @@ class _Walker:
         self.boundaries: list[str] = []
         # head groups: name -> (number of heads, {state key: block-level axis entries})
         self.head_groups: dict[str, tuple[int, dict[str, tuple[Any, ...]]]] = {}
+        # channel groups (grouped convolutions, GroupNorm): (name, number of groups, the labels whose
+        # blocks of channels they move together); resolved into block groups when the spec is assembled
+        self.channel_groups: list[tuple[str, int, list[DimLabel]]] = []
         self.modules = dict(gm.named_modules())
         # tied tensors (one tensor under several names) must get one permutation: bind them to one key
         self.alias: dict[str, str] = {}
@@ -539,6 +542,19 @@ class _Walker:
             # depthwise: output channel c only reads input channel c, so both share one permutation
             self.sp.fix(w_in)
             out = self.sp.merge(w_out, lx[1])
+        elif not transposed and c_in % groups == 0 and sw[1] == c_in // groups and sw[0] % groups == 0:
+            # groups of channels: output group g reads input group g only. Whole groups may move (the same
+            # block permutation on both sides); inside, the inputs' order is shared by every group (the
+            # weight's input axis is per position), the outputs' may differ per group
+            ci, co = c_in // groups, sw[0] // groups
+            name = str(node.target) if node.op == "call_module" else node.name
+            shared = self.sp.new(ci, f"P_{name}.in")
+            lin = self.sp.merge(lx[1], Blocks(((shared, ci),) * groups))
+            self.sp.merge(w_in, shared)
+            outs = Blocks(tuple((self.sp.new(co, f"P_{name}.g{i}"), co) for i in range(groups)))
+            out = self.sp.merge(w_out, outs)
+            if lin is not None and out is not None:
+                self.channel_groups.append((f"P_{name}.groups", groups, [lin, out]))
         else:
             self.boundaries.append(f"{node.name} (grouped convolution, groups={groups})")
             self.sp.fix([w_in, w_out, lx[1]])
@@ -570,10 +586,20 @@ class _Walker:
             return self.boundary(node, "group norm on an unexpected input")
         if groups in (1, sx[1]):  # statistics over all channels or per channel: any permutation is fine
             return self.per_channel(x, tensors)
-        self.boundaries.append(f"{node.name} (GroupNorm with {groups} groups of {sx[1] // groups} channels)")
+        # statistics per group of channels: whole groups may move, and channels inside each group
+        size = sx[1] // groups
+        name = str(node.target) if node.op == "call_module" else node.name
         lx = list(self.lab(x))
-        self.sp.fix([lx[1]] + [t for t in tensors if t is not None])
-        lx[1] = None
+        parts = Blocks(tuple((self.sp.new(size, f"P_{name}.g{i}"), size) for i in range(groups)))
+        lx[1] = self.sp.merge(lx[1], parts)
+        if lx[1] is None:
+            self.boundaries.append(f"{node.name} (GroupNorm with {groups} groups of {size} channels)")
+            self.sp.fix([t for t in tensors if t is not None])
+            return tuple(lx)
+        self.channel_groups.append((f"P_{name}.groups", groups, [lx[1]]))
+        for t in tensors:  # per-channel affine parameters follow the channels
+            if t is not None:
+                lx[1] = self.sp.merge(lx[1], t[0])
         return tuple(lx)
 
     def sdpa(self, q: Any, k: Any, v: Any, mask: Any) -> Any:
@@ -1342,10 +1368,80 @@ def _assemble(walker: _Walker, state: Mapping[str, Tensor]) -> PermutationSpec:
                 entry.append(group_of(r) if isinstance(r, int) else None)
         axes[key] = tuple(entry)
     block_axes: dict[str, tuple] = {}
+    for name, n, structure, k in _channel_block_groups(walker):
+        sizes[name] = n
+        for key, value in state.items():
+            labels = walker.bindings.get(walker.alias.get(key, key))
+            if not isinstance(value, Tensor) or labels is None:
+                continue
+            entry = [
+                ((name, k),) if isinstance(r, Blocks) and r.parts == structure else None
+                for r in (sp.resolve(lab) for lab in labels)
+            ]
+            if any(e is not None for e in entry):
+                old = block_axes.get(key, (None,) * value.ndim)
+                block_axes[key] = tuple(e if e is not None else o for e, o in zip(entry, old))
     for name, (num_heads, entries) in walker.head_groups.items():
         sizes[name] = num_heads
         block_axes.update(entries)
     return PermutationSpec.from_axes(axes, state, sizes=sizes, block_axes=block_axes)
+
+
+def _channel_block_groups(walker: _Walker) -> list[tuple[str, int, tuple, int]]:
+    """``(name, number of groups, the resolved blocks it moves, channels per group)`` for every group of
+    channels the walk found (grouped convolutions, GroupNorm). Records that share a structure are one group
+    (one permutation); a structure that is fixed, does not split into equal groups, or is claimed with two
+    different group counts is left out (its channels still move inside the groups)."""
+    sp = walker.sp
+    owner: dict[tuple, int] = {}  # structure -> record index (union-find over records)
+    parent = list(range(len(walker.channel_groups)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    valid = [True] * len(walker.channel_groups)
+    structures: list[list[tuple]] = []
+    for i, (_, n, labels) in enumerate(walker.channel_groups):
+        found = []
+        for lab in labels:
+            r = sp.resolve(lab)
+            if not isinstance(r, Blocks) or r.size % n or not _periodic(r, r.size // n):
+                valid[i] = False
+                continue
+            found.append(r.parts)
+            if r.parts in owner:
+                parent[find(i)] = find(owner[r.parts])
+            else:
+                owner[r.parts] = i
+        structures.append(found)
+    comps: dict[int, list[int]] = {}
+    for i in range(len(parent)):
+        comps.setdefault(find(i), []).append(i)
+    out = []
+    for members in comps.values():
+        counts = {walker.channel_groups[i][1] for i in members}
+        if not all(valid[i] for i in members) or len(counts) != 1:
+            continue
+        name, n, _ = walker.channel_groups[min(members)]
+        for parts in dict.fromkeys(p for i in members for p in structures[i]):
+            out.append((name, n, parts, sum(size for _, size in parts) // n))
+    return out
+
+
+def _periodic(blocks: Blocks, k: int) -> bool:
+    """Whether every unit of ``k`` entries is made of whole blocks, with the same block sizes in each."""
+    units: list[list[int]] = []
+    pos = 0
+    for _, size in blocks.parts:
+        if pos // k != (pos + size - 1) // k:
+            return False  # a block straddles two units
+        if pos % k == 0:
+            units.append([])
+        units[-1].append(size)
+        pos += size
+    return all(u == units[0] for u in units)
 
 
 def _drop_block(block: Any, drop: set[str], sizes: Mapping[str, int]) -> Any:

@@ -142,14 +142,17 @@ def test_flatten_with_channels_innermost_is_a_boundary():
     assert len(spec) == 0  # nothing left to permute: the conv's channels end inside the flatten
 
 
-def test_groupnorm_inside_groups_is_a_boundary():
+def test_groupnorm_groups_move_whole_and_inside():
     ok = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(1, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))
-    bad = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))
     x = torch.randn(2, 3, 5, 5)
     assert _quiet_trace(ok, x).axes_to_perm["1.weight"] == ("P_0",)
-    with pytest.warns(UserWarning, match="GroupNorm with 4 groups"):
-        spec = trace_spec(bad, x)
-    assert len(spec) == 0
+    spec = _quiet_trace(grouped, x)
+    # statistics per group of 2 channels: a permutation inside each group, and one of the 4 groups
+    assert spec.axes_to_perm["1.weight"] == (tuple(f"P_1.g{i}" for i in range(4)),)
+    assert spec.block_axes["1.weight"] == ((("P_1.groups", 2),),)
+    assert spec.block_axes["3.weight"] == (None, (("P_1.groups", 2),), None, None)
+    _assert_preserved(grouped, spec, x)
 
 
 # --------------------------------------------------------------------------------------------- ResNet
@@ -193,11 +196,28 @@ def test_depthwise_and_squeeze_excite_timm_mobilenetv3():
     _assert_preserved(model, spec, x)
 
 
-def test_grouped_conv_is_a_boundary():
+def test_grouped_conv_groups_and_units():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 2, 1)
+        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 6, 3, groups=2), nn.ReLU(), nn.Conv2d(6, 2, 1)
     )
-    with pytest.warns(UserWarning, match="grouped convolution"):
+    x = torch.randn(2, 3, 6, 6)
+    spec = _quiet_trace(model, x)
+    a, b = spec.axes_to_perm, spec.block_axes
+    # the inputs' order inside a group is shared by both groups; each group's outputs have their own
+    shared = a["2.weight"][1]
+    assert isinstance(shared, str) and a["0.weight"][0] == (shared, shared)
+    assert a["2.weight"][0] == ("P_2.g0", "P_2.g1") and a["4.weight"][1] == ("P_2.g0", "P_2.g1")
+    # and the two groups swap as wholes, on both sides of the grouped conv
+    assert b["0.weight"][0] == (("P_2.groups", 4),) and b["2.weight"][0] == (("P_2.groups", 3),)
+    assert b["4.weight"][1] == (("P_2.groups", 3),)
+    _assert_preserved(model, spec, x)
+
+
+def test_grouped_transposed_conv_is_a_boundary():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.ConvTranspose2d(8, 8, 3, groups=2), nn.Conv2d(8, 2, 1)
+    )
+    with pytest.warns(UserWarning, match="ConvTranspose2d"):
         spec = trace_spec(model, torch.randn(1, 3, 6, 6))
     assert spec.axes_to_perm["2.weight"] == (None, None, None, None)
 
