@@ -1302,6 +1302,52 @@ def _m_embedding(w: _Walker, node: fx.Node, m: nn.Embedding, x: Any) -> Any:
     return (None,) * len(w.shape(x)) + (weight[1],)  # type: ignore[arg-type,index]
 
 
+def _m_recurrent(w: _Walker, node: fx.Node, m: nn.RNNBase, x: Any) -> Any:
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: one permutation of the hidden units per layer and direction,
+    acting alike on every gate block of ``weight_ih`` / ``weight_hh`` / both biases (rows), on
+    ``weight_hh``'s columns and on the next layer's input; a bidirectional output is the concatenation of
+    both directions' units. Projections (``proj_size``) and given initial states are boundaries."""
+    t = str(node.target)
+    lx, sx = w.lab(x), w.shape(x)
+    extra = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
+    if getattr(m, "proj_size", 0) or extra or lx is None or sx is None:
+        return w.boundary(node, f"module {type(m).__name__} with a projection or initial state")
+    gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
+    hidden, dirs = m.hidden_size, 2 if m.bidirectional else 1
+    layer_in = lx[-1]
+    outs: list[Any] = []
+    every: list[int] = []
+    for layer in range(m.num_layers):
+        outs = []
+        for d in range(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            h = w.sp.new(hidden, f"P_{t}.h{sfx[2:]}")
+            rows = Blocks(((h, hidden),) * gates)
+            w.bind(f"{t}.weight_ih{sfx}", 1, layer_in)
+            w.bind(f"{t}.weight_ih{sfx}", 0, rows)
+            w.bind(f"{t}.weight_hh{sfx}", 0, rows)
+            w.bind(f"{t}.weight_hh{sfx}", 1, h)
+            for b in ("bias_ih", "bias_hh"):
+                if f"{t}.{b}{sfx}" in w.state:
+                    w.bind(f"{t}.{b}{sfx}", 0, rows)
+            outs.append(h)
+        every += outs
+        layer_in = outs[0] if dirs == 1 else Blocks(tuple((h, hidden) for h in outs))
+    out = tuple(lx[:-1]) + (layer_in,)
+    structure = w.shapes.get(node)
+    final = structure[1] if isinstance(structure, list) else None
+    used = any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users)
+    single = m.num_layers * dirs == 1
+    if used and not single:  # one axis would carry a different permutation per layer and direction
+        w.cut(node, every, f"{type(m).__name__}'s final states of several layers or directions")
+    states: Any = w.none_like(final)
+    if single and isinstance(final, torch.Size):  # GRU / RNN: h_n (1, batch, hidden)
+        states = tuple(states[:-1]) + (outs[0],)
+    elif single and isinstance(final, list):  # LSTM: [h_n, c_n]
+        states = [tuple(s[:-1]) + (outs[0],) for s in states]
+    return [out, states]
+
+
 def _m_multihead_attention(w: _Walker, node: fx.Node, m: nn.MultiheadAttention, x: Any) -> Any:
     return w.multihead_attention(node, m)
 
@@ -1321,6 +1367,7 @@ _MODULE_HANDLERS: dict[type, ModuleHandler] = {
     **dict.fromkeys((nn.Flatten, nn.Unflatten), _m_reshape),
     nn.Embedding: _m_embedding,
     nn.MultiheadAttention: _m_multihead_attention,
+    nn.RNNBase: _m_recurrent,
 }
 
 

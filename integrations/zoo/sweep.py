@@ -271,17 +271,23 @@ def markdown(rows: Sequence[Row], *, command: str) -> str:
 _LIMITS = [
     "## What becomes a boundary, and why",
     "",
-    "- **Grouped (non-depthwise) convolutions** (ResNeXt, RegNet, ShuffleNet): a permutation would have to stay "
-    "inside each group, which one permutation per group cannot express; the channels on both sides are fixed. "
-    "Depthwise convolutions are handled (they share their input's permutation).",
+    "- **Grouped convolutions and GroupNorm** (ResNeXt, RegNet, GroupNorm ResNets) are understood: a block group "
+    "moves whole groups of channels (the same on both sides of the convolution), and inside each group the "
+    "output channels have a permutation of their own while the input channels share one (the weight's input "
+    "axis is per position). Depthwise convolutions share their input's permutation. A grouped transposed "
+    "convolution, or a grouped layer whose channels are concatenated with others, is a boundary (or its block "
+    "group is dropped by the check).",
     "- **Flatten of a spatial map into a Linear** (VGG, AlexNet classifiers): the Linear's input axis is C*H*W; "
     "a permutation of C would act on it as a block permutation, which the spec format cannot express, so the "
     "last conv's channels are fixed (the classifier's hidden units are still permuted).",
     "- **Reshapes that split or merge a channel dim** (channel shuffle, window attention and relative position "
     "bias in Swin, GLU-style chunks inside one projection, ghost modules that slice a concatenation): fixed.",
     "- **Attention**: timm's standard `Attention` (recognised by its forward and the attributes its layout reads, "
-    "not by its class name) and `nn.MultiheadAttention` are understood as units (per-head query/key and value "
-    "permutations as block axes, the residual stream through qkv / proj). Other attention variants (Swin's window "
+    "not by its class name) and `nn.MultiheadAttention` are understood as units: a block group permutes whole "
+    "heads (q, k, v, their biases, `proj`'s input), composed with per-head query/key and value permutations, and "
+    "the residual stream goes through qkv / proj; with an attention mask (which may differ per head) or per-head "
+    "attention weights returned, heads stay in place. Grouped-query attention is only written op by op, where "
+    "the per-head reshapes are boundaries (never a wrong permutation). Other attention variants (Swin's window "
     "attention, LeViT, NesT, MaxViT) are traced op by op; their qkv / proj inner axes become boundaries, the "
     "residual stream stays permuted when the model's reshapes allow it. An attention mask or bias passed to "
     "`scaled_dot_product_attention` is tied to the heads of q / k / v like a broadcast `+`.",
