@@ -264,7 +264,12 @@ def test_align_torchvision_needs_no_flag_for_head_size_and_stem(rebasin, tmp_pat
     assert "num_classes=10 (from 'fc.weight' (10, 512))" in out
     assert "in_chans=1 (from 'conv1.weight' (64, 1, 7, 7))" in out
     assert "refinement: weight matching only (--steps 0)" in out
-    for phase in ("loading", "tracing the permutation spec (input [1, 224, 224])", "aligning"):
+    for phase in (
+        "loading",
+        "input [1, 224, 224] (the default of torchvision:resnet18",
+        "tracing the permutation spec",
+        "aligning",
+    ):
         assert phase in out
     aligned = copy.deepcopy(a)
     aligned.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
