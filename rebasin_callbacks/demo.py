@@ -301,8 +301,11 @@ def _run_demo(
         for label, model in versions.items()
     }
     png = out / "lmc.png"
-    title = f"MLP 784-{cfg.width}-{cfg.width}-10, {cfg.epochs} epoch(s) each: model A -> model B"
-    plot_lmc(curves, path=png, title=title, split=f"MNIST test ({len(test_loader.dataset)})")
+    epochs = f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
+    title = (
+        f"MLP 784-{cfg.width}-{cfg.width}-10, {epochs} each, {len(test_loader.dataset):,} test images: A -> B"
+    )
+    plot_lmc(curves, path=png, title=title, split="MNIST test")
     seconds = time.perf_counter() - start
     acc = {"A": evaluate(net_a)["accuracy"], "B": evaluate(net_b)["accuracy"]}
     results = {

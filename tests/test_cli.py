@@ -346,6 +346,53 @@ def test_help_and_usage_errors_do_not_import_torch(argv):
     assert "TORCH False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (
+            ["align", "missing.pt", "b.pt", "--arch", "timm:resnet18", "--out", "c.pt"],
+            "MODEL_A: no such file",
+        ),
+        (["lmc", "a.pt", "missing.pt", "--arch", "timm:resnet18"], "MODEL_B: no such file"),
+        (["align", "a.pt", "b.pt", "--arch", "resnet18", "--out", "c.pt"], "--arch 'resnet18': expected"),
+        (["lmc", "a.pt", "b.pt", "--arch", "timm:"], "--arch 'timm:': expected"),
+        (["spec", "--arch", ":mlp"], "--arch ':mlp': expected"),
+        (
+            ["align", "a.pt", "b.pt", "--arch", "m:f", "--spec", "nope.json", "--out", "c.pt"],
+            "--spec: no such file",
+        ),
+        (
+            ["align", "a.pt", "b.pt", "--arch", "m:f", "--steps", "-1", "--out", "c.pt"],
+            "--steps must be >= 0",
+        ),
+        (["lmc", "a.pt", "b.pt", "--arch", "m:f", "--n-points", "1"], "--n-points must be >= 2"),
+        (
+            ["lmc", "a.pt", "b.pt", "--arch", "m:f", "--input-shape", "3", "0", "2"],
+            "--input-shape must be positive",
+        ),
+        (
+            ["align", "a.pt", "b.pt", "--arch", "m:f", "--cost", "mid", "--out", "c.pt"],
+            "--cost mid needs data",
+        ),
+        (["align", "a.pt", "b.pt", "--arch", "m:f", "--out", "a.pt"], "refusing to overwrite an input"),
+    ],
+)
+def test_mistakes_are_reported_before_torch_is_imported(tmp_path, argv, needle):
+    (tmp_path / "a.pt").write_bytes(b"")
+    (tmp_path / "b.pt").write_bytes(b"")
+    result = _run_without_root(
+        f"""
+        import os
+        os.chdir({str(tmp_path)!r})
+        from rebasin_callbacks import cli
+        code = cli.main({argv!r})
+        print("EXIT", code, "TORCH", "torch" in sys.modules)
+        """
+    )
+    assert "EXIT 2 TORCH False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_the_rebasin_entry_point_starts_without_torch():
     probe = subprocess.run([sys.executable, "-c", "import sys, rebasin_callbacks; print('torch' in sys.modules)"],
                            capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -211,23 +211,6 @@ def test_released_replay_rejects_bad_sizes(n: int, per: int) -> None:
         released_replay(n, per)
 
 
-def test_readme_avalanche_snippet_runs() -> None:
-    """The README's Avalanche snippet, run as written on a tiny two-experience benchmark."""
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
-    (snippet,) = [b for b in blocks if "ReBasinPlugin(" in b]
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(40, 784, generator=g), torch.randint(0, 10, (40,), generator=g)) for _ in range(2)]
-    namespace: dict[str, Any] = {"benchmark": tensors_benchmark(data, data, task_labels=[0, 0])}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exec(compile(snippet, "README.md", "exec"), namespace)
-    assert namespace["rebasin"].incremental.episodes_done == 1
-    assert namespace["strategy"].train_mb_size == 500
-
-
 def test_released_settings_clamp_is_a_keyword() -> None:
     assert released_settings()["incremental_kwargs"]["delta_grad_clip"] == 1e-3
     assert released_settings(delta_grad_clip=None)["incremental_kwargs"]["delta_grad_clip"] is None

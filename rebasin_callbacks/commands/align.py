@@ -10,8 +10,14 @@ of ``timm:`` / ``torchvision:`` architectures are read from MODEL_A (printed; ``
 writable folder) and written atomically; nothing is written when the result would not compute what A
 computes.
 
-Exit status: 0 on success, 2 for a missing / unreadable file or a bad option, 3 when a checkpoint does not
-fit the architecture (the first mismatching key and shapes are named).
+The input shape is printed (``--input-shape``, else the architecture's default, or with ``--data`` the
+data's own image size). The checkpoint's dtype is kept (float64, float16, bfloat16). ``--out`` is a plain
+state dict, ``--perms`` the permutations ``{group: LongTensor}``, ``--json`` a summary (distances, cost
+history, input shape, dtype, seconds; strict JSON).
+
+Exit status: 0 on success, 2 for a missing / unreadable file, NaN or infinite weights, a malformed
+``--spec``, a ``--submodule`` the checkpoint lacks or a bad option, 3 when a checkpoint does not fit the
+architecture (the first mismatching key and shapes are named).
 
 Example:
     $ rebasin align a.pt b.pt --arch torchvision:resnet18 --out a_aligned.pt   # head size read from a.pt

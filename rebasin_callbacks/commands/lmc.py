@@ -1,18 +1,25 @@
 """``rebasin lmc``: loss and accuracy on the straight line between two checkpoints, barrier and AUC.
 
-Evaluates ``(1 - lam) * A + lam * B`` on the test split of ``--data`` and reports the loss / accuracy
-barrier (supplement Eq. 2) and AUC (Eq. 3). With ``--align``, model A is also re-based to B (Sinkhorn,
-as ``rebasin align``) and weight-matched (Git Re-Basin), giving three curves: naive, re-based, weight
-matching. ``--reset-bn`` recomputes BatchNorm statistics at every point and ``--repair`` applies REPAIR
-(both on the training split).
+Evaluates ``(1 - lam) * A + lam * B``, lam from 0 (model A) to 1 (model B), on the test split of ``--data``
+and reports the loss / accuracy barrier (supplement Eq. 2) and AUC (Eq. 3), and the endpoints' own loss and
+accuracy. With ``--align``, model A is also re-based to B (Sinkhorn, as ``rebasin align``) and weight-matched
+(Git Re-Basin), giving three curves: naive, re-based, weight matching (two with ``--steps 0``: naive and
+weight matching). ``--reset-bn`` recomputes BatchNorm statistics at every point and ``--repair`` applies
+REPAIR (both on the training split).
 
-Exit status: 0 on success, 2 for a missing / unreadable file or a bad option, 3 when a checkpoint does not
-fit the architecture.
+The input shape is printed: ``--input-shape``, else the data's own image size with the stem's channels
+(MNIST: 28 x 28), else the architecture's default. ``--plot`` writes a PNG of the curves (test loss and
+accuracy against lambda, each curve's barrier in the legend); ``--json`` the curves, barriers and AUCs
+(strict JSON: NaN is written as null).
+
+Exit status: 0 on success, 2 for a missing / unreadable file, NaN or infinite weights, a malformed
+``--spec``, a ``--submodule`` the checkpoint lacks or a bad option, 3 when a checkpoint does not fit the
+architecture.
 
 Example:
     $ rebasin lmc a.pt b.pt --arch mypackage.models:mlp --data mnist --align --plot lmc.png
-    $ rebasin lmc a.ckpt b.ckpt --arch torchvision:resnet18 --num-classes 10 --input-shape 3 32 32 \\
-          --data mnist --align --reset-bn --plot lmc.png --json lmc.json
+    $ rebasin lmc a.ckpt b.ckpt --arch torchvision:resnet18 --data mnist --align --reset-bn \\
+          --plot lmc.png --json lmc.json
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def input_shape(args: argparse.Namespace, model: nn.Module) -> tuple[tuple[int, 
             return (
                 channels,
                 *DATA_SIZES[data],
-            ), f"{_DATA_NAMES[data]} own size, {channels} channels from the stem"
+            ), f"{_DATA_NAMES[data]} own size, {channels} channel{'s' * (channels != 1)} from the stem"
         if default is None:
             return (1, *DATA_SIZES[data]), f"{_DATA_NAMES[data]} own size"
     if default is None:

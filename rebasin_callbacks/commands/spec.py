@@ -3,7 +3,7 @@
 The spec is traced with :func:`~rebasin_callbacks.trace_spec` on a random input of ``--input-shape`` and
 verified (random permutations must not change the outputs). Boundaries (constructs no permutation crosses)
 are listed. ``--json`` writes the spec in Git Re-Basin's format, for ``--spec`` of ``rebasin align`` /
-``rebasin lmc`` or for editing by hand.
+``rebasin lmc`` or for editing by hand (its ``"sizes"`` may be left out: they are read from the model).
 
 Example:
     $ rebasin spec --arch timm:resnet18 --input-shape 3 32 32
