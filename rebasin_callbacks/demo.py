@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rebasin_callbacks.commands.errors import CommandError, guarded
+from rebasin_callbacks.commands.paths import check_outputs
 from rebasin_callbacks.io import atomic_write_json, atomic_write_text
 
 # also MNISTClassifier, built on first access (module __getattr__) so that `rebasin --help` stays fast
@@ -416,8 +418,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@guarded("demo")
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``rebasin demo``."""
+    """Entry point of ``rebasin demo``: the output folder and the options are checked before any training."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out}: is a file; give a folder")
+    check_outputs(args, {"--out": str(out / "results.json")})
+    for name in ("epochs", "width", "n_points"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        resolve_device(getattr(args, "device", "auto"))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     overrides = {
         k: getattr(args, k)
         for k in ("epochs", "width", "n_points", "align_steps")

@@ -462,3 +462,35 @@ def test_lmc_prints_the_endpoints_and_warns_when_one_is_at_chance():
     assert "warning" not in text
     bad = LMCResult.from_values([0, 0.5, 1], {"loss": [0.2, 1.0, 2.3], "accuracy": [0.95, 0.6, 0.11]})
     assert "warning: B (b.pt) has accuracy 0.1100" in describe_endpoints(bad, "a.pt", "b.pt", n_classes=10)
+
+
+# ----------------------------------------------------------------------------- labels that match what ran
+def test_a_wrong_channel_count_is_told_the_right_shape(rebasin, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _torchvision_pair(tmp_path, in_chans=3)
+    code, out, err = rebasin("align", "a.pt", "b.ckpt", "--arch", "torchvision:resnet18", "--input-shape", "1",
+                             "32", "32", "--steps", "0", "--out", "c.pt")  # fmt: skip
+    assert code == EXIT_USAGE and "use --input-shape 3 32 32" in err, err
+    # the stem's channels are printed even when they are the architecture's default
+    assert "in_chans=3 (from 'conv1.weight' (64, 3, 7, 7))" in out
+
+
+def test_lmc_chooses_the_data_s_size_says_so_and_steps_zero_shows_only_what_ran(
+    rebasin, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    _torchvision_pair(tmp_path)
+    code, out, err = rebasin("lmc", "a.pt", "b.ckpt", "--arch", "torchvision:resnet18", "--data", "digits",
+                             "--align", "--steps", "0", "--n-points", "2", "--max-batches", "1",
+                             "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert "evaluating at input [1, 8, 8] (the digits' own size, 1 channel from the stem" in out
+    assert "weight matching only, --steps 0" in out and "Sinkhorn" not in out
+    assert "re-based" not in out and "weight matching" in out
+
+
+def test_spec_help_does_not_mention_checkpoints():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["spec"]
+    text = sub.format_help()
+    assert "MODEL_A" not in text and "the architecture's own" in text

@@ -443,3 +443,22 @@ def test_other_missing_inputs_are_named_before_any_work(rebasin, ckpts, monkeypa
     _no_work(monkeypatch)
     code, out, err = rebasin("align", "a.pt", "b.ckpt", *BASE, *argv, "--out", "c.pt")
     assert code == EXIT_USAGE and needle in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--out", "a.pt"], "--out a.pt: is a file"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--device", "nosuch"], "--device 'nosuch'"),
+    ],
+)
+def test_demo_checks_its_options_and_output_folder_before_training(rebasin, ckpts, monkeypatch, argv, needle):
+    from rebasin_callbacks import demo
+
+    def boom(*_a, **_k):
+        raise AssertionError("the demo started training before checking its options")
+
+    monkeypatch.setattr(demo, "run_demo", boom)
+    code, out, err = rebasin("demo", "--smoke", *argv)
+    assert code == EXIT_USAGE and needle in err and "Traceback" not in err, err
