@@ -151,8 +151,16 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(curves))
     print(describe_endpoints(next(iter(curves.values())), args.model_a, args.model_b, n_classes=10))
     if args.plot:
-        title = f"{args.arch} on {args.data} test, input {'x'.join(map(str, shape))}"
-        plot_lmc(curves, title=title, path=args.plot, split=f"{args.data} test")  # written atomically
+        data = {"mnist": "MNIST", "digits": "digits"}.get(args.data, args.data)
+        fix = (
+            ", BatchNorm reset at each point"
+            if args.reset_bn
+            else ", REPAIR at each point"
+            if args.repair
+            else ""
+        )
+        title = f"{args.arch}: A -> B, input {'x'.join(map(str, shape))}{fix}"
+        plot_lmc(curves, title=title, path=args.plot, split=f"{data} test")  # written atomically
         print(f"plot: {args.plot}")
     if args.json:
         atomic_write_json(args.json, {k: c.to_dict() for k, c in curves.items()})  # strict: NaN -> null
