@@ -149,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
         say(f"evaluating {args.n_points} points of the {label} curve")
         curves[label] = lmc_curve(model, model_b, test, label=label, **options)
     print(format_table(curves))
+    for label, c in curves.items():
+        for metric, lambdas in (getattr(c, "nonfinite", None) or {}).items():
+            print(f"warning: the {label} curve's {metric} is NaN or infinite at lambda {lambdas}: its {metric} "
+                  "barrier and AUC are NaN (null in --json), not a measurement")  # fmt: skip
     print(describe_endpoints(next(iter(curves.values())), args.model_a, args.model_b, n_classes=10))
     if args.plot:
         data = {"mnist": "MNIST", "digits": "digits"}.get(args.data, args.data)
