@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
 __all__ = [
+    "read_checkpoint",
+    "load_checkpoint",
     "load_models",
     "describe_unreadable",
     "check_finite_state",
@@ -53,7 +55,7 @@ def describe_unreadable(path: str, reason: str) -> str:
     return f"{path} is not a readable torch checkpoint ({first})"
 
 
-def _read_checkpoint(path: str, what: str) -> dict[str, Tensor]:
+def read_checkpoint(path: str, what: str) -> dict[str, Tensor]:
     from rebasin_callbacks.checkpoints import load_reference_state
 
     try:
@@ -155,7 +157,7 @@ def _keep_dtypes(model: nn.Module, matched: Mapping[str, Tensor]) -> None:
             own.data = own.data.to(value.dtype)
 
 
-def _load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], args: argparse.Namespace, path: str,
+def load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], args: argparse.Namespace, path: str,
                      what: str) -> None:  # fmt: skip
     from rebasin_callbacks.checkpoints import AmbiguousReferenceError, match_reference
     from rebasin_callbacks.spec import SpecMismatchError
@@ -201,13 +203,13 @@ def load_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
     """
     device = resolve_device(args.device)
     sides = (("MODEL_A", args.model_a), ("MODEL_B", args.model_b))
-    states = [_read_checkpoint(path, what) for what, path in sides]
+    states = [read_checkpoint(path, what) for what, path in sides]
     if args.num_classes is None or getattr(args, "in_chans", None) is None:
         _infer_options(args, states[0])
     models = []
     for (what, path), state in zip(sides, states):
         model = build_model(args.arch, args.num_classes, getattr(args, "in_chans", None))
-        _load_checkpoint(model, state, args, path, what)
+        load_checkpoint(model, state, args, path, what)
         check_finite_state(model.state_dict(), what, path)
         models.append(model.to(device).eval())
     return models[0], models[1]
