@@ -41,6 +41,7 @@ from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost, resolv
 from rebasin_callbacks.matching import L2Gradient, MatchingProblem, resolve_spec
 from rebasin_callbacks.permute import identity_permutations, perm_to_matrix, permute, random_permutations
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
+from rebasin_callbacks.settings import SinkhornSettings, settings_from
 from rebasin_callbacks.sinkhorn import SinkhornConvergenceWarning
 from rebasin_callbacks.spec import PermutationSpec
 from rebasin_callbacks.utils import (
@@ -48,13 +49,16 @@ from rebasin_callbacks.utils import (
     check_finite,
     infer_example_inputs,
     module_device,
-    renamed_arguments,
     split_batch,
     thread_limit,
     to_device,
 )
 
-__all__ = ["align", "AlignResult"]
+__all__ = ["align", "AlignResult", "ALIGN_START"]
+
+#: align's relaxation: the cost chooses the temperature (0.5 for ``cost="mid"``, else 1) and the margin adapts
+#: to the method (1 for ``"ste"``, per group size for the soft methods); the other fields are the defaults.
+ALIGN_START = SinkhornSettings(tau="auto", init_scale="auto")
 
 Init = Literal["weight_matching", "identity", "random"]
 Method = Literal["ste", "soft", "anneal", "entropy"]
@@ -231,7 +235,6 @@ def _perm_key(perms: Mapping[str, Tensor]) -> tuple:
     return tuple((g, p.numpy().tobytes()) for g, p in sorted(perms.items()))
 
 
-@renamed_arguments(noise="init_noise")
 def align(
     model: nn.Module,
     reference: nn.Module,
@@ -244,14 +247,15 @@ def align(
     steps: int = 200,
     lr: float | Literal["auto"] = "auto",
     init: Init | Mapping[str, Tensor] = "weight_matching",
-    tau: float | Literal["auto"] = "auto",
+    tau: float | Literal["auto"] | None = None,
     method: Method | Literal["auto"] = "auto",
     early_stopping: int | Literal["auto"] | None = "auto",
     progress: bool = True,
     seed: int | None = None,
-    n_iters: int = 20,
-    init_noise: float = 0.1,
-    init_scale: float | Literal["auto"] = "auto",
+    settings: SinkhornSettings | None = None,
+    n_iters: int | None = None,
+    init_noise: float | None = None,
+    init_scale: float | Literal["auto"] | None = None,
     polish: bool | Literal["auto"] = "auto",
     threads: int | str | None = "auto",
 ) -> AlignResult:
@@ -313,13 +317,16 @@ def align(
             ``"auto"`` (1 per 4 cores, or ``$REBASIN_NUM_THREADS``), an int, or ``None`` for no cap.
         seed: makes the run repeatable (initial jitter, weight-matching order, random init, ``"rnd"``'s
             interpolation points, dropout); the global random state is left untouched.
+        settings: the relaxation (:class:`~rebasin_callbacks.SinkhornSettings`); by default
+            :data:`ALIGN_START` (``tau="auto"``, ``init_scale="auto"``, the other fields' defaults).
+            ``seed`` may be given here instead of as ``seed=``.
         n_iters: Sinkhorn iterations per step (solver iterations; ``steps`` counts optimiser steps).
-        init_noise: standard deviation of the jitter added to the initial scores (``noise=`` is its
-            deprecated name).
+        init_noise: standard deviation of the jitter added to the initial scores.
         init_scale: margin of the initial permutation in the scores. ``"auto"``: the paper's 1 for
             ``method="ste"`` (its forward pass is the hard permutation whatever the margin), and for the
             soft methods a margin adapted to each group size (``log(n - 1)``, see
             :func:`~rebasin_callbacks.rebasin.auto_scale`: a fixed margin leaves wide layers almost uniform).
+        tau / n_iters / init_noise / init_scale: set one field of ``settings`` (given ones win).
 
     Returns:
         An :class:`AlignResult`; ``result.model`` computes exactly what ``model`` computes.
@@ -346,8 +353,19 @@ def align(
         raise ValueError(
             f"lr must be a number in (0, 100] (relative to each group's score scale), got {lr!r}"
         )
-    if tau != "auto" and not (isinstance(tau, (int, float)) and math.isfinite(tau) and 1e-3 <= tau <= 1e3):
-        raise ValueError(f"tau must be a number in [1e-3, 1e3] or 'auto', got {tau!r}")
+    settings = settings_from(
+        settings, ALIGN_START, tau=tau, n_iters=n_iters, init_noise=init_noise, init_scale=init_scale,
+        seed=seed,
+    )  # fmt: skip
+    if isinstance(settings.seed, torch.Generator):
+        raise TypeError("align: seed must be an int or None (it also seeds weight matching's group order)")
+    seed = settings.seed
+    tau, n_iters, init_noise, init_scale = (
+        settings.tau,
+        settings.n_iters,
+        settings.init_noise,
+        settings.init_scale,
+    )
     if method not in (*METHODS, "auto"):
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     if early_stopping not in (None, "auto") and not (isinstance(early_stopping, int) and early_stopping >= 1):

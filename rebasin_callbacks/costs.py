@@ -26,7 +26,7 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 # re-exported here too: the costs interpolate through it (differentiably)
-from rebasin_callbacks.utils import as_generator, interpolate_state, renamed_arguments
+from rebasin_callbacks.utils import as_generator, interpolate_state
 
 __all__ = ["Cost", "L2Cost", "MidCost", "RndCost", "CosineCost", "interpolate_state", "resolve_cost"]
 
@@ -212,8 +212,7 @@ class RndCost(_LineCost):
 
     Args:
         loss_fn: ``(outputs, targets) -> scalar loss``.
-        seed: an int or a CPU ``torch.Generator`` for ``lam`` (or let :func:`align` seed it) to repeat runs;
-            ``generator=`` is its deprecated name.
+        seed: an int or a CPU ``torch.Generator`` for ``lam`` (or let :func:`align` seed it) to repeat runs.
 
     Example:
         >>> import torch
@@ -221,7 +220,6 @@ class RndCost(_LineCost):
         >>> cost = RndCost(torch.nn.functional.mse_loss, seed=0)
     """
 
-    @renamed_arguments(generator="seed")
     def __init__(
         self,
         loss_fn: Callable[[Any, Any], Tensor],

@@ -43,7 +43,6 @@ from rebasin_callbacks.utils import (
     l2_distance,
     module_device,
     module_dtype,
-    renamed_arguments,
     split_batch,
     thread_limit,
     to_device,
@@ -761,7 +760,7 @@ class LMCMonitor(_EpochEndCallback):
         n_points: points on the segment, endpoints included.
         align: also evaluate the re-based curve.
         data: ``"val"`` (the Trainer's first validation dataloader), ``"train"``, or any iterable of
-            ``(inputs, targets)`` batches (``dataloader=`` is its deprecated name).
+            ``(inputs, targets)`` batches.
         reset_bn / repair: passed to :func:`~rebasin_callbacks.lmc_curve` (BatchNorm statistics are reset
             on the training dataloader).
         save_dir: where PNG figures go when the logger cannot take a figure.
@@ -787,7 +786,6 @@ class LMCMonitor(_EpochEndCallback):
         print(monitor.results[-1]["naive"].barrier, monitor.results[-1]["rebasin"].barrier)
     """
 
-    @renamed_arguments(dataloader="data")
     def __init__(
         self,
         reference: ReferenceLike,

@@ -57,7 +57,6 @@ from rebasin_callbacks.utils import (
     interpolate_state,
     module_device,
     module_dtype,
-    renamed_arguments,
     split_batch,
     take_batches,
     thread_limit,
@@ -376,7 +375,6 @@ def _progress(items: Sequence[float], enabled: bool, label: str) -> Iterable[flo
     return tqdm(items, desc=f"LMC {label}".strip(), leave=False)
 
 
-@renamed_arguments(train_data="bn_data")
 def lmc_curve(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -409,7 +407,7 @@ def lmc_curve(
             (:func:`reset_bn_stats`); endpoints included, so the chord is that of the reset endpoints.
         repair: apply :func:`repair` at every lambda (after ``reset_bn`` when both are set).
         bn_data: batches for ``reset_bn`` / ``repair`` (training batches, as the literature does); defaults
-            to the evaluation data. ``train_data=`` is its deprecated name.
+            to the evaluation data.
         n_batches: how many batches of ``bn_data`` those use.
         progress: show a tqdm bar over the points (when tqdm is installed).
         label: stored on the result (tables, legends).

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from rebasin_callbacks.permute import assignment, axis_index
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.trace import trace_spec
-from rebasin_callbacks.utils import check_compatible, check_finite, infer_example_inputs, renamed_arguments
+from rebasin_callbacks.utils import check_compatible, check_finite, infer_example_inputs
 
 __all__ = [
     "weight_matching",
@@ -373,7 +373,6 @@ class L2Gradient:
         return out
 
 
-@renamed_arguments(max_iter="n_iters")
 def weight_matching(
     model: nn.Module | Mapping[str, Tensor],
     reference: nn.Module | Mapping[str, Tensor],
@@ -384,7 +383,6 @@ def weight_matching(
     init: Mapping[str, Tensor] | None = None,
     seed: int | None = None,
     assignment_solver: Literal["auto", "scipy", "auction"] = "auto",
-    _checked: bool = False,
 ) -> dict[str, Tensor]:
     """Permutations of ``model``'s hidden units that best match ``reference``'s weights (Git Re-Basin).
 
@@ -393,7 +391,7 @@ def weight_matching(
         reference: the model to match (same architecture).
         spec: the permutation spec; traced from ``example_inputs`` when omitted.
         example_inputs: inputs for :func:`~rebasin_callbacks.trace_spec` when ``spec`` is omitted.
-        n_iters: most coordinate-descent sweeps over all groups (``max_iter=`` is its deprecated name).
+        n_iters: most coordinate-descent sweeps over all groups.
         init: ``{group: LongTensor}`` to start from; by default a greedy first sweep (see module docs).
         seed: seeds the random order in which groups are visited.
         assignment_solver: ``"scipy"`` (exact, on the CPU), ``"auction"`` (:func:`auction_assignment`,
@@ -420,10 +418,9 @@ def weight_matching(
         raise ValueError(f"n_iters must be an int >= 0, got {n_iters!r}")
     if assignment_solver not in ("auto", "scipy", "auction"):
         raise ValueError(f"assignment_solver must be 'auto', 'scipy' or 'auction', got {assignment_solver!r}")
-    if not _checked:
-        check_compatible(model, reference)
-        check_finite(model, "model")
-        check_finite(reference, "reference")
+    check_compatible(model, reference)
+    check_finite(model, "model")
+    check_finite(reference, "reference")
     if isinstance(model, nn.Module):
         spec = resolve_spec(model, spec, example_inputs)
     elif spec is None:

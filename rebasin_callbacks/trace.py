@@ -40,7 +40,7 @@ from rebasin_callbacks.trace_rules import TraceRule, rule_for_function, rule_for
 from rebasin_callbacks.trace_spaces import Blocks, DimLabel, Repeat, Spaces
 
 # the one state-dict check lives in the bottom layer; re-exported here where it has always been importable
-from rebasin_callbacks.utils import as_generator, check_compatible, renamed_arguments
+from rebasin_callbacks.utils import as_generator, check_compatible
 from rebasin_callbacks.verify import SpecCheckError, check_spec, normalize_inputs, validate_inputs
 
 __all__ = ["trace_spec", "check_spec", "check_compatible", "SpecCheckError", "UntraceableModelError"]
@@ -1265,7 +1265,6 @@ def _drop_groups(spec: PermutationSpec, drop: Iterable[str], state: Mapping[str,
 
 
 # ====================================================================================== public API
-@renamed_arguments(generator="seed")
 def trace_spec(
     model: nn.Module,
     example_inputs: Any,
@@ -1286,8 +1285,7 @@ def trace_spec(
         leaf_modules: module types or qualified names not to trace into; they become boundaries.
         rtol: tolerance of the check, relative to the output's magnitude (default: near float64 round-off,
             see :data:`~rebasin_callbacks.verify.DEFAULT_RTOL`).
-        seed: an int or a ``torch.Generator`` for the check's random permutations, parameters and inputs
-            (``generator=`` is its deprecated name).
+        seed: an int or a ``torch.Generator`` for the check's random permutations, parameters and inputs.
 
     Returns:
         A :class:`PermutationSpec` keyed by ``model.state_dict()`` names (buffers included), with a size for

@@ -7,8 +7,7 @@ This is the bottom layer: it imports nothing of the package except the leaf :mod
 * modules: :func:`module_device`, :func:`module_dtype`, :func:`follow`, :func:`eval_mode`, :func:`train_mode`;
 * state dicts: :func:`check_compatible`, :func:`check_finite`, :func:`l2_distance`, :func:`interpolate_state`;
 * threads: :func:`thread_limit` (caps torch's intra-op threads inside heavy calls);
-* the public vocabulary: :func:`as_generator` (``seed`` as an int or a generator), :func:`renamed_arguments`
-  (old keyword names kept for one release, with a ``FutureWarning``).
+* the public vocabulary: :func:`as_generator` (``seed`` as an int or a generator).
 
 Example:
     >>> import torch
@@ -26,12 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import os
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,11 +52,8 @@ __all__ = [
     "thread_limit",
     "default_threads",
     "as_generator",
-    "renamed_arguments",
     "SpecMismatchError",
 ]
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def as_generator(seed: int | torch.Generator | None, name: str = "seed") -> torch.Generator | None:
@@ -76,40 +70,6 @@ def as_generator(seed: int | torch.Generator | None, name: str = "seed") -> torc
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"{name} must be an int, a torch.Generator or None, got {type(seed).__name__}")
     return torch.Generator().manual_seed(seed)
-
-
-def renamed_arguments(**old_to_new: str) -> Callable[[F], F]:
-    """Keep old keyword names of a public function working for one release: ``old=`` is passed on as
-    ``new=`` with a ``FutureWarning``; passing both is a TypeError.
-
-    Example:
-        >>> @renamed_arguments(noise="init_noise")
-        ... def f(*, init_noise=0.0):
-        ...     return init_noise
-        >>> import warnings
-        >>> with warnings.catch_warnings(record=True):
-        ...     f(noise=0.5)
-        0.5
-    """
-
-    def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            for old, new in old_to_new.items():
-                if old in kwargs:
-                    if new in kwargs:
-                        raise TypeError(f"{fn.__qualname__}: pass {new}= only ({old}= is its old name)")
-                    warnings.warn(
-                        f"{fn.__qualname__}: {old}= is deprecated and will be removed; use {new}=",
-                        FutureWarning,
-                        stacklevel=2,
-                    )
-                    kwargs[new] = kwargs.pop(old)
-            return fn(*args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
 
 
 #: dict keys recognised as a batch's inputs and targets by :func:`split_batch` (first match wins)

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten_with_path, tree_leaves, tree_map
 
 from rebasin_callbacks.permute import permute_state_dict
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-from rebasin_callbacks.utils import as_generator, renamed_arguments
+from rebasin_callbacks.utils import as_generator
 
 __all__ = ["check_spec", "SpecCheckError", "DEFAULT_RTOL", "normalize_inputs", "validate_inputs"]
 
@@ -342,7 +342,6 @@ def _bisect(
 
 
 # ====================================================================================== public API
-@renamed_arguments(generator="seed")
 def check_spec(
     model: nn.Module,
     spec: PermutationSpec,
@@ -369,7 +368,7 @@ def check_spec(
         rtol: allowed ``max |out - out_perm| / max |out|``; default :data:`DEFAULT_RTOL` of ``dtype``
             (1e-9 in float64, near round-off).
         seed: an int or a ``torch.Generator`` for the permutations, the randomised parameters and the
-            random inputs (default: a fixed seed; ``generator=`` is its deprecated name).
+            random inputs (default: a fixed seed).
         groups: check only these groups (default: all).
         dtype: the working precision (float64; float32 only where float64 cannot run).
         n_inputs: how many inputs to compare on (the example plus random ones).
