@@ -38,12 +38,13 @@ import torch
 from torch import Tensor, nn
 
 from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost, resolve_cost
-from rebasin_callbacks.matching import L2Gradient, MatchingProblem, resolve_spec
+from rebasin_callbacks.matching import L2Gradient, MatchingProblem
 from rebasin_callbacks.permute import identity_permutations, perm_to_matrix, permute, random_permutations
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
 from rebasin_callbacks.settings import SinkhornSettings, settings_from
 from rebasin_callbacks.sinkhorn import SinkhornConvergenceWarning
 from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.spec_source import resolve_spec
 from rebasin_callbacks.utils import (
     check_compatible,
     check_finite,
@@ -426,7 +427,7 @@ def align(
     with thread_limit(threads):
         if spec is None:
             _phase(f"align: tracing the permutation spec of {type(model).__name__}", progress)
-        spec = resolve_spec(model, spec, example_inputs)
+        spec = resolve_spec(model, spec, example_inputs, purpose="nothing to align")
         if not isinstance(cost_fn, (L2Cost, CosineCost)):
             _probe_cost(model, reference, cost_fn, first)
 

@@ -70,6 +70,7 @@ from rebasin_callbacks.incremental import (
 )
 from rebasin_callbacks.settings import SinkhornSettings
 from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.spec_source import resolve_spec
 
 logger = logging.getLogger(__name__)
 
@@ -141,14 +142,7 @@ def _with_heads(source: SpecSource | None, example_inputs: Any, heads_prefix: st
     """A spec function that builds the base spec, then gives every head the axes of the traced one."""
 
     def build(model: nn.Module) -> PermutationSpec:
-        if isinstance(source, PermutationSpec):
-            base = source
-        elif source is not None:
-            base = source(model)
-        else:
-            from rebasin_callbacks.trace import trace_spec
-
-            base = trace_spec(model, example_inputs)
+        base = resolve_spec(model, source, example_inputs, purpose="no hidden layer to re-base")
         return extend_spec_to_heads(base, model.state_dict(), heads_prefix)
 
     return build

@@ -52,7 +52,8 @@ from rebasin_callbacks.permute import permute_state_dict
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
 from rebasin_callbacks.settings import SinkhornSettings, settings_from
 from rebasin_callbacks.spec import AxisEntry, PermutationSpec
-from rebasin_callbacks.utils import as_generator, module_device, module_dtype, to_device
+from rebasin_callbacks.spec_source import resolve_spec
+from rebasin_callbacks.utils import as_generator
 
 __all__ = [
     "ReBasinIncremental",
@@ -355,9 +356,7 @@ class ReBasinIncremental:
         #: statistics of the last finished episode (:func:`episode_statistics`); empty before the first
         self.last_episode: dict[str, float] = {}
         # Fail at construction, not at the first re-basin episode, when the model cannot be permuted.
-        if isinstance(spec, PermutationSpec):
-            self._check_spec(spec)
-        elif spec is None:
+        if isinstance(spec, PermutationSpec) or spec is None:
             self._make_spec()
 
     # ------------------------------------------------------------------ episode lifecycle
@@ -366,28 +365,13 @@ class ReBasinIncremental:
         """Whether :meth:`begin_episode` was called and :meth:`end_episode` not yet."""
         return self.rebasin is not None
 
-    def _check_spec(self, spec: PermutationSpec) -> PermutationSpec:
-        if not isinstance(spec, PermutationSpec):
-            raise TypeError(f"the spec function returned {type(spec).__name__}, not a PermutationSpec")
-        if len(spec) == 0:
-            raise ValueError(
-                f"the permutation spec of {type(self.model).__name__} has no permutation groups: re-basin "
-                "incremental learning needs at least one permutable hidden layer"
-            )
-        spec.validate(self.model.state_dict(), name=type(self.model).__name__)
-        return spec
-
     def _make_spec(self) -> PermutationSpec:
-        source = self.spec_source
-        if isinstance(source, PermutationSpec):
-            return self._check_spec(source)
-        if source is not None:
-            return self._check_spec(source(self.model))
-        from rebasin_callbacks.trace import trace_spec
-
-        # the inputs follow the model (it may have moved or changed dtype since they were given)
-        inputs = to_device(self.example_inputs, module_device(self.model), module_dtype(self.model))
-        return self._check_spec(trace_spec(self.model, inputs))
+        return resolve_spec(
+            self.model,
+            self.spec_source,
+            self.example_inputs,
+            purpose="re-basin incremental learning needs at least one permutable hidden layer",
+        )
 
     def begin_episode(self) -> None:
         """Start an episode from the model's current weights: identity permutations, tiny residual."""

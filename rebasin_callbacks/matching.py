@@ -23,7 +23,6 @@ maxima already fall in distinct columns needs no solver (the common case near a 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
@@ -32,44 +31,17 @@ from torch import Tensor, nn
 
 from rebasin_callbacks.permute import assignment, axis_index
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-from rebasin_callbacks.trace import trace_spec
-from rebasin_callbacks.utils import check_compatible, check_finite, infer_example_inputs
+from rebasin_callbacks.spec_source import resolve_spec
+from rebasin_callbacks.utils import check_compatible, check_finite
 
 __all__ = [
     "weight_matching",
     "check_finite",
-    "resolve_spec",
 ]
 
 Block = tuple[str | None, int, int]
 #: memory for cached similarity terms (per call), e.g. 16 MiB per 2048-wide term in float32
 _CACHE_BYTES = 1 << 30
-
-
-def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_inputs: Any) -> PermutationSpec:
-    """The given spec (validated against ``model``), or one traced from ``example_inputs``."""
-    if spec is None:
-        if example_inputs is None:
-            inferred = infer_example_inputs(model)
-            if inferred is None:
-                raise ValueError(
-                    f"no spec for {type(model).__name__}: pass spec=PermutationSpec(...) or example_inputs=... "
-                    "to trace one"
-                )
-            example_inputs, source = inferred
-            warnings.warn(
-                f"no spec or example inputs for {type(model).__name__}: tracing on random inputs of shape "
-                f"{tuple(example_inputs.shape)} from {source}; pass example_inputs= to choose",
-                stacklevel=3,
-            )
-        spec = trace_spec(model, example_inputs)
-    state = model.state_dict()
-    spec.validate(state, name=type(model).__name__)
-    if set(spec.sizes) != set(spec.perm_to_axes):
-        spec.sizes = spec._infer_sizes(state)
-    if len(spec) == 0:
-        raise ValueError(f"the spec of {type(model).__name__} has no permutation groups: nothing to align")
-    return spec
 
 
 class MatchingProblem:
@@ -426,9 +398,7 @@ def weight_matching(
     elif spec is None:
         raise ValueError("with a state dict instead of a module, pass spec=... (tracing needs the module)")
     else:
-        spec.validate(model)
-        if set(spec.sizes) != set(spec.perm_to_axes):
-            spec.sizes = spec._infer_sizes(model)
+        spec = spec.with_sizes(model)
     sa = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     sb = reference.state_dict() if isinstance(reference, nn.Module) else dict(reference)
     return MatchingProblem.from_states(spec, sa, sb, assignment_solver).descend(

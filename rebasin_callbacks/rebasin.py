@@ -20,6 +20,7 @@ from rebasin_callbacks.permute import assignment, permute_state_dict
 from rebasin_callbacks.settings import SinkhornSettings, settings_from
 from rebasin_callbacks.sinkhorn import sinkhorn
 from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.spec_source import SpecLike, resolve_spec
 from rebasin_callbacks.utils import as_generator
 
 __all__ = ["ReBasin", "PermutedView", "apply_soft_permutations", "auto_scale"]
@@ -97,7 +98,9 @@ class ReBasin(nn.Module):
     Args:
         model: the model to permute (not modified; not registered as a submodule, so its
             parameters are not trained by an optimizer over ``rebasin.parameters()``).
-        spec: the permutation spec; traced from ``example_inputs`` when omitted.
+        spec: the permutation spec (or a function ``model -> spec``, or a JSON path); traced from
+            ``example_inputs`` when omitted (:func:`~rebasin_callbacks.spec_source.resolve_spec`). The
+            spec used, sizes bound, is ``self.spec``; the one given is not modified.
         example_inputs: inputs for :func:`~rebasin_callbacks.trace_spec` when ``spec`` is omitted.
         init: ``"identity"`` (scores ``init_scale * I`` plus ``init_noise`` Gaussian jitter), ``"random"``,
             or a dict ``{group: LongTensor}`` of hard permutations to start from (e.g. weight matching).
@@ -123,7 +126,7 @@ class ReBasin(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        spec: PermutationSpec | None = None,
+        spec: SpecLike = None,
         example_inputs: Any = None,
         *,
         init: Literal["identity", "random"] | Mapping[str, Tensor] = "identity",
@@ -141,20 +144,8 @@ class ReBasin(nn.Module):
             settings, SinkhornSettings(), tau=tau, n_iters=n_iters, tol=tol, init_scale=init_scale,
             init_noise=init_noise, backward=backward, seed=seed,
         )  # fmt: skip
-        if spec is None:
-            if example_inputs is None:
-                raise ValueError("ReBasin needs a spec or example_inputs to trace one from")
-            from rebasin_callbacks.trace import trace_spec
-
-            spec = trace_spec(model, example_inputs)
-        if len(spec) == 0:
-            raise ValueError(
-                f"the spec of {type(model).__name__} has no permutation groups: nothing to learn"
-            )
+        spec = resolve_spec(model, spec, example_inputs, purpose="nothing to learn")
         state = model.state_dict()
-        spec.validate(state, name=type(model).__name__)
-        if not spec.sizes:
-            spec.sizes = spec._infer_sizes(state)
         self.spec = spec
         self._model = [model]  # a list keeps it out of the submodules (and out of .parameters())
         self.settings = settings
