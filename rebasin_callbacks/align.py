@@ -37,7 +37,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from rebasin_callbacks.batches import infer_example_inputs, split_batch, to_device
 from rebasin_callbacks.costs import CostHints, cost_hints, resolve_cost
+from rebasin_callbacks.devices import module_device
 from rebasin_callbacks.matching import MatchingProblem
 from rebasin_callbacks.permute import identity_permutations, permute, random_permutations
 from rebasin_callbacks.rebasin import PermutedView, ReBasin
@@ -45,15 +47,8 @@ from rebasin_callbacks.refine import STEPS, Plan, Problem, check_cost_value, ref
 from rebasin_callbacks.settings import SinkhornSettings, settings_from
 from rebasin_callbacks.spec import PermutationSpec
 from rebasin_callbacks.spec_source import resolve_spec
-from rebasin_callbacks.utils import (
-    check_compatible,
-    check_finite,
-    infer_example_inputs,
-    module_device,
-    split_batch,
-    thread_limit,
-    to_device,
-)
+from rebasin_callbacks.states import check_compatible, check_finite
+from rebasin_callbacks.threads import thread_limit
 
 __all__ = ["align", "AlignResult", "ALIGN_START"]
 

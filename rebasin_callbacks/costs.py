@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-# re-exported here too: the costs interpolate through it (differentiably)
 from rebasin_callbacks.matching import L2Gradient, MatchingProblem
+from rebasin_callbacks.seeds import as_generator
 from rebasin_callbacks.spec import PermutationSpec
-from rebasin_callbacks.utils import as_generator, interpolate_state
+from rebasin_callbacks.states import interpolate_state_dict
 
 __all__ = [
     "Cost",
@@ -43,7 +43,6 @@ __all__ = [
     "MidCost",
     "RndCost",
     "CosineCost",
-    "interpolate_state",
     "resolve_cost",
 ]
 
@@ -267,7 +266,7 @@ class _LineCost:
         inputs, targets = batch[0], batch[1]
         ref = _reference_state(reference)
         lam = self._lambda(next(iter(ref.values())).device)
-        state = interpolate_state(view.state, ref, lam, differentiable=True)
+        state = interpolate_state_dict(view.state, ref, lam, differentiable=True)
         norms = [m for m in reference.modules() if isinstance(m, _BatchNorm)] if self.batch_stats else []
         if reference.training or norms:
             # BatchNorm in train mode normalises with the batch's statistics and updates its running

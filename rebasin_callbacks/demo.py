@@ -157,14 +157,10 @@ def _loaders(cfg: DemoConfig):
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"``: ``"cuda"`` when a GPU is there, else ``"cpu"``; anything else as given."""
-    import torch
+    """:func:`rebasin_callbacks.devices.resolve_device`, as the name the demo's Trainer is given."""
+    from rebasin_callbacks.devices import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}: no CUDA device is available (use --device cpu or auto)")
-    return device
+    return str(resolve(device, what="--device"))
 
 
 def _accelerator(device: str) -> tuple[str, Any]:

@@ -50,10 +50,10 @@ from torch import Tensor, nn
 
 from rebasin_callbacks.permute import permute_state_dict
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
+from rebasin_callbacks.seeds import as_generator
 from rebasin_callbacks.settings import SinkhornSettings, settings_from
 from rebasin_callbacks.spec import AxisEntry, PermutationSpec
 from rebasin_callbacks.spec_source import resolve_spec
-from rebasin_callbacks.utils import as_generator
 
 __all__ = [
     "ReBasinIncremental",

@@ -38,23 +38,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rebasin_callbacks.bn import (
-    _bn_modules,
-    _check_lambda,
-    _collect,
-    _repair_points,
-    _repair_with_stats,
-    _reset_bn_on,
-    repair,
-    reset_bn_stats,
-)
+from rebasin_callbacks.bn import bn_modules as _bn_modules
+from rebasin_callbacks.bn import collect_statistics as _collect
+from rebasin_callbacks.bn import repair, reset_bn_stats
+from rebasin_callbacks.bn import repair_points as _repair_points
+from rebasin_callbacks.bn import repair_with_statistics as _repair_with_stats
+from rebasin_callbacks.bn import reset_bn_stats_on as _reset_bn_on
 from rebasin_callbacks.plotting import plot_lmc
 from rebasin_callbacks.spec import SpecMismatchError
+from rebasin_callbacks.states import check_lambda as _check_lambda
+from rebasin_callbacks.states import interpolate_state_dict
 from rebasin_callbacks.utils import (
     check_compatible,
     eval_mode,
     follow,
-    interpolate_state,
     module_device,
     module_dtype,
     split_batch,
@@ -97,23 +94,6 @@ def _check_compatible(
         check_compatible(sa, sb, names=names)
     except SpecMismatchError as err:
         raise SpecMismatchError(f"{what}: {err}") from None
-
-
-def interpolate_state_dict(
-    state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], lam: float
-) -> dict[str, Tensor]:
-    """``(1 - lam) * a + lam * b`` for every floating-point entry; integer entries are taken from ``a``.
-
-    The result has ``a``'s devices and dtypes (``b``'s entries are moved and cast).
-
-    Example:
-        >>> import torch
-        >>> interpolate_state_dict({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)["w"].tolist()
-        [0.25, 0.25]
-    """
-    lam = _check_lambda(lam)
-    _check_compatible(state_a, state_b)
-    return interpolate_state(state_a, state_b, lam)
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, lam: float) -> nn.Module:

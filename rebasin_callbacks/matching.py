@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from rebasin_callbacks.permute import assignment, axis_index
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.spec_source import resolve_spec
-from rebasin_callbacks.utils import check_compatible, check_finite
+from rebasin_callbacks.states import check_compatible, check_finite
 
 __all__ = [
     "weight_matching",

@@ -17,11 +17,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rebasin_callbacks.permute import assignment, permute_state_dict
+from rebasin_callbacks.seeds import as_generator
 from rebasin_callbacks.settings import SinkhornSettings, settings_from
 from rebasin_callbacks.sinkhorn import sinkhorn
 from rebasin_callbacks.spec import PermutationSpec
 from rebasin_callbacks.spec_source import SpecLike, resolve_spec
-from rebasin_callbacks.utils import as_generator
 
 __all__ = ["ReBasin", "PermutedView", "apply_soft_permutations", "auto_scale"]
 

@@ -16,9 +16,10 @@ from typing import Any
 
 from torch import nn
 
+from rebasin_callbacks.batches import infer_example_inputs, split_batch, to_device
+from rebasin_callbacks.devices import module_device, module_dtype
 from rebasin_callbacks.spec import PermutationSpec
 from rebasin_callbacks.trace import trace_spec
-from rebasin_callbacks.utils import infer_example_inputs, module_device, module_dtype, split_batch, to_device
 
 __all__ = ["SpecLike", "resolve_spec"]
 
