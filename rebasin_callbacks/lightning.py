@@ -929,7 +929,7 @@ class LMCMonitor(_EpochEndCallback):
         kwargs: dict[str, Any] = {"n_points": self.n_points, "reset_bn": self.reset_bn, "repair": self.repair}
         kwargs["progress"] = progress
         if self.reset_bn or self.repair:
-            kwargs["train_data"] = trainer.train_dataloader
+            kwargs["bn_data"] = trainer.train_dataloader
         out: dict[str, Any] = {"epoch": trainer.current_epoch}
         with _isolated(pl_module, [loader, *_trainer_loaders(trainer)]), thread_limit(self.threads):
             records = _records(target, trainer.global_step)
