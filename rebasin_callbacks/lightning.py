@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from rebasin_callbacks.checkpoints import ReferenceLike, load_reference_state, match_reference
 from rebasin_callbacks.lightning_fusion import ReBasinFusion
+from rebasin_callbacks.lmc import Evaluator
 from rebasin_callbacks.permute import invert_permutation, permute, permute_optimizer_state, permute_state_dict
 from rebasin_callbacks.spec import PermutationSpec
 from rebasin_callbacks.utils import (
@@ -683,38 +684,6 @@ class ReBasinAlign(_EpochEndCallback):
 
 # --------------------------------------------------------------------------- LMCMonitor
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-class Evaluator:
-    """``model -> {"loss": mean loss, "accuracy": fraction}`` over ``(inputs, targets)`` (or dict) batches.
-
-    A callable form of :func:`~rebasin_callbacks.lmc.evaluate_model`. ``reduce`` (e.g.
-    ``trainer.strategy.reduce``) sums the totals over DDP ranks, each holding a shard.
-
-    Example:
-        >>> import torch
-        >>> batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
-        >>> metrics = Evaluator(batches)(torch.nn.Linear(4, 3))
-        >>> sorted(metrics)
-        ['accuracy', 'loss']
-    """
-
-    def __init__(
-        self,
-        loader: Any,
-        loss_fn: LossFn | None = None,
-        max_batches: int | None = None,
-        reduce: Callable[..., Tensor] | None = None,
-    ):
-        self.loader, self.loss_fn, self.max_batches = loader, loss_fn or F.cross_entropy, max_batches
-        self.reduce = reduce
-
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        from rebasin_callbacks.lmc import evaluate_model
-
-        return evaluate_model(
-            model, self.loader, self.loss_fn, max_batches=self.max_batches, reduce=self.reduce
-        )
 
 
 def _has_val_source(trainer: pl.Trainer) -> bool:
