@@ -13,31 +13,35 @@ YAML file. They are thin: the work is done by :func:`~rebasin_callbacks.align`,
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
+import itertools
+import math
 import os
+import random
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from rebasin_callbacks.checkpoints import ReferenceLike, load_reference_state, match_reference
 from rebasin_callbacks.lightning_fusion import ReBasinFusion
 from rebasin_callbacks.lmc import Evaluator
-from rebasin_callbacks.permute import invert_permutation, permute, permute_optimizer_state, permute_state_dict
-from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.permute import invert_permutation, permute, permute_state_dict
+from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.utils import (
     check_finite,
     follow,
@@ -71,7 +75,8 @@ def _reference_module(reference: ReferenceLike, model: nn.Module, submodule: str
     return ref.eval()
 
 
-def _target(pl_module: pl.LightningModule, submodule: str | None) -> nn.Module:
+def _wrapped_target(pl_module: nn.Module, submodule: str | None) -> nn.Module:
+    """The submodule as the LightningModule holds it (maybe a ``torch.compile`` wrapper)."""
     if submodule is None:
         return pl_module
     try:
@@ -81,6 +86,38 @@ def _target(pl_module: pl.LightningModule, submodule: str | None) -> nn.Module:
         raise AttributeError(
             f"submodule={submodule!r}: {type(pl_module).__name__} has no such submodule (children: {names})"
         ) from None
+
+
+def _target(pl_module: nn.Module, submodule: str | None) -> nn.Module:
+    """The module that is aligned: the submodule, inside ``torch.compile``'s ``OptimizedModule`` (whose
+    weights are the wrapped module's), as :func:`~rebasin_callbacks.align` unwraps it; the same module at
+    every epoch, so the spec and the reference keep their keys."""
+    module = _wrapped_target(pl_module, submodule)
+    while isinstance(inner := getattr(module, "_orig_mod", None), nn.Module):
+        module = inner
+    return module
+
+
+def _callbacks(trainer: pl.Trainer) -> list[Callback]:
+    """The Trainer's callbacks (an attribute Lightning sets at construction)."""
+    return list(getattr(trainer, "callbacks", []))
+
+
+#: strategies that shard parameters across processes: a rank does not hold whole weight matrices
+def _sharded_strategies() -> tuple[type, ...]:
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+def _refuse_sharded(trainer: pl.Trainer, who: str) -> None:
+    """Refuse, as Lightning's ``StochasticWeightAveraging`` does, a strategy that shards the parameters."""
+    strategy = trainer.strategy
+    if isinstance(strategy, _sharded_strategies()):
+        raise MisconfigurationException(
+            f"{who} does not support sharded models: {type(strategy).__name__} splits every parameter "
+            "across processes, and a permutation needs whole weight matrices; use DDP or a single device"
+        )
 
 
 def _check_every_n_epochs(every_n_epochs: int) -> None:
@@ -144,16 +181,20 @@ def _trainer_loaders(trainer: pl.Trainer) -> list[Any]:
 
 @contextlib.contextmanager
 def _isolated(pl_module: nn.Module, loaders: list[Any] = ()) -> Iterator[None]:  # type: ignore[assignment]
-    """Keep the training run untouched: the global random state (dropout, default samplers), the random
-    state of the given DataLoaders' own generators (shuffling order), and every submodule's train flag."""
+    """Keep the training run untouched: every global random state a training step or a dataset may draw
+    from (Python's ``random``, NumPy's global generator, torch's CPU generator and every initialised CUDA
+    device's), the given DataLoaders' own generators (shuffling order), and every submodule's train flag."""
     modes = {m: m.training for m in pl_module.modules()}
-    device = module_device(pl_module)
     gens = [g for loader in loaders for g in _generators(loader)]
     states = [g.get_state() for g in gens]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
         try:
             yield
         finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
             for g, state in zip(gens, states):
                 g.set_state(state)
             for m, training in modes.items():
@@ -238,7 +279,7 @@ def _prepare(
             spec.get(target, pl_module)
     if spec.spec is not None:
         spec.spec.validate(target.state_dict(), name=type(target).__name__)
-    spec.attach(target)
+    spec.attach(_wrapped_target(pl_module, submodule))  # a compiled module's own hooks run eagerly
     return ref
 
 
@@ -293,10 +334,14 @@ def _compute_perms(
 
 
 # --------------------------------------------------------------------------- one alignment per step, shared
+_order = itertools.count()
+
+
 @dataclass
 class _Alignment:
     """One alignment computed by a callback at a training step, kept so the other callbacks reuse it."""
 
+    target: weakref.ref[nn.Module]  # the aligned module (weak: a record never keeps a model alive)
     step: int  # trainer.global_step when it was computed
     version: int  # how many in-place alignments of this step the aligned weights had already received
     reference: nn.Module
@@ -308,16 +353,18 @@ class _Alignment:
     after: float
     applied: bool  # applied in place to the trained module
     owner: str
+    order: int = field(default_factory=lambda: next(_order))
 
 
-#: trained module -> alignments of its current step (weak keys: nothing outlives the module)
-_SHARED: weakref.WeakKeyDictionary[nn.Module, list[_Alignment]] = weakref.WeakKeyDictionary()
-
-
-def _records(target: nn.Module, step: int) -> list[_Alignment]:
-    records = [r for r in _SHARED.get(target, []) if r.step == step]  # older steps are stale
-    _SHARED[target] = records
-    return records
+def _records(trainer: pl.Trainer, target: nn.Module, step: int) -> list[_Alignment]:
+    """This step's alignments of ``target`` by every callback of the Trainer, oldest first (each callback
+    keeps its own; older steps are dropped as stale)."""
+    found: list[_Alignment] = []
+    for callback in _callbacks(trainer):
+        if isinstance(callback, _EpochEndCallback):
+            callback._alignments = [r for r in callback._alignments if r.step == step]
+            found += [r for r in callback._alignments if r.target() is target]
+    return sorted(found, key=lambda r: r.order)
 
 
 def _same_reference(a: nn.Module, b: nn.Module) -> bool:
@@ -368,25 +415,143 @@ def _reference_for(callback: Any, target: nn.Module) -> nn.Module:
     return follow(callback._reference, target)
 
 
+# --------------------------------------------------------------------------- everything that holds the weights
+class _OptimizerStates:
+    """Every optimizer's per-parameter state as one ``state`` mapping, so that :func:`permute` checks all of
+    them before it changes anything (all-or-nothing across optimizers)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.state = {p: s for opt in optimizers for p, s in opt.state.items()}
+
+
+def _weight_copies(trainer: pl.Trainer, submodule: str | None) -> list[tuple[str, nn.Module]]:
+    """The copies of the trained weights that other callbacks keep and update from the model (Lightning's
+    ``WeightAveraging`` / ``EMAWeightAveraging`` and ``StochasticWeightAveraging``), as ``(callback name,
+    the copy's aligned module)``. An average of permuted weights is the permuted average, so permuting the
+    copy with the model keeps every later update in one basis."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    copies = []
+    for callback in _callbacks(trainer):
+        if isinstance(callback, WeightAveraging):
+            averaged = callback._average_model
+            held = averaged.module if averaged is not None else None
+        elif isinstance(callback, StochasticWeightAveraging):
+            held = callback._average_model
+        else:
+            continue
+        if held is not None:
+            copies.append((type(callback).__name__, _target(held, submodule)))
+    return copies
+
+
+def _check_weight_holders(trainer: pl.Trainer, who: str) -> None:
+    """Refuse, at setup, a weight-averaging callback whose copy cannot be found (another Lightning version)."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    for callback in _callbacks(trainer):
+        if isinstance(callback, (WeightAveraging, StochasticWeightAveraging)) and not hasattr(
+            callback, "_average_model"
+        ):
+            raise MisconfigurationException(
+                f"{who}(mode='inplace'): {type(callback).__name__} keeps a copy of the weights this version "
+                "of the callback cannot find; it would average two bases after an alignment. Use "
+                f"{who}(mode='copy') or remove {type(callback).__name__}"
+            )
+
+
+def _permute_training_state(
+    trainer: pl.Trainer,
+    target: nn.Module,
+    spec: PermutationSpec,
+    perms: dict[str, Tensor],
+    submodule: str | None,
+) -> None:
+    """Permute, all or nothing, everything in the Trainer that holds the aligned weights: the module's
+    parameters and buffers, their pending gradients (gradient accumulation), every optimizer's state, and
+    the averaged copies kept by weight-averaging callbacks. Every new value is computed (and every entry
+    checked) before anything is written."""
+    state = target.state_dict(keep_vars=True)
+    grads = {k: v.grad for k, v in state.items() if isinstance(v, nn.Parameter) and v.grad is not None}
+    new_grads: dict[str, Tensor] = {}
+    if grads:
+        source = {**{k: v.detach() for k, v in state.items()}, **grads}
+        permuted = permute_state_dict(source, spec, perms)
+        new_grads = {k: permuted[k] for k in grads if k in spec.axes_to_perm}
+    copies = []
+    for name, held in _weight_copies(trainer, submodule):
+        held_state = held.state_dict(keep_vars=True)
+        if {k: tuple(v.shape) for k, v in held_state.items()} != {
+            k: tuple(v.shape) for k, v in state.items()
+        }:
+            raise SpecMismatchError(
+                f"ReBasinAlign: {name}'s copy of the weights does not have the model's keys and shapes; "
+                "nothing was changed"
+            )
+        new = permute_state_dict({k: v.detach() for k, v in held_state.items()}, spec, perms)
+        copies.append((held_state, new))
+    optimizers = cast(torch.optim.Optimizer, _OptimizerStates(list(trainer.optimizers)))
+    permute(target, spec, perms, optimizer=optimizers, inplace=True)  # checks, then writes
+    with torch.no_grad():
+        for key, value in new_grads.items():
+            grads[key].copy_(value)
+        for held_state, new in copies:
+            for key in spec.axes_to_perm:
+                held_state[key].copy_(new[key])
+
+
 # --------------------------------------------------------------------------- ReBasinAlign
 class _EpochEndCallback(Callback):
-    """What both callbacks share: the reference prepared at ``setup`` (errors before any training step),
-    and work every ``every_n_epochs`` training epochs, at most once per epoch."""
+    """What both callbacks share: their settings, the reference prepared at ``setup`` (errors before any
+    training step), work every ``every_n_epochs`` training epochs (at most once per epoch), and the
+    alignments of the current step, which the other callbacks of the Trainer reuse."""
 
-    reference: ReferenceLike
-    submodule: str | None
-    every_n_epochs: int
-    _spec: _SpecSource
-    _last_epoch: int
-    _reference: nn.Module | None
+    #: settings that are part of ``state_key`` (they tell several instances apart in a checkpoint)
+    _key_settings: tuple[str, ...] = ("submodule", "every_n_epochs")
 
+    def __init__(
+        self,
+        reference: ReferenceLike,
+        *,
+        every_n_epochs: int,
+        submodule: str | None,
+        cost: str,
+        align_kwargs: dict[str, Any] | None,
+        spec: PermutationSpec | str | None,
+        example_inputs: Any,
+        progress: bool,
+        threads: int | str | None,
+    ) -> None:
+        _check_every_n_epochs(every_n_epochs)
+        self.reference = reference
+        self.every_n_epochs = every_n_epochs
+        self.submodule = submodule
+        self.cost = cost
+        self.align_kwargs = dict(align_kwargs or {})
+        self.progress = progress
+        self.threads = threads
+        self._spec = _SpecSource(spec, example_inputs)
+        self._reference: nn.Module | None = None
+        #: one entry per alignment / evaluation (what ``state_dict`` saves)
+        self.history: list[dict[str, float]] = []
+        self._last_epoch = -1
+        self._alignments: list[_Alignment] = []  # this step's, for the other callbacks (``_records``)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # several instances (e.g. one per submodule) keep separate checkpoint states
+        return self._generate_state_key(**self._settings())
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        _refuse_sharded(trainer, type(self).__name__)
         self._reference = _prepare(self._spec, self.reference, pl_module, self.submodule)
-        # alignments shared at a step belong to one fit: a new fit's step counter starts again
-        _SHARED.pop(_target(pl_module, self.submodule), None)
+        self._alignments = []  # a new fit's step counter starts again
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._spec.detach()
 
@@ -403,6 +568,7 @@ class _EpochEndCallback(Callback):
         """
         return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch > self._last_epoch and self.should_update(epoch):
@@ -412,45 +578,42 @@ class _EpochEndCallback(Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         raise NotImplementedError
 
-    #: settings that are part of ``state_key`` (they tell several instances apart in a checkpoint)
-    _key_settings: tuple[str, ...] = ("submodule", "every_n_epochs")
-
     def _settings(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._key_settings}
 
+    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Resume with changed settings (e.g. ``every_n_epochs``): Lightning finds a callback's state by
         ``state_key``, which holds the settings, so a changed setting would silently drop the state. Here
-        the state saved by the same class for the same submodule is found, what is compatible is restored
-        and the rest is named in a warning."""
+        the state saved by the same class for the same submodule is found (by the settings it saved), what
+        is compatible is restored and the rest is named in a warning."""
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return  # same settings: Lightning restores it
         name = type(self).__qualname__
-        found = []
-        for key, state in states.items():
-            if not (isinstance(key, str) and key.startswith(name + "{")):
-                continue
-            try:
-                saved = ast.literal_eval(key[len(name) :])
-            except (ValueError, SyntaxError):
-                continue
-            if isinstance(saved, dict) and saved.get("submodule") == self.submodule:
-                found.append((saved, state))
+        found = [
+            state
+            for key, state in states.items()
+            if isinstance(key, str)
+            and key.startswith(name + "{")
+            and isinstance(state, Mapping)
+            and isinstance(state.get("settings"), Mapping)
+            and state["settings"].get("submodule") == self.submodule
+        ]
         if not found:
             return
-        saved, state = found[0]
+        state = dict(found[0])
+        saved = state["settings"]
         changed = {k: (v, getattr(self, k, None)) for k, v in saved.items() if getattr(self, k, None) != v}
         dropped = self._load_changed(state, changed)
         what = ", ".join(f"{k}={old!r} -> {new!r}" for k, (old, new) in changed.items())
-        warnings.warn(
+        rank_zero_warn(
             f"{name}: resuming with changed settings ({what}): history and epoch counter restored"
             + (f"; not restored: {', '.join(dropped)}" if dropped else "")
             + "; the new settings apply from here on",
-            UserWarning,
-            stacklevel=2,
+            category=UserWarning,
         )
 
     def _load_changed(self, state: dict[str, Any], changed: dict[str, tuple[Any, Any]]) -> list[str]:
@@ -540,28 +703,26 @@ class ReBasinAlign(_EpochEndCallback):
         progress: bool = True,
         threads: int | str | None = "auto",
     ) -> None:
-        _check_every_n_epochs(every_n_epochs)
+        super().__init__(
+            reference,
+            every_n_epochs=every_n_epochs,
+            submodule=submodule,
+            cost=cost,
+            align_kwargs=align_kwargs,
+            spec=spec,
+            example_inputs=example_inputs,
+            progress=progress,
+            threads=threads,
+        )
         if mode not in ("inplace", "copy"):
             raise ValueError(f"mode must be 'inplace' or 'copy', got {mode!r}")
         if every_n_epochs == 0 and not at_fit_end:
             raise ValueError("every_n_epochs=0 and at_fit_end=False: the callback would never align")
-        self.reference = reference
-        self.every_n_epochs = every_n_epochs
-        self.cost = cost
         self.mode = mode
-        self.submodule = submodule
         self.at_fit_end = at_fit_end
-        self.align_kwargs = dict(align_kwargs or {})
-        self.progress = progress
-        self.threads = threads
-        self._spec = _SpecSource(spec, example_inputs)
-        self._reference: nn.Module | None = None
         self.aligned_model: nn.Module | None = None
         #: permutations of the last alignment ``{group: LongTensor}`` (relative to the weights before it)
         self.last_perms: dict[str, Tensor] | None = None
-        #: one entry per alignment: epoch, global step, distances before/after, seconds
-        self.history: list[dict[str, float]] = []
-        self._last_epoch = -1
         self._pending_aligned_state: dict[str, Tensor] | None = None
 
     @property
@@ -571,11 +732,6 @@ class ReBasinAlign(_EpochEndCallback):
 
     _key_settings = ("submodule", "mode", "every_n_epochs")
 
-    @property
-    def state_key(self) -> str:
-        # several instances (e.g. one per submodule) keep separate checkpoint states
-        return self._generate_state_key(**self._settings())
-
     def _load_changed(self, state: dict[str, Any], changed: dict[str, tuple[Any, Any]]) -> list[str]:
         dropped = []
         if "mode" in changed and state.get("aligned_state_dict") is not None:
@@ -584,9 +740,16 @@ class ReBasinAlign(_EpochEndCallback):
         self.load_state_dict(state)
         return dropped
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.mode == "inplace":
+            _check_weight_holders(trainer, "ReBasinAlign")
+
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         self._align(trainer, pl_module, in_loop=in_loop)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # skip when the last epoch's alignment already saw these weights (no optimizer step since)
         if self.at_fit_end and not (self.history and self.history[-1]["step"] == trainer.global_step):
@@ -599,7 +762,7 @@ class ReBasinAlign(_EpochEndCallback):
         start = time.perf_counter()
         with _isolated(pl_module, _trainer_loaders(trainer)), thread_limit(self.threads):
             spec = self._spec.get(target, pl_module)
-            records = _records(target, trainer.global_step)
+            records = _records(trainer, target, trainer.global_step)
             version = sum(r.applied for r in records)
             shared = _find(records, version, reference, spec, self.cost, self.align_kwargs)
             if shared is not None:  # LMCMonitor already aligned these very weights: reuse, do not re-align
@@ -615,8 +778,14 @@ class ReBasinAlign(_EpochEndCallback):
                     _align_kwargs(trainer, self.cost, self.align_kwargs, "ReBasinAlign"),
                     _show_progress(trainer, self.progress),
                 )
-            records.append(
+            if self.mode == "inplace":
+                _permute_training_state(trainer, target, spec, perms, self.submodule)
+            else:
+                self.aligned_model = permute(target, spec, perms)
+                self.aligned_model.requires_grad_(False)
+            self._alignments.append(
                 _Alignment(
+                    weakref.ref(target),
                     trainer.global_step,
                     version,
                     reference,
@@ -630,15 +799,6 @@ class ReBasinAlign(_EpochEndCallback):
                     owner="ReBasinAlign",
                 )
             )
-            if self.mode == "inplace":
-                optimizers = list(trainer.optimizers)
-                permute(target, spec, perms, optimizer=optimizers[0] if optimizers else None, inplace=True)
-                state = target.state_dict(keep_vars=True)
-                for opt in optimizers[1:]:  # further optimizers: their state only (the weights are done)
-                    permute_optimizer_state(opt, state, spec, perms)
-            else:
-                self.aligned_model = permute(target, spec, perms)
-                self.aligned_model.requires_grad_(False)
         seconds = time.perf_counter() - start
         self.last_perms = perms
         record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "l2_before": before}
@@ -651,6 +811,7 @@ class ReBasinAlign(_EpochEndCallback):
             f"{after:.4g} ({seconds:.2f} s)"
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "settings": self._settings(),
@@ -665,6 +826,8 @@ class ReBasinAlign(_EpochEndCallback):
             }
         return state
 
+    @override
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_epoch = int(state_dict["last_epoch"])
         self.history = [dict(h) for h in state_dict["history"]]
@@ -673,6 +836,7 @@ class ReBasinAlign(_EpochEndCallback):
             self._spec.spec = PermutationSpec.from_dict(state_dict["spec"])
         self._pending_aligned_state = state_dict.get("aligned_state_dict")
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the checkpoint's callback state is loaded after setup: rebuild the aligned copy from it
         if self._pending_aligned_state is not None:
@@ -684,6 +848,15 @@ class ReBasinAlign(_EpochEndCallback):
 
 # --------------------------------------------------------------------------- LMCMonitor
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _sized(data: Any) -> bool:
+    """Whether ``data`` has a length (a DataLoader over an ``IterableDataset`` without ``__len__`` has none)."""
+    try:
+        len(data)
+    except TypeError:
+        return False
+    return True
 
 
 def _has_val_source(trainer: pl.Trainer) -> bool:
@@ -778,40 +951,37 @@ class LMCMonitor(_EpochEndCallback):
         progress: bool = True,
         threads: int | str | None = "auto",
     ) -> None:
-        _check_every_n_epochs(every_n_epochs)
+        super().__init__(
+            reference,
+            every_n_epochs=every_n_epochs,
+            submodule=submodule,
+            cost=cost,
+            align_kwargs=align_kwargs,
+            spec=spec,
+            example_inputs=example_inputs,
+            progress=progress,
+            threads=threads,
+        )
         if not isinstance(n_points, int) or n_points < 2:
             raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
         if isinstance(data, str) and data not in ("val", "train"):
             raise ValueError(f"data must be 'val', 'train' or an iterable of batches, got {data!r}")
-        self.reference = reference
-        self.every_n_epochs = every_n_epochs
+        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+            raise ValueError(f"max_batches must be an int >= 1 or None, got {max_batches!r}")
         self.n_points = n_points
         self.align = align
         self.data = data
         self.reset_bn = reset_bn
         self.repair = repair
         self.save_dir = save_dir
-        self.submodule = submodule
-        self.cost = cost
-        self.align_kwargs = dict(align_kwargs or {})
         self.loss_fn: LossFn = loss_fn or F.cross_entropy
         self.max_batches = max_batches
-        self.progress = progress
-        self.threads = threads
-        self._spec = _SpecSource(spec, example_inputs)
-        self._reference: nn.Module | None = None
         self._batch_checked = False
         self._told_reuse = False
         #: one entry per evaluation: ``{"epoch": int, "naive": LMCResult, "rebasin": LMCResult}``
         self.results: list[dict[str, Any]] = []
-        #: the logged scalars of every evaluation (what ``state_dict`` saves)
-        self.history: list[dict[str, float]] = []
-        self._last_epoch = -1
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(**self._settings())
-
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.data == "val" and not _has_val_source(trainer):
@@ -822,7 +992,39 @@ class LMCMonitor(_EpochEndCallback):
                 "LMCMonitor(data='train' or an iterable of (x, y) batches)"
             )
         if stage == "fit" and not isinstance(self.data, str):
+            if self.max_batches is None and not _sized(self.data):
+                raise ValueError(
+                    f"LMCMonitor(data={type(self.data).__name__}): the data has no length (an iterable or "
+                    "IterableDataset may never end); pass max_batches=N"
+                )
             self._check_loader(self.data)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the training dataloader is loaded now, before the first step: an endless one is refused here
+        if self.data == "train" and self.max_batches is None and math.isinf(trainer.num_training_batches):
+            raise ValueError(
+                "LMCMonitor(data='train'): the training dataloader has no length (an IterableDataset) and "
+                "the Trainer reads it without limit; pass max_batches=N, or Trainer(limit_train_batches=N)"
+            )
+
+    def _batch_limit(self, trainer: pl.Trainer, loader: Any) -> int | None:
+        """How many batches a point of the curve reads: ``max_batches``, within the Trainer's own limit
+        for its dataloaders (``limit_train_batches`` / ``limit_val_batches``). Never unbounded on data
+        without a length."""
+        limits: list[float] = [self.max_batches] if self.max_batches is not None else []
+        if self.data == "train":
+            limits.append(trainer.num_training_batches)
+        elif self.data == "val" and trainer.num_val_batches:
+            limits.append(trainer.num_val_batches[0])
+        finite = [int(n) for n in limits if not math.isinf(n)]
+        if finite:
+            return min(finite)
+        if not _sized(loader):
+            raise ValueError(
+                f"LMCMonitor(data={self._describe()}): the data has no length and no limit; pass max_batches=N"
+            )
+        return None
 
     def _check_batch(self, batch: Any) -> None:
         if self._batch_checked:
@@ -857,6 +1059,7 @@ class LMCMonitor(_EpochEndCallback):
             raise ValueError("LMCMonitor(data=...): the dataloader yields no batches")
         self._check_batch(first)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -864,6 +1067,7 @@ class LMCMonitor(_EpochEndCallback):
         if self.data == "train":
             self._check_batch(batch)
 
+    @override
     def on_validation_batch_start(
         self,
         trainer: pl.Trainer,
@@ -878,6 +1082,7 @@ class LMCMonitor(_EpochEndCallback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         self.evaluate(trainer, pl_module, in_loop=in_loop)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs == 0:
             self.evaluate(trainer, pl_module, in_loop=False)
@@ -895,15 +1100,17 @@ class LMCMonitor(_EpochEndCallback):
         target = _target(pl_module, self.submodule)
         reference = _reference_for(self, target)
         loader = self._loader(trainer)
-        evaluate = Evaluator(loader, self.loss_fn, self.max_batches, trainer.strategy.reduce)
+        evaluate = Evaluator(
+            loader, self.loss_fn, self._batch_limit(trainer, loader), trainer.strategy.reduce
+        )
         progress = _show_progress(trainer, self.progress)
         kwargs: dict[str, Any] = {"n_points": self.n_points, "reset_bn": self.reset_bn, "repair": self.repair}
         kwargs["progress"] = progress
         if self.reset_bn or self.repair:
-            kwargs["train_data"] = trainer.train_dataloader
+            kwargs["bn_data"] = trainer.train_dataloader
         out: dict[str, Any] = {"epoch": trainer.current_epoch}
         with _isolated(pl_module, [loader, *_trainer_loaders(trainer)]), thread_limit(self.threads):
-            records = _records(target, trainer.global_step)
+            records = _records(trainer, target, trainer.global_step)
             applied = [r for r in records if r.applied]
             model = copy.deepcopy(target).eval()
             for r in reversed(applied):  # naive: the model as it was before this step's in-place alignments
@@ -936,8 +1143,9 @@ class LMCMonitor(_EpochEndCallback):
                             progress,
                         )
                         source = "LMCMonitor"
-                        records.append(
+                        self._alignments.append(
                             _Alignment(
+                                weakref.ref(target),
                                 trainer.global_step,
                                 0,
                                 reference,
@@ -998,6 +1206,7 @@ class LMCMonitor(_EpochEndCallback):
         save_figure(fig, path, dpi=100)
         out["figure_path"] = str(path)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "settings": self._settings(),
@@ -1005,6 +1214,7 @@ class LMCMonitor(_EpochEndCallback):
             "history": [dict(h) for h in self.history],
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_epoch = int(state_dict["last_epoch"])
         self.history = [dict(h) for h in state_dict["history"]]
