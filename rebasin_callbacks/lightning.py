@@ -31,14 +31,19 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from rebasin_callbacks.checkpoints import ReferenceLike, load_reference_state, match_reference
 from rebasin_callbacks.lightning_fusion import ReBasinFusion
+from rebasin_callbacks.lightning_guards import (
+    check_weight_holders,
+    refuse_sharded,
+    trainer_callbacks,
+    weight_copies,
+)
 from rebasin_callbacks.lmc import Evaluator
 from rebasin_callbacks.permute import invert_permutation, permute, permute_state_dict
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
@@ -96,28 +101,6 @@ def _target(pl_module: nn.Module, submodule: str | None) -> nn.Module:
     while isinstance(inner := getattr(module, "_orig_mod", None), nn.Module):
         module = inner
     return module
-
-
-def _callbacks(trainer: pl.Trainer) -> list[Callback]:
-    """The Trainer's callbacks (an attribute Lightning sets at construction)."""
-    return list(getattr(trainer, "callbacks", []))
-
-
-#: strategies that shard parameters across processes: a rank does not hold whole weight matrices
-def _sharded_strategies() -> tuple[type, ...]:
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-    return (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-
-
-def _refuse_sharded(trainer: pl.Trainer, who: str) -> None:
-    """Refuse, as Lightning's ``StochasticWeightAveraging`` does, a strategy that shards the parameters."""
-    strategy = trainer.strategy
-    if isinstance(strategy, _sharded_strategies()):
-        raise MisconfigurationException(
-            f"{who} does not support sharded models: {type(strategy).__name__} splits every parameter "
-            "across processes, and a permutation needs whole weight matrices; use DDP or a single device"
-        )
 
 
 def _check_every_n_epochs(every_n_epochs: int) -> None:
@@ -360,7 +343,7 @@ def _records(trainer: pl.Trainer, target: nn.Module, step: int) -> list[_Alignme
     """This step's alignments of ``target`` by every callback of the Trainer, oldest first (each callback
     keeps its own; older steps are dropped as stale)."""
     found: list[_Alignment] = []
-    for callback in _callbacks(trainer):
+    for callback in trainer_callbacks(trainer):
         if isinstance(callback, _EpochEndCallback):
             callback._alignments = [r for r in callback._alignments if r.step == step]
             found += [r for r in callback._alignments if r.target() is target]
@@ -424,42 +407,6 @@ class _OptimizerStates:
         self.state = {p: s for opt in optimizers for p, s in opt.state.items()}
 
 
-def _weight_copies(trainer: pl.Trainer, submodule: str | None) -> list[tuple[str, nn.Module]]:
-    """The copies of the trained weights that other callbacks keep and update from the model (Lightning's
-    ``WeightAveraging`` / ``EMAWeightAveraging`` and ``StochasticWeightAveraging``), as ``(callback name,
-    the copy's aligned module)``. An average of permuted weights is the permuted average, so permuting the
-    copy with the model keeps every later update in one basis."""
-    from lightning.pytorch.callbacks import WeightAveraging
-
-    copies = []
-    for callback in _callbacks(trainer):
-        if isinstance(callback, WeightAveraging):
-            averaged = callback._average_model
-            held = averaged.module if averaged is not None else None
-        elif isinstance(callback, StochasticWeightAveraging):
-            held = callback._average_model
-        else:
-            continue
-        if held is not None:
-            copies.append((type(callback).__name__, _target(held, submodule)))
-    return copies
-
-
-def _check_weight_holders(trainer: pl.Trainer, who: str) -> None:
-    """Refuse, at setup, a weight-averaging callback whose copy cannot be found (another Lightning version)."""
-    from lightning.pytorch.callbacks import WeightAveraging
-
-    for callback in _callbacks(trainer):
-        if isinstance(callback, (WeightAveraging, StochasticWeightAveraging)) and not hasattr(
-            callback, "_average_model"
-        ):
-            raise MisconfigurationException(
-                f"{who}(mode='inplace'): {type(callback).__name__} keeps a copy of the weights this version "
-                "of the callback cannot find; it would average two bases after an alignment. Use "
-                f"{who}(mode='copy') or remove {type(callback).__name__}"
-            )
-
-
 def _permute_training_state(
     trainer: pl.Trainer,
     target: nn.Module,
@@ -479,7 +426,7 @@ def _permute_training_state(
         permuted = permute_state_dict(source, spec, perms)
         new_grads = {k: permuted[k] for k in grads if k in spec.axes_to_perm}
     copies = []
-    for name, held in _weight_copies(trainer, submodule):
+    for name, held in weight_copies(trainer, submodule, _target):
         held_state = held.state_dict(keep_vars=True)
         if {k: tuple(v.shape) for k, v in held_state.items()} != {
             k: tuple(v.shape) for k, v in state.items()
@@ -547,7 +494,7 @@ class _EpochEndCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        _refuse_sharded(trainer, type(self).__name__)
+        refuse_sharded(trainer, type(self).__name__)
         self._reference = _prepare(self._spec, self.reference, pl_module, self.submodule)
         self._alignments = []  # a new fit's step counter starts again
 
@@ -744,7 +691,7 @@ class ReBasinAlign(_EpochEndCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.mode == "inplace":
-            _check_weight_holders(trainer, "ReBasinAlign")
+            check_weight_holders(trainer, "ReBasinAlign", "mode='copy'")
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         self._align(trainer, pl_module, in_loop=in_loop)

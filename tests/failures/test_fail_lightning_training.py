@@ -312,3 +312,32 @@ def test_compiled_submodule_is_aligned_at_every_epoch(tmp_path):
     assert len(aligner.history) == 3
     assert all("_orig_mod" not in k for k in aligner.spec.axes_to_perm)
     assert aligner.history[-1]["l2_after"] <= aligner.history[-1]["l2_before"]
+
+
+@pytest.mark.timeout(120)
+def test_monitor_on_endless_val_data_follows_limit_val_batches(tmp_path):
+    monitor = LMCMonitor(_reference(), submodule="model", n_points=3, align=False, save_dir=str(tmp_path))
+    net = Net()
+    net.validation_step = lambda batch, batch_idx: None
+    trainer = _trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=2, limit_val_batches=3)
+    trainer.fit(net, _loader(), DataLoader(Endless(), batch_size=8))
+    assert len(monitor.results) == 1
+
+
+# --------------------------------------------------------------------------- ReBasinFusion
+def test_fusion_refuses_sharded_strategies_and_averaging_in_an_episode(tmp_path):
+    from rebasin_callbacks.lightning_fusion import ReBasinFusion
+
+    fusion = ReBasinFusion(alpha=0.8, beta=0.1, submodule="model", example_inputs=torch.zeros(2, 6))
+    trainer = _trainer(tmp_path, [fusion])
+    trainer._accelerator_connector.strategy = FSDPStrategy()
+    with pytest.raises(
+        MisconfigurationException, match="ReBasinFusion does not support sharded.*FSDPStrategy"
+    ):
+        fusion.setup(trainer, Net(), "fit")
+    net = Net()
+    _trainer(tmp_path, [fusion, EMAWeightAveraging()], max_epochs=1).fit(net, _loader())  # first fit: plain
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(MisconfigurationException, match="EMAWeightAveraging averages the module's weights"):
+        _trainer(tmp_path, [fusion, EMAWeightAveraging()], max_epochs=1).fit(net, _loader())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
