@@ -576,9 +576,12 @@ class ReBasinAlign(_EpochEndCallback):
     :func:`~rebasin_callbacks.align` (Sinkhorn re-basin; data-free L2 cost by default). A permutation of
     hidden units never changes what the network computes, so:
 
-    * ``mode="inplace"`` permutes the trained weights, the buffers (BatchNorm statistics) and the optimizer
-      state (Adam moments, momentum) in place, so the weights now live in the reference's basin
-      (checkpoints saved afterwards too). What is guaranteed, at the moment of alignment: the network
+    * ``mode="inplace"`` permutes, all or nothing, everything in the Trainer that holds the trained weights:
+      the parameters, the buffers (BatchNorm statistics), pending gradients (gradient accumulation), the
+      state of every optimizer (Adam moments, momentum) and the averaged copy kept by Lightning's
+      ``WeightAveraging`` / ``EMAWeightAveraging`` / ``StochasticWeightAveraging``, so the weights now live
+      in the reference's basin (checkpoints saved afterwards too). What is guaranteed, at the moment of
+      alignment: the network
       computes the same function (outputs equal up to float round-off: the permuted sums are added in
       another order) and every per-parameter optimizer state tensor is exactly the permuted one, so the
       next optimizer step is the permuted image of the step the unaligned run would take. What is not:
@@ -591,7 +594,8 @@ class ReBasinAlign(_EpochEndCallback):
     Logged on rank zero: ``rebasin/l2_before``, ``rebasin/l2_after`` (weight distance to the reference)
     and ``rebasin/align_seconds``. Under DDP the permutations are computed on rank 0 and broadcast, so every
     rank ends with identical weights. Configuration errors (missing checkpoint, different architecture,
-    unknown submodule) are raised at ``setup``, before any training time is spent.
+    unknown submodule, a strategy that shards parameters: FSDP, DeepSpeed) are raised at ``setup``, before
+    any training time is spent. A ``torch.compile``'d submodule is aligned through the module it wraps.
 
     Args:
         reference: the model to align to: an ``nn.Module`` / ``LightningModule`` of the same architecture,
@@ -831,10 +835,13 @@ class LMCMonitor(_EpochEndCallback):
       has it (W&B, Neptune), ``add_figure("lmc", ...)`` on TensorBoard, ``log_figure`` on MLflow; with no
       such logger a PNG ``lmc_epoch{N}.png`` in ``save_dir`` (default: the Trainer's log dir).
 
-    The model being trained is never modified (copies are evaluated; train/eval modes, the global random
-    state and the random state of the DataLoaders' own generators are restored, so ``data="train"``
-    and ``reset_bn=True`` do not change the shuffling order either): training and validation metrics are
-    the same as without the callback. Under DDP every rank evaluates its shard of the dataloader and the
+    The model being trained is never modified (copies are evaluated; train/eval modes, Python's
+    ``random``, NumPy's global generator, torch's CPU and CUDA generators and the DataLoaders' own
+    generators are restored, so ``data="train"`` with augmentations and ``reset_bn=True`` change neither
+    the data nor the shuffling order): training and validation metrics are the same as without the
+    callback. Each point reads at most ``max_batches`` batches and no more than the Trainer reads
+    (``limit_train_batches`` / ``limit_val_batches``); data without a length and without such a limit is
+    refused before training (it could be endless). Under DDP every rank evaluates its shard of the dataloader and the
     sums are reduced. Batches may be ``(inputs, targets)`` pairs or dicts with input/target keys
     (:func:`~rebasin_callbacks.utils.split_batch`); the first batch is checked when the fit starts.
 
@@ -857,7 +864,7 @@ class LMCMonitor(_EpochEndCallback):
         submodule: name of the submodule that is compared (``None`` = the LightningModule).
         cost / align_kwargs / spec / example_inputs: alignment settings, as in :class:`ReBasinAlign`.
         loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
-        max_batches: evaluate at most this many batches per point.
+        max_batches: evaluate at most this many batches per point (needed for data without a length).
         progress: show progress over the curve's points (when the Trainer shows a progress bar).
         threads: CPU intra-op threads inside the evaluation, as in :class:`ReBasinAlign`.
 

@@ -229,15 +229,21 @@ class Dropout(Net):
         self.model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
 
 
-def test_monitor_on_augmented_train_data_leaves_training_unchanged(tmp_path):
+_CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (dropout draws from its generator)"
+)
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("cuda", marks=_CUDA)])
+def test_monitor_on_augmented_train_data_leaves_training_unchanged(tmp_path, accelerator):
     def run(callbacks):
         random.seed(0)
         np.random.seed(0)
-        torch.manual_seed(0)
+        torch.manual_seed(0)  # seeds CUDA's generators too
         net = Dropout()
         loader = DataLoader(Augmented(), batch_size=16, shuffle=True)
-        _trainer(tmp_path, callbacks, max_epochs=3).fit(net, loader)
-        return net.model.state_dict()
+        _trainer(tmp_path, callbacks, max_epochs=3, accelerator=accelerator).fit(net, loader)
+        return {k: v.cpu() for k, v in net.model.state_dict().items()}
 
     control = run([])
     reference = Dropout().model
