@@ -32,6 +32,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -39,6 +40,7 @@ from typing_extensions import override
 from rebasin_callbacks.checkpoints import ReferenceLike, load_reference_state, match_reference
 from rebasin_callbacks.lightning_fusion import ReBasinFusion
 from rebasin_callbacks.lightning_guards import (
+    averaged_modules,
     check_weight_holders,
     refuse_sharded,
     trainer_callbacks,
@@ -249,6 +251,10 @@ class _SpecSource:
         return self.spec
 
 
+def _join(prefix: str | None, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _prepare(
     spec: _SpecSource, reference: ReferenceLike, pl_module: pl.LightningModule, submodule: str | None
 ) -> nn.Module:
@@ -256,6 +262,16 @@ def _prepare(
     fits it, and the spec fits it (traced now when example inputs are already known). Returns the
     reference module."""
     target = _target(pl_module, submodule)
+    compiled = [
+        n for n, m in target.named_modules() if n and isinstance(getattr(m, "_orig_mod", None), nn.Module)
+    ]
+    if compiled and spec.spec is None:
+        # the tracer cannot look inside a compiled module: it would find nothing to permute there
+        raise ValueError(
+            f"submodule={submodule!r}: {type(target).__name__}.{compiled[0]} is a torch.compile'd module, "
+            f"which a spec cannot be traced through; pass submodule={_join(submodule, compiled[0])!r} (the "
+            "callbacks align the module it wraps) or spec=..."
+        )
     ref = _reference_module(reference, target, submodule)
     if spec.spec is None and (spec.example_inputs is not None or target is pl_module):
         if spec.example_inputs is not None or pl_module.example_input_array is not None:
@@ -407,8 +423,33 @@ class _OptimizerStates:
         self.state = {p: s for opt in optimizers for p, s in opt.state.items()}
 
 
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _own_averages(
+    pl_module: nn.Module, target: nn.Module, submodule: str | None
+) -> list[tuple[str, nn.Module]]:
+    """The ``AveragedModel`` copies of ``target`` the LightningModule keeps itself (same keys and shapes).
+    One that averages a part of ``target`` in another layout is refused: it would average two bases."""
+    found = []
+    shapes = _shapes(target)
+    for name, held in averaged_modules(pl_module):
+        inner = _target(held, None)
+        if inner is not target and _shapes(inner) == shapes:
+            found.append((f"{type(pl_module).__name__}.{name}", inner))
+        elif submodule is None or name == submodule or name.startswith(submodule + "."):
+            raise MisconfigurationException(
+                f"ReBasinAlign(submodule={submodule!r}): {type(pl_module).__name__}.{name} is an AveragedModel "
+                "inside the aligned module whose copy is not of the aligned module, so it cannot be permuted "
+                "with it; align the module it averages (submodule=...) or use mode='copy'"
+            )
+    return found
+
+
 def _permute_training_state(
     trainer: pl.Trainer,
+    pl_module: nn.Module,
     target: nn.Module,
     spec: PermutationSpec,
     perms: dict[str, Tensor],
@@ -426,11 +467,10 @@ def _permute_training_state(
         permuted = permute_state_dict(source, spec, perms)
         new_grads = {k: permuted[k] for k in grads if k in spec.axes_to_perm}
     copies = []
-    for name, held in weight_copies(trainer, submodule, _target):
+    held_copies = weight_copies(trainer, submodule, _target) + _own_averages(pl_module, target, submodule)
+    for name, held in held_copies:
         held_state = held.state_dict(keep_vars=True)
-        if {k: tuple(v.shape) for k, v in held_state.items()} != {
-            k: tuple(v.shape) for k, v in state.items()
-        }:
+        if _shapes(held) != _shapes(target):
             raise SpecMismatchError(
                 f"ReBasinAlign: {name}'s copy of the weights does not have the model's keys and shapes; "
                 "nothing was changed"
@@ -696,6 +736,7 @@ class ReBasinAlign(_EpochEndCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.mode == "inplace":
             check_weight_holders(trainer, "ReBasinAlign", "mode='copy'")
+            _own_averages(pl_module, _target(pl_module, self.submodule), self.submodule)  # refused now
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         self._align(trainer, pl_module, in_loop=in_loop)
@@ -730,7 +771,7 @@ class ReBasinAlign(_EpochEndCallback):
                     _show_progress(trainer, self.progress),
                 )
             if self.mode == "inplace":
-                _permute_training_state(trainer, target, spec, perms, self.submodule)
+                _permute_training_state(trainer, pl_module, target, spec, perms, self.submodule)
             else:
                 self.aligned_model = permute(target, spec, perms)
                 self.aligned_model.requires_grad_(False)

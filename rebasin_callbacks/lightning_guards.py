@@ -26,7 +26,14 @@ from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, Wei
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-__all__ = ["refuse_sharded", "weight_copies", "check_weight_holders", "trainer_callbacks", "weight_averagers"]
+__all__ = [
+    "refuse_sharded",
+    "weight_copies",
+    "check_weight_holders",
+    "trainer_callbacks",
+    "weight_averagers",
+    "averaged_modules",
+]
 
 
 def _sharded_strategies() -> tuple[type, ...]:
@@ -75,6 +82,14 @@ def weight_copies(
             held = held.get_submodule(submodule)
         copies.append((type(callback).__name__, held))
     return copies
+
+
+def averaged_modules(pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, averaged copy)`` for every ``torch.optim.swa_utils.AveragedModel`` inside the LightningModule
+    (an EMA or SWA copy the module keeps itself)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    return [(name, m.module) for name, m in pl_module.named_modules() if isinstance(m, AveragedModel)]
 
 
 def weight_averagers(trainer: pl.Trainer) -> list[str]:

@@ -347,3 +347,46 @@ def test_fusion_refuses_sharded_strategies_and_averaging_in_an_episode(tmp_path)
     with pytest.raises(MisconfigurationException, match="EMAWeightAveraging averages the module's weights"):
         _trainer(tmp_path, [fusion, EMAWeightAveraging()], max_epochs=1).fit(net, _loader())
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("cls", [ReBasinAlign, LMCMonitor])
+def test_compiled_child_of_the_aligned_module_is_named_at_setup(tmp_path, cls):
+    net = Compiled()
+    net.example_input_array = torch.zeros(2, 6)
+    with pytest.raises(ValueError, match=r"Compiled\.model is a torch.compile'd module.*submodule='model'"):
+        _trainer(tmp_path, [cls(Compiled())]).fit(net, _loader())
+    assert net.steps == 0
+
+
+class OwnEMA(Net):
+    """Keeps its own exponential moving average of ``model`` (``torch.optim.swa_utils.AveragedModel``)."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.ema.update_parameters(self.model)
+
+
+def test_own_averaged_model_is_permuted_with_the_model(tmp_path):
+    control = OwnEMA()
+    _trainer(tmp_path, [], max_epochs=2).fit(control, _loader())
+    aligner = AlignOnce(_reference(), submodule="model", align_kwargs={"steps": 5})
+    aligned = OwnEMA()
+    _trainer(tmp_path, [aligner], max_epochs=2).fit(aligned, _loader())
+    expected = permute_state_dict(control.ema.module.state_dict(), aligner.spec, aligner.last_perms)
+    assert _max_diff(aligned.ema.module.state_dict(), expected) < 1e-4
+
+
+def test_own_averaged_model_inside_the_aligned_module_is_refused_at_setup(tmp_path):
+    net = OwnEMA()
+    net.example_input_array = torch.zeros(2, 6)
+    reference = OwnEMA()
+    with pytest.raises(
+        MisconfigurationException, match=r"OwnEMA\.ema is an AveragedModel inside the aligned"
+    ):
+        _trainer(tmp_path, [ReBasinAlign(reference)]).fit(net, _loader())
+    assert net.steps == 0
