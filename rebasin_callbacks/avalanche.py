@@ -391,7 +391,36 @@ class ReBasinPlugin(SupervisedPlugin):
                     strategy.evaluator.publish_metric_value(
                         MetricValue(self, f"ReBasin/{key}/Exp{exp_id:03d}", value, x)
                     )
+                _PrintOwnMetrics.attach(strategy)
         self.experiences_trained += 1
+
+
+class _PrintOwnMetrics(SupervisedPlugin):
+    """Prints the ``ReBasin/*`` values on the console loggers (``TextLogger``, ``InteractiveLogger``) at the
+    end of their own experience.
+
+    The EvaluationPlugin hands them to every logger in ``after_training_exp``, but a text logger prints only
+    at its next epoch or evaluation: during the next experience, and never for the last one. This plugin
+    runs after the EvaluationPlugin (it is appended to the strategy's plugins, behind it) and prints them."""
+
+    @classmethod
+    def attach(cls, strategy: Any) -> None:
+        # appended while Avalanche iterates strategy.plugins for this very callback: a list iteration sees
+        # the new last element, so it runs for this experience too, after the EvaluationPlugin
+        if not any(isinstance(p, cls) for p in strategy.plugins):
+            strategy.plugins.append(cls())
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        from avalanche.logging import TextLogger
+
+        for text in getattr(getattr(strategy, "evaluator", None), "loggers", []):
+            if not isinstance(text, TextLogger):
+                continue
+            own = sorted(name for name in text.metric_vals if name.startswith("ReBasin/"))
+            for name in own:
+                _, _, value = text.metric_vals.pop(name)
+                print(f"\t{name} = {value:.4f}" if isinstance(value, float) else f"\t{name} = {value}",
+                      file=text.file)  # fmt: skip
 
 
 class ReBasinStrategy(SupervisedTemplate):
