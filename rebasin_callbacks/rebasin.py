@@ -60,36 +60,44 @@ def apply_soft_permutations(
     """A new state dict with ``P_g`` applied along every axis of group ``g`` (soft or hard matrices).
 
     An axis made of several groups' blocks (``spec.axis_blocks``) gets each block multiplied by its
-    group's matrix."""
+    group's matrix. Block groups (``spec.block_axes``: heads) are applied first, each unit of a block
+    moving its ``k`` entries together (``P_heads`` acts as ``P_heads (x) I_k``), then the groups inside."""
     out = dict(state)
     for key, axes in spec.axes_to_perm.items():
         value = out[key]
         if not value.is_floating_point():
             continue
         for axis, group in enumerate(axes):
+            if key in spec.block_axes:
+                value = _apply_blocks(value, spec.axis_blocks(key, axis, level="blocks"), matrices, axis)
             if group is None:
                 continue
             if isinstance(group, str):
                 if group in matrices:
                     value = _apply_matrix(value, matrices[group], axis)
                 continue
-            blocks = spec.axis_blocks(key, axis)
-            if not any(g is not None and g in matrices for g, _, _ in blocks):
-                continue
-            parts = []
-            for g, start, stop in blocks:
-                part = value.narrow(axis, start, stop - start)
-                if g is not None and g in matrices:
-                    n = matrices[g].shape[-1]
-                    if stop - start != n:  # a flattened block: each unit's k entries move together
-                        grouped = part.unflatten(axis, (n, (stop - start) // n))
-                        part = _apply_matrix(grouped, matrices[g], axis).flatten(axis, axis + 1)
-                    else:
-                        part = _apply_matrix(part, matrices[g], axis)
-                parts.append(part)
-            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+            value = _apply_blocks(value, spec.axis_blocks(key, axis), matrices, axis)
         out[key] = value
     return out
+
+
+def _apply_blocks(
+    value: Tensor, blocks: list[tuple[str | None, int, int]], matrices: Mapping[str, Tensor], axis: int
+) -> Tensor:
+    if not any(g is not None and g in matrices for g, _, _ in blocks):
+        return value
+    parts = []
+    for g, start, stop in blocks:
+        part = value.narrow(axis, start, stop - start)
+        if g is not None and g in matrices:
+            n = matrices[g].shape[-1]
+            if stop - start != n:  # a flattened block: each unit's k entries move together
+                grouped = part.unflatten(axis, (n, (stop - start) // n))
+                part = _apply_matrix(grouped, matrices[g], axis).flatten(axis, axis + 1)
+            else:
+                part = _apply_matrix(part, matrices[g], axis)
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
 
 
 class ReBasin(nn.Module):
