@@ -46,7 +46,7 @@ from rebasin_callbacks.lightning_guards import (
     trainer_callbacks,
     weight_copies,
 )
-from rebasin_callbacks.lmc import Evaluator
+from rebasin_callbacks.lmc import Evaluator, LMCResult
 from rebasin_callbacks.permute import invert_permutation, permute, permute_state_dict
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.utils import (
@@ -841,6 +841,20 @@ class ReBasinAlign(_EpochEndCallback):
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def _non_finite(model: nn.Module) -> str | None:
+    """The message naming ``model``'s first NaN/inf entry, or None when all are finite."""
+    try:
+        check_finite(model, "the trained model")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _nan_curve(n_points: int, label: str) -> LMCResult:
+    lambdas = [i / (n_points - 1) for i in range(n_points)]
+    return LMCResult.from_values(lambdas, {"loss": [math.nan] * n_points}, label=label)
+
+
 def _sized(data: Any) -> bool:
     """Whether ``data`` has a length (a DataLoader over an ``IterableDataset`` without ``__len__`` has none)."""
     try:
@@ -1102,59 +1116,80 @@ class LMCMonitor(_EpochEndCallback):
         if self.reset_bn or self.repair:
             kwargs["bn_data"] = trainer.train_dataloader
         out: dict[str, Any] = {"epoch": trainer.current_epoch}
-        with _isolated(pl_module, [loader, *_trainer_loaders(trainer)]), thread_limit(self.threads):
-            records = _records(trainer, target, trainer.global_step)
-            applied = [r for r in records if r.applied]
-            model = copy.deepcopy(target).eval()
-            for r in reversed(applied):  # naive: the model as it was before this step's in-place alignments
-                model = permute(model, r.spec, _inverse(r.perms))
-            out["naive"] = lmc_curve(model, reference, evaluate, label="naive", **kwargs)
-            if self.align:
-                last = applied[-1] if applied else None
-                if last is not None and last.cost == self.cost and _same_reference(last.reference, reference):
-                    rebased = copy.deepcopy(target).eval()  # already aligned in place: reuse, no re-alignment
-                    out["rebasin_source"] = last.owner
-                    if not self._told_reuse:
-                        rank_zero_info(
-                            f"LMCMonitor: the re-based curve reuses {last.owner}'s in-place alignment of "
-                            "the same step (same reference and cost); 'naive' is the model before it"
-                        )
-                        self._told_reuse = True
-                else:
-                    spec = self._spec.get(model, pl_module)
-                    shared = _find(records, 0, reference, spec, self.cost, self.align_kwargs)
-                    if shared is not None:
-                        perms, before, after, source = shared.perms, shared.before, shared.after, shared.owner
+        broken = _non_finite(target)
+        if broken is not None:  # a diverged run: say so, log NaN (never a curve that looks fine), go on
+            rank_zero_warn(
+                f"LMCMonitor: epoch {trainer.current_epoch}: {broken}; its curves are logged as NaN"
+            )
+            for name, label in (("naive", "naive"), ("rebasin", "re-based"))[: 2 if self.align else 1]:
+                out[name] = _nan_curve(self.n_points, label)
+        else:
+            with _isolated(pl_module, [loader, *_trainer_loaders(trainer)]), thread_limit(self.threads):
+                records = _records(trainer, target, trainer.global_step)
+                applied = [r for r in records if r.applied]
+                model = copy.deepcopy(target).eval()
+                for r in reversed(
+                    applied
+                ):  # naive: the model as it was before this step's in-place alignments
+                    model = permute(model, r.spec, _inverse(r.perms))
+                out["naive"] = lmc_curve(model, reference, evaluate, label="naive", **kwargs)
+                if self.align:
+                    last = applied[-1] if applied else None
+                    if (
+                        last is not None
+                        and last.cost == self.cost
+                        and _same_reference(last.reference, reference)
+                    ):
+                        rebased = copy.deepcopy(
+                            target
+                        ).eval()  # already aligned in place: reuse, no re-alignment
+                        out["rebasin_source"] = last.owner
+                        if not self._told_reuse:
+                            rank_zero_info(
+                                f"LMCMonitor: the re-based curve reuses {last.owner}'s in-place alignment of "
+                                "the same step (same reference and cost); 'naive' is the model before it"
+                            )
+                            self._told_reuse = True
                     else:
-                        perms, before, after = _compute_perms(
-                            trainer,
-                            model,
-                            reference,
-                            spec,
-                            self.cost,
-                            _align_kwargs(trainer, self.cost, self.align_kwargs, "LMCMonitor"),
-                            progress,
-                        )
-                        source = "LMCMonitor"
-                        self._alignments.append(
-                            _Alignment(
-                                weakref.ref(target),
-                                trainer.global_step,
-                                0,
+                        spec = self._spec.get(model, pl_module)
+                        shared = _find(records, 0, reference, spec, self.cost, self.align_kwargs)
+                        if shared is not None:
+                            perms, before, after, source = (
+                                shared.perms,
+                                shared.before,
+                                shared.after,
+                                shared.owner,
+                            )
+                        else:
+                            perms, before, after = _compute_perms(
+                                trainer,
+                                model,
                                 reference,
                                 spec,
                                 self.cost,
-                                dict(self.align_kwargs),
-                                perms,
-                                before,
-                                after,
-                                applied=False,
-                                owner="LMCMonitor",
+                                _align_kwargs(trainer, self.cost, self.align_kwargs, "LMCMonitor"),
+                                progress,
                             )
-                        )
-                    rebased = permute(model, spec, perms)
-                    out["rebasin_source"] = source
-                out["rebasin"] = lmc_curve(rebased, reference, evaluate, label="re-based", **kwargs)
+                            source = "LMCMonitor"
+                            self._alignments.append(
+                                _Alignment(
+                                    weakref.ref(target),
+                                    trainer.global_step,
+                                    0,
+                                    reference,
+                                    spec,
+                                    self.cost,
+                                    dict(self.align_kwargs),
+                                    perms,
+                                    before,
+                                    after,
+                                    applied=False,
+                                    owner="LMCMonitor",
+                                )
+                            )
+                        rebased = permute(model, spec, perms)
+                        out["rebasin_source"] = source
+                    out["rebasin"] = lmc_curve(rebased, reference, evaluate, label="re-based", **kwargs)
         metrics: dict[str, float] = {}
         for name in ("naive", "rebasin"):
             if name in out:

@@ -37,19 +37,24 @@ LAYERS: dict[int, tuple[str, ...]] = {
     9: ("costs",),
     10: ("refine",),
     11: ("align", "incremental"),
-    12: (
+    12: ("lightning_guards", "commands.errors"),
+    13: ("commands.paths", "commands.datasets", "commands.devices", "commands.specs"),
+    14: ("commands.arguments",),
+    15: ("commands.architectures",),
+    16: ("commands.loading", "commands.shapes"),
+    17: ("commands.common",),
+    18: (
         "lightning",
         "lightning_fusion",
         "avalanche",
         "commands.__init__",
-        "commands.common",
         "commands.align",
         "commands.lmc",
         "commands.spec",
         "cli",
         "demo",
     ),
-    13: ("__init__", "__main__"),
+    19: ("__init__", "__main__"),
 }
 
 #: (importer, imported) -> why an import into the same layer is right. Never an upward import.
@@ -59,9 +64,6 @@ ALLOWED: dict[tuple[str, str], str] = {
         "lightning_fusion",
     ): "ReBasinFusion is re-exported where the Lightning callbacks are imported",
     ("demo", "lightning"): "the demo is a Lightning run: it drives the callbacks it shows",
-    ("commands.align", "commands.common"): "the subcommands share argument parsing, models and checkpoints",
-    ("commands.lmc", "commands.common"): "the subcommands share argument parsing, models and checkpoints",
-    ("commands.spec", "commands.common"): "the subcommands share argument parsing, models and checkpoints",
 }
 
 

@@ -390,3 +390,25 @@ def test_own_averaged_model_inside_the_aligned_module_is_refused_at_setup(tmp_pa
     ):
         _trainer(tmp_path, [ReBasinAlign(reference)]).fit(net, _loader())
     assert net.steps == 0
+
+
+def test_data_cost_alignment_on_augmented_train_data_leaves_training_unchanged(tmp_path):
+    # ReBasinAlign(cost="mid") reads the training dataloader (augmentations draw from random / NumPy);
+    # mode="copy" changes no weight, so the run must end exactly where the control does
+    def run(callbacks):
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        net = Dropout()
+        _trainer(tmp_path, callbacks, max_epochs=2).fit(
+            net, DataLoader(Augmented(), batch_size=16, shuffle=True)
+        )
+        return net.model.state_dict()
+
+    control = run([])
+    aligner = ReBasinAlign(
+        Dropout().model, submodule="model", cost="mid", mode="copy", align_kwargs={"steps": 3}
+    )
+    aligned = run([aligner])
+    assert len(aligner.history) == 2 and aligner.aligned_model is not None
+    assert _max_diff(aligned, control) == 0.0
