@@ -137,6 +137,10 @@ def _scope(reference: Mapping[str, Tensor], add: str) -> list[str]:
     return [r for r in reference if r.startswith(add)]
 
 
+#: the key segment ``torch.compile``'s ``OptimizedModule`` adds in front of the wrapped module's keys
+_COMPILED = "_orig_mod."
+
+
 def match_reference(
     reference: Mapping[str, Tensor],
     model: nn.Module,
@@ -175,6 +179,8 @@ def match_reference(
     target = model.state_dict()
     keys = list(target)
     model_name = model_name or type(model).__name__
+    if not any(_COMPILED in k for k in keys):  # a checkpoint of a torch.compile'd module fits the plain one
+        reference = {k.replace(_COMPILED, ""): v for k, v in reference.items()}
     maps = _key_maps(reference, keys, prefix_hint)
     full = [m for m in maps if all(_rekey(k, *m) in reference for k in keys)]
     if not full:

@@ -164,19 +164,10 @@ def _loaders(cfg: DemoConfig):
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"``: ``"cuda"`` when a GPU is there, else ``"cpu"``; anything else checked (the command line's
-    :func:`~rebasin_callbacks.commands.devices.resolve_device`, as a string).
+    """:func:`rebasin_callbacks.devices.resolve_device`, as the name the demo's Trainer is given."""
+    from rebasin_callbacks.devices import resolve_device as resolve
 
-    Raises:
-        ValueError: not a device, or CUDA asked for without one.
-    """
-    from rebasin_callbacks.commands.devices import resolve_device as resolve
-    from rebasin_callbacks.commands.errors import CommandError
-
-    try:
-        return str(resolve(device))
-    except CommandError as exc:
-        raise ValueError(str(exc)) from None
+    return str(resolve(device, what="--device"))
 
 
 def _accelerator(device: str) -> tuple[str, Any]:

@@ -18,21 +18,14 @@ __all__ = ["resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else the CPU; anything else is checked.
+    """:func:`rebasin_callbacks.devices.resolve_device` for ``--device``, its errors as a one-line CommandError.
 
     Raises:
         CommandError: not a device name, or CUDA asked for on a machine without it.
     """
-    import torch
+    from rebasin_callbacks.devices import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise CommandError(f"--device {name!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(
-            f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)"
-        )
-    return device
+        return resolve(name, what="--device")
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
