@@ -23,7 +23,6 @@ maxima already fall in distinct columns needs no solver (the common case near a 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
@@ -32,44 +31,17 @@ from torch import Tensor, nn
 
 from rebasin_callbacks.permute import assignment, axis_index
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-from rebasin_callbacks.trace import trace_spec
-from rebasin_callbacks.utils import check_compatible, check_finite, infer_example_inputs, renamed_arguments
+from rebasin_callbacks.spec_source import resolve_spec
+from rebasin_callbacks.states import check_compatible, check_finite
 
 __all__ = [
     "weight_matching",
     "check_finite",
-    "resolve_spec",
 ]
 
 Block = tuple[str | None, int, int]
 #: memory for cached similarity terms (per call), e.g. 16 MiB per 2048-wide term in float32
 _CACHE_BYTES = 1 << 30
-
-
-def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_inputs: Any) -> PermutationSpec:
-    """The given spec (validated against ``model``), or one traced from ``example_inputs``."""
-    if spec is None:
-        if example_inputs is None:
-            inferred = infer_example_inputs(model)
-            if inferred is None:
-                raise ValueError(
-                    f"no spec for {type(model).__name__}: pass spec=PermutationSpec(...) or example_inputs=... "
-                    "to trace one"
-                )
-            example_inputs, source = inferred
-            warnings.warn(
-                f"no spec or example inputs for {type(model).__name__}: tracing on random inputs of shape "
-                f"{tuple(example_inputs.shape)} from {source}; pass example_inputs= to choose",
-                stacklevel=3,
-            )
-        spec = trace_spec(model, example_inputs)
-    state = model.state_dict()
-    spec.validate(state, name=type(model).__name__)
-    if set(spec.sizes) != set(spec.perm_to_axes):
-        spec.sizes = spec._infer_sizes(state)
-    if len(spec) == 0:
-        raise ValueError(f"the spec of {type(model).__name__} has no permutation groups: nothing to align")
-    return spec
 
 
 class MatchingProblem:
@@ -536,7 +508,6 @@ class L2Gradient:
         return out
 
 
-@renamed_arguments(max_iter="n_iters")
 def weight_matching(
     model: nn.Module | Mapping[str, Tensor],
     reference: nn.Module | Mapping[str, Tensor],
@@ -547,7 +518,6 @@ def weight_matching(
     init: Mapping[str, Tensor] | None = None,
     seed: int | None = None,
     assignment_solver: Literal["auto", "scipy", "auction"] = "auto",
-    _checked: bool = False,
 ) -> dict[str, Tensor]:
     """Permutations of ``model``'s hidden units that best match ``reference``'s weights (Git Re-Basin).
 
@@ -556,7 +526,7 @@ def weight_matching(
         reference: the model to match (same architecture).
         spec: the permutation spec; traced from ``example_inputs`` when omitted.
         example_inputs: inputs for :func:`~rebasin_callbacks.trace_spec` when ``spec`` is omitted.
-        n_iters: most coordinate-descent sweeps over all groups (``max_iter=`` is its deprecated name).
+        n_iters: most coordinate-descent sweeps over all groups.
         init: ``{group: LongTensor}`` to start from; by default a greedy first sweep (see module docs).
         seed: seeds the random order in which groups are visited.
         assignment_solver: ``"scipy"`` (exact, on the CPU), ``"auction"`` (:func:`auction_assignment`,
@@ -583,18 +553,15 @@ def weight_matching(
         raise ValueError(f"n_iters must be an int >= 0, got {n_iters!r}")
     if assignment_solver not in ("auto", "scipy", "auction"):
         raise ValueError(f"assignment_solver must be 'auto', 'scipy' or 'auction', got {assignment_solver!r}")
-    if not _checked:
-        check_compatible(model, reference)
-        check_finite(model, "model")
-        check_finite(reference, "reference")
+    check_compatible(model, reference)
+    check_finite(model, "model")
+    check_finite(reference, "reference")
     if isinstance(model, nn.Module):
         spec = resolve_spec(model, spec, example_inputs)
     elif spec is None:
         raise ValueError("with a state dict instead of a module, pass spec=... (tracing needs the module)")
     else:
-        spec.validate(model)
-        if set(spec.sizes) != set(spec.perm_to_axes):
-            spec.sizes = spec._infer_sizes(model)
+        spec = spec.with_sizes(model)
     sa = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     sb = reference.state_dict() if isinstance(reference, nn.Module) else dict(reference)
     return MatchingProblem.from_states(spec, sa, sb, assignment_solver).descend(

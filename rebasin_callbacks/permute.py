@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-from rebasin_callbacks.utils import as_generator, renamed_arguments
+from rebasin_callbacks.utils import as_generator
 
 __all__ = [
     "assignment",
@@ -52,12 +52,11 @@ def assignment(scores: Tensor) -> Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
-@renamed_arguments(generator="seed")
 def random_permutations(
     spec: PermutationSpec, seed: int | torch.Generator | None = None
 ) -> dict[str, Tensor]:
     """One uniformly random permutation per group (on the CPU; pass a ``seed``, an int or a generator, to
-    repeat; ``generator=`` is its deprecated name)."""
+    repeat)."""
     _require_sizes(spec)
     generator = as_generator(seed)
     return {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -214,6 +214,27 @@ class PermutationSpec:
             self._infer_sizes({k: v for k, v in state_dict.items() if isinstance(v, Tensor)})
         except SpecMismatchError as err:
             raise SpecMismatchError(f"{name}: {err}") from None
+
+    def with_sizes(self, state_dict: Mapping[str, Tensor], *, name: str = "model") -> PermutationSpec:
+        """A new spec with every group's size read from ``state_dict`` (validated as :meth:`validate`
+        does); this spec is left as it is.
+
+        Example:
+            >>> import torch
+            >>> spec = PermutationSpec.from_axes({"w": ("P", None)})
+            >>> spec.with_sizes({"w": torch.zeros(3, 2)}).sizes, spec.sizes
+            ({'P': 3}, {})
+        """
+        try:
+            sizes = self._infer_sizes({k: v for k, v in state_dict.items() if isinstance(v, Tensor)})
+        except SpecMismatchError as err:
+            raise SpecMismatchError(f"{name}: {err}") from None
+        return replace(
+            self,
+            perm_to_axes={g: list(pairs) for g, pairs in self.perm_to_axes.items()},
+            axes_to_perm=dict(self.axes_to_perm),
+            sizes=sizes,
+        )
 
     def coverage(self, state_dict: Mapping[str, Tensor]) -> float:
         """Fraction of floating-point parameter elements that lie on at least one permuted axis."""

@@ -40,7 +40,7 @@ from rebasin_callbacks.trace_rules import TraceRule, rule_for_function, rule_for
 from rebasin_callbacks.trace_spaces import Blocks, DimLabel, Repeat, Spaces
 
 # the one state-dict check lives in the bottom layer; re-exported here where it has always been importable
-from rebasin_callbacks.utils import as_generator, check_compatible, renamed_arguments
+from rebasin_callbacks.utils import as_generator, check_compatible
 from rebasin_callbacks.verify import SpecCheckError, check_spec, normalize_inputs, validate_inputs
 
 __all__ = ["trace_spec", "check_spec", "check_compatible", "SpecCheckError", "UntraceableModelError"]
@@ -1522,7 +1522,6 @@ def _drop_groups(spec: PermutationSpec, drop: Iterable[str], state: Mapping[str,
 
 
 # ====================================================================================== public API
-@renamed_arguments(generator="seed")
 def trace_spec(
     model: nn.Module,
     example_inputs: Any,
@@ -1545,8 +1544,7 @@ def trace_spec(
         rtol: tolerance of the check, relative to the output's magnitude (default: near float64 round-off,
             see :data:`~rebasin_callbacks.verify.DEFAULT_RTOL`, raised to follow the model's own measured
             round-off where it is larger, at most :data:`~rebasin_callbacks.verify.MAX_RTOL`).
-        seed: an int or a ``torch.Generator`` for the check's random permutations, parameters and inputs
-            (``generator=`` is its deprecated name).
+        seed: an int or a ``torch.Generator`` for the check's random permutations, parameters and inputs.
         heads: permute the heads of attention layers as units (block groups, ``spec.block_axes``) on top
             of the units inside each head; ``False`` keeps every head in place.
 

@@ -39,12 +39,13 @@ from torch.utils._pytree import tree_flatten_with_path, tree_leaves, tree_map
 
 from rebasin_callbacks.permute import permute_state_dict
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-from rebasin_callbacks.utils import as_generator, renamed_arguments
+from rebasin_callbacks.utils import as_generator
 
 __all__ = [
     "check_spec",
     "SpecCheckError",
     "DEFAULT_RTOL",
+    "aliases",
     "MAX_RTOL",
     "ROUNDOFF_FACTOR",
     "normalize_inputs",
@@ -278,6 +279,30 @@ def _outputs_error(a: Any, b: Any) -> float:
     return err
 
 
+def aliases(model: nn.Module) -> list[list[str]]:
+    """Groups of state-dict keys that are one tensor in ``model``: tied weights, a buffer registered in two
+    modules, a parametrization's ``original`` shared by two modules.
+
+    Such keys can only ever hold one value, so a spec must move them the same way.
+
+    Example:
+        >>> from torch import nn
+        >>> emb, out = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        >>> out.weight = emb.weight
+        >>> aliases(nn.ModuleDict({"emb": emb, "out": out}))
+        [['emb.weight', 'out.weight']]
+    """
+    found: dict[tuple, list[str]] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, Tensor) or t.numel() == 0 or t.device.type == "meta":
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr == 0:
+            continue
+        found.setdefault((t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride()), []).append(key)
+    return [keys for keys in found.values() if len(keys) > 1]
+
+
 def _derangement_like(n: int, generator: torch.Generator) -> Tensor:
     perm = torch.randperm(n, generator=generator)
     if n > 1 and torch.equal(perm, torch.arange(n)):
@@ -299,13 +324,17 @@ class _Checker:
     ):
         self.spec, self.dtype, self.device = spec, dtype, device
         self.tf32_off = dtype == torch.float32 and torch.device(device).type == "cuda"
-        self.work = _work_copy(model, dtype, device)
+        self.work = _work_copy(model, dtype, device)  # ties survive the copy (deepcopy's memo)
+        # the check runs the model as it is tied: aliases get one randomised value, and a permutation that
+        # would give them two cannot be realised by the model (see ``error``)
+        self.aliases = aliases(self.work)
+        self.split: set[tuple[str, ...]] = set()  # alias groups some checked permutation moved apart
         state = {k: v.detach() for k, v in self.work.state_dict(keep_vars=True).items()}
         self.inputs = [self._cast(a, k) for a, k in inputs]
         # Strong randomisation first; a milder one when it drives the model to inf / NaN (e.g. exp of a
         # randomised log-scale).
         for strength in (0.5, 0.05, 0.0):
-            self.state = _exercise(state, generator, strength) if strength else state
+            self.state = self._tie(_exercise(state, generator, strength)) if strength else state
             self.refs = [self.run(self.state, a, k) for a, k in self.inputs]
             if all(self._usable(r) for r in self.refs):
                 break
@@ -314,6 +343,12 @@ class _Checker:
                 f"{type(model).__name__} returns no finite, non-empty floating output on example_inputs: "
                 "there is nothing to compare a permuted model against"
             )
+
+    def _tie(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        for keys in self.aliases:
+            for key in keys[1:]:
+                state[key] = state[keys[0]]
+        return state
 
     def _cast(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         def cast(v: Any) -> Any:
@@ -357,12 +392,20 @@ class _Checker:
     def error(self, perms: Mapping[str, Tensor], rtol: float = math.inf) -> float:
         """The largest relative error over the inputs (stops early once it exceeds ``rtol``)."""
         permuted = permute_state_dict(self.state, self.spec, perms)
+        split = [tuple(keys) for keys in self.aliases if not _all_equal([permuted[k] for k in keys])]
+        if split:  # one tensor in the model cannot take two values
+            self.split.update(split)
+            return math.inf
         err = 0.0
         for ref, (args, kwargs) in zip(self.refs, self.inputs):
             err = max(err, _outputs_error(ref, self.run(permuted, args, kwargs)))
             if err > rtol:
                 break
         return err
+
+
+def _all_equal(values: list[Tensor]) -> bool:
+    return all(v is values[0] or torch.equal(v, values[0]) for v in values[1:])
 
 
 def _bisect(
@@ -382,7 +425,6 @@ def _bisect(
 
 
 # ====================================================================================== public API
-@renamed_arguments(generator="seed")
 def check_spec(
     model: nn.Module,
     spec: PermutationSpec,
@@ -411,7 +453,7 @@ def check_spec(
             measured round-off where that is larger (deep, badly conditioned nets), at most
             :data:`MAX_RTOL` (5e-8 in float64).
         seed: an int or a ``torch.Generator`` for the permutations, the randomised parameters and the
-            random inputs (default: a fixed seed; ``generator=`` is its deprecated name).
+            random inputs (default: a fixed seed).
         groups: check only these groups (default: all).
         dtype: the working precision (float64; float32 only where float64 cannot run).
         n_inputs: how many inputs to compare on (the example plus random ones).
@@ -467,9 +509,11 @@ def check_spec(
     failing = _bisect(chosen, err, error, tol)
     shown = ", ".join(f"{g} ({e:.3g})" for g, e in list(failing.items())[:10])
     more = f" and {len(failing) - 10} more" if len(failing) > 10 else ""
+    tied = "; ".join(" / ".join(repr(k) for k in keys) for keys in sorted(checker.split))
+    tied = f"; tied entries (one tensor in the model) moved differently: {tied}" if tied else ""
     raise SpecCheckError(
         f"the spec changes the outputs of {type(model).__name__} (relative error {err:.3g} > rtol={tol:g} in "
-        f"{str(work_dtype).replace('torch.', '')}{noise}); failing groups: {shown}{more}",
+        f"{str(work_dtype).replace('torch.', '')}{noise}); failing groups: {shown}{more}{tied}",
         failing,
         error=err,
         rtol=tol,
