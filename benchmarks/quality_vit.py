@@ -100,13 +100,17 @@ def rebase(method: str, model: nn.Module, reference: nn.Module, specs: dict, loa
     return align(model, reference, **kwargs).model
 
 
-def evaluate_pair(pair: int, a: nn.Module, b: nn.Module, train_loader, test_loader, methods) -> list[dict]:
+def evaluate_pair(pair: int, a: nn.Module, b: nn.Module, data, test_loader, methods) -> list[dict]:
     example = next(iter(test_loader))[0][:2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         specs = {"heads": trace_spec(b, example), "flat": trace_spec(b, example, heads=False)}
     rows = []
     for method in methods:
+        # every method sees the same training batches in the same order
+        train_loader = DataLoader(
+            data, batch_size=256, shuffle=True, generator=torch.Generator().manual_seed(pair)
+        )
         t0 = time.perf_counter()
         rebased = rebase(method, b, a, specs, train_loader, pair)
         seconds = time.perf_counter() - t0
@@ -153,13 +157,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     test = mnist(train=False)
     test_loader = DataLoader(test, batch_size=1000)
-    train_loader = DataLoader(data, batch_size=256, shuffle=True, generator=torch.Generator().manual_seed(0))
     methods = args.methods or list(METHODS) + (list(MID) if args.mid else [])
     rows: list[dict] = []
     for pair in args.pairs if args.pairs is not None else range(args.seeds):
-        rows += evaluate_pair(
-            pair, models[2 * pair], models[2 * pair + 1], train_loader, test_loader, methods
-        )
+        rows += evaluate_pair(pair, models[2 * pair], models[2 * pair + 1], data, test_loader, methods)
     print(markdown(rows, methods, "python benchmarks/quality_vit.py " + " ".join(argv or sys.argv[1:])))
 
 
