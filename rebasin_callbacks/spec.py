@@ -234,6 +234,7 @@ class PermutationSpec:
             perm_to_axes={g: list(pairs) for g, pairs in self.perm_to_axes.items()},
             axes_to_perm=dict(self.axes_to_perm),
             sizes=sizes,
+            block_axes=dict(self.block_axes),
         )
 
     def coverage(self, state_dict: Mapping[str, Tensor]) -> float:
