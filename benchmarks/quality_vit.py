@@ -10,6 +10,9 @@ basin by
 * ``align heads``: :func:`rebasin_callbacks.align`, data-free, from the spec with heads;
 * ``align mid flat`` / ``align mid heads``: ``align(cost="mid")`` (only with ``--mid``: slow on a CPU).
 
+``--family lstm`` runs the same methods (one spec: no attention) on a small recurrent classifier, the 28
+rows of an image as a sequence through one LSTM layer of 64 hidden units.
+
 Reported per pair and method: the loss barrier on the test split along the straight line, and wall time.
 Trained models are cached under ``.data/vit/`` so a second run only measures.
 
@@ -52,9 +55,26 @@ def make_vit() -> nn.Module:
     )  # fmt: skip
 
 
+class RowLSTM(nn.Module):
+    """A small recurrent classifier: the 28 rows of an image as a sequence through one LSTM layer."""
+
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(28, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x.squeeze(1))  # (batch, 1, 28, 28) -> 28 steps of 28
+        return self.fc(out[:, -1])
+
+
+FAMILIES = {"vit": make_vit, "lstm": RowLSTM}
+FAMILY = "vit"  # set by --family
+
+
 def train(seed: int, data: TensorDataset, epochs: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = make_vit()
+    model = FAMILIES[FAMILY]()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     loader = DataLoader(data, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
     model.train()
@@ -68,9 +88,9 @@ def train(seed: int, data: TensorDataset, epochs: int) -> nn.Module:
 
 def trained(seed: int, data: TensorDataset, epochs: int) -> nn.Module:
     """The model of ``seed``, from the cache when it is there."""
-    path = CACHE / f"vit_s{seed}_e{epochs}.pt"
+    path = CACHE / f"{FAMILY}_s{seed}_e{epochs}.pt"
     if path.exists():
-        model = make_vit()
+        model = FAMILIES[FAMILY]()
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     t0 = time.perf_counter()
@@ -117,11 +137,12 @@ def evaluate_pair(pair: int, a: nn.Module, b: nn.Module, data, test_loader, meth
         curve = lmc_curve(
             a, rebased, (test_loader, F.cross_entropy), n_points=5, progress=False, label=method
         )
+        label = method if FAMILY == "vit" else method.replace(" heads", "")  # one spec without attention
         rows.append(
-            {"pair": pair, "method": method, "loss_barrier": curve.barriers["loss"], "seconds": seconds}
+            {"pair": pair, "method": label, "loss_barrier": curve.barriers["loss"], "seconds": seconds}
         )
         print(
-            f"pair {pair} {method:16s} loss barrier {curve.barriers['loss']:.4f}  {seconds:.2f} s", flush=True
+            f"pair {pair} {label:16s} loss barrier {curve.barriers['loss']:.4f}  {seconds:.2f} s", flush=True
         )
     return rows
 
@@ -149,7 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mid", action="store_true", help='also align(cost="mid") (slow on a CPU)')
     p.add_argument("--methods", nargs="*", help="only these methods (default: all, with --mid the mid ones)")
     p.add_argument("--pairs", type=int, nargs="*", help="only these pairs (default: all)")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="vit", help="lstm: no heads, flat = heads")
     args = p.parse_args(argv)
+    global FAMILY
+    FAMILY = args.family
     torch.set_num_threads(1)
     data = mnist(train=True)
     models = [trained(s, data, args.epochs) for s in range(2 * args.seeds)]
@@ -158,10 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     test = mnist(train=False)
     test_loader = DataLoader(test, batch_size=1000)
     methods = args.methods or list(METHODS) + (list(MID) if args.mid else [])
+    if FAMILY != "vit":  # no attention: one spec
+        methods = [m for m in methods if not m.endswith("flat")]
     rows: list[dict] = []
     for pair in args.pairs if args.pairs is not None else range(args.seeds):
         rows += evaluate_pair(pair, models[2 * pair], models[2 * pair + 1], data, test_loader, methods)
-    print(markdown(rows, methods, "python benchmarks/quality_vit.py " + " ".join(argv or sys.argv[1:])))
+    labels = list(dict.fromkeys(r["method"] for r in rows))
+    print(markdown(rows, labels, "python benchmarks/quality_vit.py " + " ".join(argv or sys.argv[1:])))
 
 
 if __name__ == "__main__":
