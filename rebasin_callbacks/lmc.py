@@ -38,28 +38,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rebasin_callbacks.bn import bn_modules as _bn_modules
-from rebasin_callbacks.bn import collect_statistics as _collect
-from rebasin_callbacks.bn import repair, reset_bn_stats
-from rebasin_callbacks.bn import repair_points as _repair_points
-from rebasin_callbacks.bn import repair_with_statistics as _repair_with_stats
-from rebasin_callbacks.bn import reset_bn_stats_on as _reset_bn_on
+from rebasin_callbacks.batches import split_batch, take_batches, to_device
+from rebasin_callbacks.bn import (
+    bn_modules,
+    collect_statistics,
+    repair,
+    repair_points,
+    repair_with_statistics,
+    reset_bn_stats,
+    reset_bn_stats_on,
+)
+from rebasin_callbacks.devices import follow, module_device, module_dtype
+from rebasin_callbacks.modes import eval_mode
 from rebasin_callbacks.plotting import plot_lmc
 from rebasin_callbacks.spec import SpecMismatchError
-from rebasin_callbacks.states import check_lambda as _check_lambda
-from rebasin_callbacks.states import interpolate_state_dict
-from rebasin_callbacks.utils import (
-    check_compatible,
-    check_finite,
-    eval_mode,
-    follow,
-    module_device,
-    module_dtype,
-    split_batch,
-    take_batches,
-    thread_limit,
-    to_device,
-)
+from rebasin_callbacks.states import check_compatible, check_finite, check_lambda, interpolate_state_dict
+from rebasin_callbacks.threads import thread_limit
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -450,7 +444,7 @@ def lmc_curve(
             raise ValueError(f"n_points must be >= 2, got {n_points}")
         lams = [i / (n_points - 1) for i in range(n_points)]
     else:
-        lams = [_check_lambda(x) for x in lambdas]
+        lams = [check_lambda(x) for x in lambdas]
         if len(lams) < 2 or any(b <= a for a, b in zip(lams, lams[1:])):
             raise ValueError(f"lambdas must be at least 2 strictly increasing values, got {lams}")
     evaluator, eval_data = _make_evaluator(evaluate)
@@ -471,24 +465,24 @@ def lmc_curve(
             batches = take_batches(
                 source, n_batches, module_device(model_a), "lmc_curve", dtype=module_dtype(model_a)
             )
-            if reset_bn and not _bn_modules(model_a):
+            if reset_bn and not bn_modules(model_a):
                 warnings.warn(
                     "lmc_curve: reset_bn=True but the model has no BatchNorm layer",
                     RuntimeWarning,
                     stacklevel=2,
                 )
         if repair:
-            points = _repair_points(model_a, split_batch(batches[0])[0])
-            stats_a = _collect(model_a, points, batches)
-            stats_b = _collect(model_b, points, batches)
+            points = repair_points(model_a, split_batch(batches[0])[0])
+            stats_a = collect_statistics(model_a, points, batches)
+            stats_b = collect_statistics(model_b, points, batches)
 
         values: dict[str, list[float]] = {}
         for i, lam in enumerate(_progress(lams, progress, label)):
             model = interpolate(model_a, model_b, lam)
             if reset_bn:
-                _reset_bn_on(model, batches)
+                reset_bn_stats_on(model, batches)
             if repair:
-                _repair_with_stats(model, lam, points, stats_a, stats_b, batches, 1e-6)
+                repair_with_statistics(model, lam, points, stats_a, stats_b, batches, 1e-6)
             model.eval()
             with torch.no_grad():
                 metrics = evaluator(model)
