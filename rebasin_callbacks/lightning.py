@@ -17,7 +17,6 @@ import contextlib
 import copy
 import itertools
 import math
-import os
 import random
 import time
 import weakref
@@ -49,15 +48,14 @@ from rebasin_callbacks.lightning_guards import (
 from rebasin_callbacks.lmc import Evaluator, LMCResult
 from rebasin_callbacks.permute import invert_permutation, permute, permute_state_dict
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+from rebasin_callbacks.spec_source import SpecLike, resolve_spec
 from rebasin_callbacks.utils import (
     check_finite,
     follow,
     l2_distance,
     module_device,
-    module_dtype,
     split_batch,
     thread_limit,
-    to_device,
 )
 
 __all__ = [
@@ -207,17 +205,19 @@ def _has_proxy(value: Any) -> bool:
 
 
 class _SpecSource:
-    """Finds the permutation spec once: given, or traced on example inputs. Without ``example_inputs`` they
-    are the inputs the aligned module really receives in the first training step (a forward pre-hook), so a
-    submodule is traced with its own inputs, not the LightningModule's batch."""
+    """Finds the permutation spec once, through :func:`~rebasin_callbacks.spec_source.resolve_spec`: given
+    (a spec, a function of the module, a JSON path), or traced on example inputs. Without
+    ``example_inputs`` they are the inputs the aligned module really receives in the first training step
+    (a forward pre-hook), so a submodule is traced with its own inputs, not the LightningModule's batch."""
 
-    def __init__(self, spec: PermutationSpec | str | None, example_inputs: Any):
-        self.spec = PermutationSpec.from_json(spec) if isinstance(spec, (str, os.PathLike)) else spec
+    def __init__(self, source: SpecLike, example_inputs: Any):
+        self.source = source  # what was given (or a checkpoint's spec); None = trace
+        self.spec: PermutationSpec | None = None  # resolved for the aligned module, sizes bound
         self.example_inputs = example_inputs
         self._hook: Any = None
 
     def attach(self, target: nn.Module) -> None:
-        if self.spec is None and self.example_inputs is None and self._hook is None:
+        if self.source is None and self.example_inputs is None and self._hook is None:
             self._hook = target.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -233,20 +233,24 @@ class _SpecSource:
             self._hook.remove()
             self._hook = None
 
+    def ready(self, model: nn.Module, pl_module: pl.LightningModule) -> bool:
+        """Whether :meth:`get` can resolve the spec now (without waiting for a training step)."""
+        return self.source is not None or self._example(model, pl_module) is not None
+
+    def _example(self, model: nn.Module, pl_module: pl.LightningModule) -> Any:
+        if self.example_inputs is None and model is pl_module:
+            return pl_module.example_input_array
+        return self.example_inputs
+
     def get(self, model: nn.Module, pl_module: pl.LightningModule) -> PermutationSpec:
         if self.spec is None:
-            from rebasin_callbacks.trace import trace_spec
-
-            example = self.example_inputs
-            if example is None and model is pl_module:
-                example = pl_module.example_input_array
-            if example is None:
+            if not self.ready(model, pl_module):
                 raise ValueError(
                     "no permutation spec and no example inputs (no training step ran): pass spec=... or "
                     "example_inputs=..."
                 )
-            example = to_device(example, module_device(model), module_dtype(model))
-            self.spec = trace_spec(model, example)
+            example = self._example(model, pl_module)
+            self.spec = resolve_spec(model, self.source, example, purpose="nothing to align")
         return self.spec
 
 
@@ -264,7 +268,7 @@ def _prepare(
     compiled = [
         n for n, m in target.named_modules() if n and isinstance(getattr(m, "_orig_mod", None), nn.Module)
     ]
-    if compiled and spec.spec is None:
+    if compiled and spec.source is None:
         # the tracer cannot look inside a compiled module: it would find nothing to permute there
         raise ValueError(
             f"submodule={submodule!r}: {type(target).__name__}.{compiled[0]} is a torch.compile'd module, "
@@ -272,11 +276,8 @@ def _prepare(
             "callbacks align the module it wraps) or spec=..."
         )
     ref = _reference_module(reference, target, submodule)
-    if spec.spec is None and (spec.example_inputs is not None or target is pl_module):
-        if spec.example_inputs is not None or pl_module.example_input_array is not None:
-            spec.get(target, pl_module)
-    if spec.spec is not None:
-        spec.spec.validate(target.state_dict(), name=type(target).__name__)
+    if spec.ready(target, pl_module):
+        spec.get(target, pl_module)  # resolved (and checked against the module) now
     spec.attach(_wrapped_target(pl_module, submodule))  # a compiled module's own hooks run eagerly
     return ref
 
@@ -503,7 +504,7 @@ class _EpochEndCallback(Callback):
         submodule: str | None,
         cost: str,
         align_kwargs: dict[str, Any] | None,
-        spec: PermutationSpec | str | None,
+        spec: SpecLike,
         example_inputs: Any,
         progress: bool,
         threads: int | str | None,
@@ -649,8 +650,10 @@ class ReBasinAlign(_EpochEndCallback):
         at_fit_end: also align when fitting ends.
         align_kwargs: further keyword arguments for :func:`~rebasin_callbacks.align` (``steps``, ``lr``,
             ``init``, ``seed``, ...).
-        spec: a :class:`~rebasin_callbacks.PermutationSpec` (or a path to its JSON); traced by default from
-            ``example_inputs`` or from the inputs the module receives in its first forward pass of the fit.
+        spec: a :class:`~rebasin_callbacks.PermutationSpec`, a path to its JSON, or a function
+            ``module -> spec`` (resolved once by :func:`~rebasin_callbacks.spec_source.resolve_spec`);
+            traced by default from ``example_inputs`` or from the inputs the module receives in its first
+            forward pass of the fit.
         example_inputs: inputs to trace the spec with.
         progress: show the alignment's progress (when the Trainer shows a progress bar).
         threads: CPU intra-op threads inside the alignment (:func:`~rebasin_callbacks.utils.thread_limit`):
@@ -688,7 +691,7 @@ class ReBasinAlign(_EpochEndCallback):
         submodule: str | None = None,
         at_fit_end: bool = False,
         align_kwargs: dict[str, Any] | None = None,
-        spec: PermutationSpec | str | None = None,
+        spec: SpecLike = None,
         example_inputs: Any = None,
         progress: bool = True,
         threads: int | str | None = "auto",
@@ -823,8 +826,8 @@ class ReBasinAlign(_EpochEndCallback):
         self._last_epoch = int(state_dict["last_epoch"])
         self.history = [dict(h) for h in state_dict["history"]]
         self.last_perms = state_dict.get("last_perms")
-        if state_dict.get("spec") is not None and self._spec.spec is None:
-            self._spec.spec = PermutationSpec.from_dict(state_dict["spec"])
+        if state_dict.get("spec") is not None and self._spec.spec is None and self._spec.source is None:
+            self._spec.source = PermutationSpec.from_dict(state_dict["spec"])
         self._pending_aligned_state = state_dict.get("aligned_state_dict")
 
     @override
@@ -951,7 +954,7 @@ class LMCMonitor(_EpochEndCallback):
         submodule: str | None = None,
         cost: str = "l2",
         align_kwargs: dict[str, Any] | None = None,
-        spec: PermutationSpec | str | None = None,
+        spec: SpecLike = None,
         example_inputs: Any = None,
         loss_fn: LossFn | None = None,
         max_batches: int | None = None,

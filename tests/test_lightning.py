@@ -259,6 +259,26 @@ def test_submodule_spec_is_traced_on_its_own_inputs(tmp_path):
     assert cb.history[0]["l2_after"] < cb.history[0]["l2_before"]
 
 
+@pytest.mark.parametrize("source", ["spec", "function", "json"])
+def test_every_spec_source_is_resolved_once_and_the_given_spec_is_kept(tmp_path, source):
+    """A spec, a function of the module and a JSON path all resolve to the same bound spec; the user's spec
+    object is not modified (sizes are bound on a new one)."""
+    from rebasin_callbacks.spec import PermutationSpec
+
+    given = PermutationSpec.from_axes({"0.weight": ("P", None), "0.bias": ("P",), "2.weight": (None, "P")})
+    calls = []
+    path = tmp_path / "spec.json"
+    given.to_json(str(path))
+    spec = {"spec": given, "function": lambda m: calls.append(m) or given, "json": str(path)}[source]
+    cb = ReBasinAlign(_reference(), submodule="model", spec=spec, align_kwargs={"steps": 3})
+    model = _fit(tmp_path, [cb], max_epochs=2)
+    assert given.sizes == {}
+    assert cb.spec is not None and cb.spec is not given and cb.spec.sizes == {"P": 16}
+    assert len(cb.history) == 2 and cb.history[-1]["l2_after"] <= cb.history[-1]["l2_before"]
+    if source == "function":
+        assert calls == [model.model]  # resolved once, on the aligned submodule
+
+
 def test_copy_mode_keeps_training_weights_and_saves_the_copy(tmp_path):
     plain = _fit(tmp_path)
     cb = ReBasinAlign(_reference(), submodule="model", mode="copy", every_n_epochs=0, at_fit_end=True)
