@@ -692,3 +692,18 @@ def test_data_cost_uses_the_training_loader_and_leaves_training_unchanged(tmp_pa
     x = _data(32, seed=7).tensors[0]
     with torch.no_grad():
         torch.testing.assert_close(cb.aligned_model.eval()(x), trained.model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_alignments_are_read_only_from_the_callbacks_that_share_them(tmp_path):
+    """Another callback that happens to have an ``_alignments`` attribute is neither read nor changed."""
+
+    class Other(pl.Callback):
+        def __init__(self):
+            self._alignments = ["not ours"]
+
+    other = Other()
+    cb = ReBasinAlign(_reference(), submodule="model", align_kwargs={"steps": 3})
+    monitor = LMCMonitor(_reference(), submodule="model", n_points=3, save_dir=str(tmp_path))
+    _fit(tmp_path, [other, cb, monitor], max_epochs=1)
+    assert other._alignments == ["not ours"]
+    assert monitor.results[-1]["rebasin_source"] == "ReBasinAlign"
