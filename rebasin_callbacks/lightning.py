@@ -18,7 +18,7 @@ import copy
 import math
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +43,7 @@ from rebasin_callbacks.lightning_sharing import (
     same_reference,
     step_records,
 )
-from rebasin_callbacks.lightning_spec import SpecSource
+from rebasin_callbacks.lightning_spec import LazySpec
 from rebasin_callbacks.lightning_weights import (
     own_averages,
     permute_training_state,
@@ -128,7 +128,7 @@ def _trainer_loaders(trainer: pl.Trainer) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _isolated(pl_module: nn.Module, loaders: list[Any] = ()) -> Iterator[None]:  # type: ignore[assignment]
+def _isolated(pl_module: nn.Module, loaders: Iterable[Any] = ()) -> Iterator[None]:
     """Keep the training run untouched: every random state (:func:`~rebasin_callbacks.rng.preserved_rng`:
     global generators and the given DataLoaders' own) and every submodule's train flag."""
     modes = {m: m.training for m in pl_module.modules()}
@@ -145,7 +145,7 @@ def _join(prefix: str | None, name: str) -> str:
 
 
 def _prepare(
-    spec: SpecSource, reference: ReferenceLike, pl_module: pl.LightningModule, submodule: str | None
+    spec: LazySpec, reference: ReferenceLike, pl_module: pl.LightningModule, submodule: str | None
 ) -> nn.Module:
     """Setup-time checks (before any training time is spent): the submodule exists, the reference loads and
     fits it, and the spec fits it (traced now when example inputs are already known). Returns the
@@ -260,12 +260,12 @@ class _EpochEndCallback(Callback):
         self.align_kwargs = dict(align_kwargs or {})
         self.progress = progress
         self.threads = threads
-        self._spec = SpecSource(spec, example_inputs)
+        self._spec = LazySpec(spec, example_inputs)
         self._reference: nn.Module | None = None
         #: one entry per alignment / evaluation (what ``state_dict`` saves)
         self.history: list[dict[str, float]] = []
         self._last_epoch = -1
-        self._alignments = StepAlignments()  # this step's, for the other callbacks (``_records``)
+        self._alignments = StepAlignments()  # this step's, for the other callbacks (``step_records``)
 
     @property
     @override

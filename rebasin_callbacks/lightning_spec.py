@@ -1,4 +1,4 @@
-"""Where the Lightning callbacks get their permutation spec: :class:`SpecSource`.
+"""Where the Lightning callbacks get their permutation spec: :class:`LazySpec`.
 
 The spec is resolved once, by :func:`~rebasin_callbacks.spec_source.resolve_spec`, from what the user gave
 (a spec, a function of the module, a JSON path) or by tracing. Without example inputs the callbacks trace
@@ -8,7 +8,7 @@ submodule is traced with its own inputs, not the LightningModule's batch.
 Example:
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    >>> source = SpecSource(None, None)
+    >>> source = LazySpec(None, None)
     >>> source.attach(net)  # records the inputs of the next forward pass
     >>> _ = net(torch.randn(5, 2))
     >>> source.get(net, None).sizes, source.example_inputs[0].shape
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from rebasin_callbacks.spec import PermutationSpec
 from rebasin_callbacks.spec_source import SpecLike, resolve_spec
 
-__all__ = ["SpecSource"]
+__all__ = ["LazySpec"]
 
 
 def _head(value: Any, n: int = 2) -> Any:
@@ -51,7 +51,7 @@ def _has_proxy(value: Any) -> bool:
     return False
 
 
-class SpecSource:
+class LazySpec:
     """Finds the permutation spec once, through :func:`~rebasin_callbacks.spec_source.resolve_spec`: given
     (a spec, a function of the module, a JSON path), or traced on example inputs. Without
     ``example_inputs`` they are the inputs the aligned module really receives in the first training step
