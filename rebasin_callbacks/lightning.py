@@ -590,7 +590,6 @@ class ReBasinAlign(_EpochEndCallback):
         return state
 
     @override
-    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_epoch = int(state_dict["last_epoch"])
         self.history = [dict(h) for h in state_dict["history"]]
