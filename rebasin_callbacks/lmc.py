@@ -385,6 +385,38 @@ def _progress(items: Sequence[float], enabled: bool, label: str) -> Iterable[flo
     return tqdm(items, desc=f"LMC {label}".strip(), leave=False)
 
 
+def _lambdas(n_points: int, lambdas: Sequence[float] | None) -> list[float]:
+    """The curve's points: ``n_points`` evenly spaced ones, or the given ``lambdas`` checked."""
+    if lambdas is None:
+        if n_points < 2:
+            raise ValueError(f"n_points must be >= 2, got {n_points}")
+        return [i / (n_points - 1) for i in range(n_points)]
+    lams = [check_lambda(x) for x in lambdas]
+    if len(lams) < 2 or any(b <= a for a, b in zip(lams, lams[1:])):
+        raise ValueError(f"lambdas must be at least 2 strictly increasing values, got {lams}")
+    return lams
+
+
+def _bn_batches(
+    model: nn.Module, reset_bn: bool, repair: bool, source: Any, n_batches: int | None
+) -> list[Any]:
+    """The batches BatchNorm statistics are reset / repaired on (none when neither is asked for), on the
+    model's device and dtype."""
+    if not (reset_bn or repair):
+        return []
+    if source is None:
+        what = "reset_bn=True" if reset_bn else "repair=True"
+        raise ValueError(f"lmc_curve: {what} needs bn_data (evaluate is a callable, so it has no data)")
+    batches = take_batches(source, n_batches, module_device(model), "lmc_curve", dtype=module_dtype(model))
+    if reset_bn and not bn_modules(model):
+        warnings.warn(
+            "lmc_curve: reset_bn=True but the model has no BatchNorm layer",
+            RuntimeWarning,
+            stacklevel=3,  # lmc_curve's caller
+        )
+    return batches
+
+
 def lmc_curve(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -439,14 +471,7 @@ def lmc_curve(
     """
     if on_nan not in ("warn", "raise", "ignore"):
         raise ValueError(f"on_nan must be 'warn', 'raise' or 'ignore', got {on_nan!r}")
-    if lambdas is None:
-        if n_points < 2:
-            raise ValueError(f"n_points must be >= 2, got {n_points}")
-        lams = [i / (n_points - 1) for i in range(n_points)]
-    else:
-        lams = [check_lambda(x) for x in lambdas]
-        if len(lams) < 2 or any(b <= a for a, b in zip(lams, lams[1:])):
-            raise ValueError(f"lambdas must be at least 2 strictly increasing values, got {lams}")
+    lams = _lambdas(n_points, lambdas)
     evaluator, eval_data = _make_evaluator(evaluate)
     _check_compatible(model_a.state_dict(), model_b.state_dict())
     for name, model in (("model_a", model_a), ("model_b", model_b)):
@@ -454,23 +479,9 @@ def lmc_curve(
     model_b = follow(model_b, model_a)  # computation follows model_a; model_b is copied, never mutated
 
     with thread_limit(threads):  # many small kernels: see utils.thread_limit
-        batches: list[Any] = []
-        if reset_bn or repair:
-            source = bn_data if bn_data is not None else eval_data
-            if source is None:
-                what = "reset_bn=True" if reset_bn else "repair=True"
-                raise ValueError(
-                    f"lmc_curve: {what} needs bn_data (evaluate is a callable, so it has no data)"
-                )
-            batches = take_batches(
-                source, n_batches, module_device(model_a), "lmc_curve", dtype=module_dtype(model_a)
-            )
-            if reset_bn and not bn_modules(model_a):
-                warnings.warn(
-                    "lmc_curve: reset_bn=True but the model has no BatchNorm layer",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        batches = _bn_batches(
+            model_a, reset_bn, repair, bn_data if bn_data is not None else eval_data, n_batches
+        )
         if repair:
             points = repair_points(model_a, split_batch(batches[0])[0])
             stats_a = collect_statistics(model_a, points, batches)
