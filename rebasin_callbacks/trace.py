@@ -1280,6 +1280,97 @@ def _m_multihead_attention(w: _Walker, node: fx.Node, m: nn.MultiheadAttention, 
     return w.multihead_attention(node, m)
 
 
+# Gate blocks stacked along the rows of a recurrent layer's weights (torch's order: LSTM i, f, g, o;
+# GRU r, z, n). A permutation of hidden units acts alike on every block: each gate is elementwise in them.
+_RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _live(node: fx.Node) -> bool:
+    """Whether anything reads ``node``'s value (unpacking alone, ``a, (b, c) = ...``, does not)."""
+    return any(u.target is not operator.getitem or _live(u) for u in node.users)
+
+
+def _reads_state(node: fx.Node) -> bool:
+    """Whether the returned final state (``h_n``, or ``(h_n, c_n)``) of a recurrent call is read."""
+    for u in node.users:
+        index = u.args[1] if u.target is operator.getitem and len(u.args) > 1 else None
+        if not isinstance(index, int):
+            return True  # the whole ``(output, state)`` pair goes somewhere the walk cannot split
+        if index % 2 == 1 and _live(u):
+            return True
+    return False
+
+
+def _m_recurrent(w: _Walker, node: fx.Node, m: nn.RNNBase, x: Any) -> Any:
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: one group of hidden units per layer and direction.
+
+    It permutes the rows of every gate block of ``weight_ih_l{k}`` / ``weight_hh_l{k}`` and both biases, the
+    columns of ``weight_hh_l{k}`` (the recurrence reads its own output), and the next layer's input columns;
+    with ``proj_size`` a second group permutes the projected outputs (rows of ``weight_hr_l{k}``, columns
+    of ``weight_hh_l{k}``) while the hidden group permutes ``weight_hr_l{k}``'s columns. The output's feature
+    axis is the concatenation ``[forward, backward]`` of the last layer's groups. A final state that is read
+    (or an initial state that is given) stacks every layer and direction on one axis: they then share one
+    permutation (cell states one, outputs another)."""
+    t, gates = str(node.target), _RECURRENT_GATES.get(str(m.mode))
+    lx, sx, structure = w.lab(x), w.shape(x), w.shapes.get(node)
+    if gates is None or lx is None or sx is None or len(sx) not in (2, 3) or not isinstance(structure, list):
+        return w.boundary(node, f"recurrent {type(m).__name__} (mode {m.mode!r}) on input {sx}")
+    w.cut(node, list(lx[:-1]), "a recurrence runs over the sequence positions")
+    hidden, proj = m.hidden_size, int(getattr(m, "proj_size", 0) or 0)
+    width = proj or hidden
+    directions = ("", "_reverse") if m.bidirectional else ("",)
+    cells: list[int] = []
+    outs: list[int] = []
+    feature: DimLabel = lx[-1]
+    for k in range(m.num_layers):
+        layer: list[int] = []
+        for d in directions:
+            h = w.sp.new(hidden, f"P_{t}.l{k}{d}")
+            o = w.sp.new(proj, f"P_{t}.proj_l{k}{d}") if proj else h
+            rows: DimLabel = Blocks(((h, hidden),) * gates) if gates > 1 else h
+            w.bind(f"{t}.weight_ih_l{k}{d}", 0, rows)
+            w.bind(f"{t}.weight_ih_l{k}{d}", 1, feature)
+            w.bind(f"{t}.weight_hh_l{k}{d}", 0, rows)
+            w.bind(f"{t}.weight_hh_l{k}{d}", 1, o)
+            if m.bias:
+                w.bind(f"{t}.bias_ih_l{k}{d}", 0, rows)
+                w.bind(f"{t}.bias_hh_l{k}{d}", 0, rows)
+            if proj:
+                w.bind(f"{t}.weight_hr_l{k}{d}", 0, o)
+                w.bind(f"{t}.weight_hr_l{k}{d}", 1, h)
+            cells.append(h)
+            outs.append(o)
+            layer.append(o)
+        feature = layer[0] if len(layer) == 1 else Blocks(tuple((o, width) for o in layer))
+    output = (None,) * (len(sx) - 1) + (feature,)
+    hx = w.arg(node, 1, "hx")
+    is_lstm = m.mode == "LSTM"
+    n_state = len(sx)  # (layers * directions, [batch,] features)
+    if not (_reads_state(node) or isinstance(hx, (fx.Node, list, tuple))):
+        unread = (None,) * n_state
+        return [output, [unread, unread] if is_lstm else unread]
+    shared_out: DimLabel = outs[0]
+    for o in outs[1:]:
+        shared_out = w.sp.merge(shared_out, o)
+    shared_cell: DimLabel = cells[0]
+    for c in cells[1:]:
+        shared_cell = w.sp.merge(shared_cell, c)
+    spaces = [shared_out, shared_cell] if is_lstm else [shared_out]
+    given = w.lab(hx) if hx is not None else None
+    if given is not None:
+        given = list(given) if is_lstm else [given]
+        if len(given) != len(spaces) or any(not isinstance(g, tuple) for g in given):
+            w.cut(node, [*spaces, given], "an initial state not understood")
+        else:
+            for g, space in zip(given, spaces):
+                w.cut(node, list(g[:-1]), "an initial state's layer and batch positions")
+                if w.sp.resolve(g[-1]) is None:  # a fixed initial state (an input, a constant) pins them
+                    w.cut(node, space, "an initial state in a fixed basis")
+                w.sp.merge(g[-1], space)
+    state_labels = [(None,) * (n_state - 1) + (s,) for s in spaces]
+    return [output, state_labels if is_lstm else state_labels[0]]
+
+
 _MODULE_HANDLERS: dict[type, ModuleHandler] = {
     nn.Linear: _m_linear,
     **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), _m_conv),
@@ -1295,6 +1386,7 @@ _MODULE_HANDLERS: dict[type, ModuleHandler] = {
     **dict.fromkeys((nn.Flatten, nn.Unflatten), _m_reshape),
     nn.Embedding: _m_embedding,
     nn.MultiheadAttention: _m_multihead_attention,
+    nn.RNNBase: _m_recurrent,
 }
 
 

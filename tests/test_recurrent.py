@@ -1,0 +1,242 @@
+"""Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``): one permutation of hidden units per layer and
+direction, acting alike on every gate block, on the recurrence's own input (``weight_hh``'s columns) and on
+whatever reads the output. The tracer, ``permute``, ``check_spec`` (float64), the soft application used by
+``ReBasin`` and weight matching must all agree on it, and a wrong spec must still be caught."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from rebasin_callbacks.matching import weight_matching
+from rebasin_callbacks.permute import perm_to_matrix, permute, permute_state_dict, random_permutations
+from rebasin_callbacks.rebasin import ReBasin, apply_soft_permutations
+from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.trace import SpecCheckError, check_spec, trace_spec
+
+
+class RowClassifier(nn.Module):
+    """The rows of a 28x28 image as a sequence of 28 steps -> recurrent layer -> Linear on the last step."""
+
+    def __init__(self, cell: type[nn.RNNBase] = nn.LSTM, hidden: int = 64, **kwargs) -> None:
+        super().__init__()
+        self.batch_first = kwargs.setdefault("batch_first", True)
+        self.rnn = cell(28, hidden, **kwargs)
+        width = (kwargs.get("proj_size") or hidden) * (2 if kwargs.get("bidirectional") else 1)
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.flatten(0, 1)  # (B, 1, 28, 28) -> (B, 28, 28)
+        if not self.batch_first:
+            seq = seq.transpose(0, 1)
+        out, _ = self.rnn(seq)
+        return self.fc(out[:, -1] if self.batch_first else out[-1])
+
+
+class StateReader(nn.Module):
+    """A Linear feeds the recurrent layer; the classifier reads the final state ``h_n`` (and the output)."""
+
+    def __init__(self, cell: type[nn.RNNBase] = nn.LSTM, **kwargs) -> None:
+        super().__init__()
+        self.embed = nn.Linear(28, 16)
+        self.rnn = cell(16, 12, batch_first=True, **kwargs)
+        width = kwargs.get("proj_size") or 12
+        self.fc = nn.Linear(width, 10)
+        self.lstm = cell is nn.LSTM  # decided here: under torch.fx the state is a proxy, not a tuple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, state = self.rnn(torch.relu(self.embed(x.flatten(0, 1))))
+        h = state[0] if self.lstm else state
+        return self.fc(h[-1]) + out.mean(dim=(1, 2)).unsqueeze(1)
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> PermutationSpec:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = trace_spec(model, x)
+    dropped = [str(w.message) for w in caught if "changed the outputs" in str(w.message)]
+    assert not dropped, dropped  # every traced group keeps the function
+    return spec
+
+
+def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cell,gates", [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+def test_gate_blocks_share_the_hidden_permutation(cell, gates):
+    torch.manual_seed(0)
+    model = RowClassifier(cell, hidden=16)
+    spec = _trace(model, _images())
+    rows = ("P_rnn.l0",) * gates if gates > 1 else "P_rnn.l0"
+    assert spec.axes_to_perm["rnn.weight_ih_l0"] == (rows, None)  # the image's columns stay fixed
+    assert spec.axes_to_perm["rnn.weight_hh_l0"] == (rows, "P_rnn.l0")
+    assert spec.axes_to_perm["rnn.bias_ih_l0"] == spec.axes_to_perm["rnn.bias_hh_l0"] == (rows,)
+    assert spec.axes_to_perm["fc.weight"] == (None, "P_rnn.l0")
+    assert spec.sizes == {"P_rnn.l0": 16}
+    assert spec.check_error is not None and spec.check_error < 1e-12
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_planted_permutation_is_recovered_exactly(cell):
+    torch.manual_seed(1)
+    model = RowClassifier(cell, hidden=64).eval()
+    x = _images(8)
+    spec = _trace(model, x)
+    planted = random_permutations(spec, seed=3)
+    shuffled = permute(model, spec, planted)
+    torch.testing.assert_close(shuffled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(shuffled.rnn.weight_hh_l0, model.rnn.weight_hh_l0)
+    perms = weight_matching(shuffled, model, spec)
+    restored = permute(shuffled, spec, perms)
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    "cell,kwargs",
+    [
+        (nn.LSTM, {"num_layers": 2, "bidirectional": True}),
+        (nn.GRU, {"num_layers": 3, "bias": False, "batch_first": False}),
+        (nn.RNN, {"num_layers": 2, "bidirectional": True, "nonlinearity": "relu"}),
+        (nn.LSTM, {"num_layers": 2, "bidirectional": True, "proj_size": 5, "batch_first": False}),
+    ],
+)
+def test_stacked_and_bidirectional_layers_are_traced_and_verified(cell, kwargs):
+    torch.manual_seed(2)
+    model = RowClassifier(cell, hidden=12, **kwargs)
+    x = _images(3)
+    spec = _trace(model, x)
+    directions = ("", "_reverse") if kwargs.get("bidirectional") else ("",)
+    expected = {f"P_rnn.l{k}{d}" for k in range(kwargs["num_layers"]) for d in directions}
+    if kwargs.get("proj_size"):
+        expected |= {f"P_rnn.proj_l{k}{d}" for k in range(kwargs["num_layers"]) for d in directions}
+    assert set(spec.groups) == expected
+    rnn_keys = [k for k in model.state_dict() if k.startswith("rnn.")]
+    assert all(spec.axes_to_perm[k][0] is not None for k in rnn_keys)  # every weight's rows move
+    if kwargs.get("bidirectional"):
+        # the next layer reads [forward, backward]: one block per direction
+        out = "P_rnn.proj_l0" if kwargs.get("proj_size") else "P_rnn.l0"
+        assert spec.axes_to_perm["rnn.weight_ih_l1"][1] == (out, f"{out}_reverse")
+    if kwargs.get("proj_size"):
+        assert spec.axes_to_perm["rnn.weight_hr_l0"] == ("P_rnn.proj_l0", "P_rnn.l0")
+        assert spec.axes_to_perm["rnn.weight_hh_l0"] == (("P_rnn.l0",) * 4, "P_rnn.proj_l0")
+    # a fresh check with other random permutations, every group at once and each on its own
+    assert check_spec(model, spec, x, seed=11) < 1e-12
+    for group in spec.groups:
+        assert check_spec(model, spec, x, seed=5, groups=[group]) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "cell,kwargs", [(nn.LSTM, {}), (nn.GRU, {"num_layers": 2}), (nn.LSTM, {"proj_size": 5})]
+)
+def test_a_read_final_state_joins_every_layer_and_the_producer_crosses_in(cell, kwargs):
+    torch.manual_seed(3)
+    model = StateReader(cell, **kwargs)
+    x = _images(3)
+    spec = _trace(model, x)
+    # the Linear feeding the layer shares its output permutation with the layer's input columns
+    assert spec.axes_to_perm["embed.weight"][0] == spec.axes_to_perm["rnn.weight_ih_l0"][1] is not None
+    if kwargs.get("num_layers"):  # h_n stacks both layers on one axis: one permutation for both
+        assert spec.axes_to_perm["rnn.weight_hh_l0"][1] == spec.axes_to_perm["rnn.weight_hh_l1"][1]
+    assert check_spec(model, spec, x, seed=4) < 1e-12
+
+
+def test_an_initial_state_from_the_input_fixes_the_hidden_units():
+    class GivenState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(28, 8, batch_first=True)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+            out, _ = self.rnn(x.flatten(0, 1), h0)
+            return self.fc(out[:, -1])
+
+    model = GivenState()
+    with pytest.warns(UserWarning, match="initial state"):
+        spec = trace_spec(model, (_images(2), torch.randn(1, 2, 8)))
+    assert len(spec) == 0  # the caller's h0 is in the model's fixed input basis
+
+
+def test_packed_sequences_are_a_boundary():
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(28, 8, batch_first=True)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seq = x.flatten(0, 1)
+            lengths = torch.full((seq.shape[0],), seq.shape[1], dtype=torch.long)
+            packed = nn.utils.rnn.pack_padded_sequence(seq, lengths, batch_first=True)
+            _, (h, _) = self.rnn(packed)
+            return self.fc(h[-1])
+
+    model = Packed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            spec = trace_spec(model, _images(2))
+        except Exception as err:  # noqa: BLE001 - an untraceable model is also a refusal, never a wrong spec
+            assert "trace" in str(err)
+            return
+    assert not any(
+        k.startswith("rnn.") and any(a is not None for a in v) for k, v in spec.axes_to_perm.items()
+    )
+
+
+def test_a_wrong_recurrent_spec_is_caught():
+    torch.manual_seed(4)
+    model = RowClassifier(nn.LSTM, hidden=8)
+    x = _images(2)
+    spec = _trace(model, x)
+    # forgetting the recurrence's own input (weight_hh's columns) changes the function
+    axes = dict(spec.axes_to_perm)
+    axes["rnn.weight_hh_l0"] = (axes["rnn.weight_hh_l0"][0], None)
+    wrong = PermutationSpec.from_axes(axes, model.state_dict())
+    with pytest.raises(SpecCheckError) as err:
+        check_spec(model, wrong, x)
+    assert "P_rnn.l0" in err.value.failing
+    # and one permutation on a single gate block (the others left in place) does too
+    axes = dict(spec.axes_to_perm)
+    for key in ("rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"):
+        axes[key] = (("P_rnn.l0", 8, 8, 8), *axes[key][1:])
+    wrong = PermutationSpec.from_axes(axes, model.state_dict())
+    with pytest.raises(SpecCheckError):
+        check_spec(model, wrong, x)
+
+
+def test_soft_application_with_hard_matrices_equals_permute():
+    torch.manual_seed(5)
+    model = RowClassifier(nn.GRU, hidden=10, num_layers=2, bidirectional=True)
+    spec = _trace(model, _images(2))
+    perms = random_permutations(spec, seed=6)
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    hard = permute_state_dict(state, spec, perms)
+    soft = apply_soft_permutations(
+        state, spec, {g: perm_to_matrix(p, torch.float64) for g, p in perms.items()}
+    )
+    for key in state:
+        torch.testing.assert_close(soft[key], hard[key], atol=1e-12, rtol=0)
+
+
+def test_rebasin_view_runs_the_recurrent_model_and_learns():
+    torch.manual_seed(6)
+    model = RowClassifier(nn.LSTM, hidden=8).eval()
+    x = _images(4)
+    spec = _trace(model, x)
+    shuffled = permute(model, spec, random_permutations(spec, seed=7))
+    rb = ReBasin(shuffled, spec, init="identity", init_scale=20.0)
+    view = rb()
+    assert view(x).shape == (4, 10)
+    loss = sum(((view.state[k] - v) ** 2).sum() for k, v in model.state_dict().items())
+    loss.backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in rb.scores.values())
+    # the projection of scores planted at the answer is the answer, and it restores the model exactly
+    truth = weight_matching(shuffled, model, spec)
+    restored = permute(shuffled, spec, truth)
+    torch.testing.assert_close(restored(x), model(x), atol=1e-6, rtol=1e-6)
