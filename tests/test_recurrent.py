@@ -240,3 +240,38 @@ def test_rebasin_view_runs_the_recurrent_model_and_learns():
     truth = weight_matching(shuffled, model, spec)
     restored = permute(shuffled, spec, truth)
     torch.testing.assert_close(restored(x), model(x), atol=1e-6, rtol=1e-6)
+
+
+def test_timm_sequencer_lstms_are_permuted_and_verified():
+    timm = pytest.importorskip("timm")
+    from timm.models.sequencer import Sequencer2d
+
+    torch.manual_seed(7)
+    model = Sequencer2d(
+        num_classes=10, img_size=32, layers=(1, 1, 1, 1), patch_sizes=(4, 2, 2, 1),
+        embed_dims=(16, 24, 24, 24), hidden_sizes=(8, 12, 12, 12), mlp_ratios=(2.0,) * 4,
+    ).eval()  # fmt: skip
+    assert timm is not None
+    x = torch.randn(2, 3, 32, 32)
+    spec = _trace(model, x)
+    lstm_keys = [k for k in model.state_dict() if ".rnn_v." in k or ".rnn_h." in k]
+    assert len(lstm_keys) == 4 * 2 * 2 * 4  # 4 blocks, LSTMs along columns and rows, 2 directions, 4 tensors
+    assert all(spec.axes_to_perm[k][0] is not None for k in lstm_keys)
+    assert spec.coverage(model.state_dict()) > 0.99  # all but the classifier bias
+    assert check_spec(model, spec, x, seed=8) < 1e-12
+
+
+def test_quality_benchmark_smoke(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_recurrent.py"
+    module_spec = importlib.util.spec_from_file_location("quality_recurrent", path)
+    assert module_spec is not None and module_spec.loader is not None
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+    out = tmp_path / "recurrent.md"
+    rows = bench.main(["--smoke", "--out", str(out)])
+    assert [r["method"] for r in rows] == ["naive", "wm", "align"]
+    assert all(r["loss_barrier"] == r["loss_barrier"] and r["seconds"] >= 0 for r in rows)
+    assert "| wm |" in out.read_text()
