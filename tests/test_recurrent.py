@@ -275,3 +275,69 @@ def test_quality_benchmark_smoke(tmp_path):
     assert [r["method"] for r in rows] == ["naive", "wm", "align"]
     assert all(r["loss_barrier"] == r["loss_barrier"] and r["seconds"] >= 0 for r in rows)
     assert "| wm |" in out.read_text()
+
+
+class ZeroState(nn.Module):
+    """The tutorials' pattern: a zero initial state built in ``forward`` (optionally written to after)."""
+
+    def __init__(self, cell: type[nn.RNNBase] = nn.LSTM, write: bool = False) -> None:
+        super().__init__()
+        self.rnn = cell(28, 16, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(16, 10)
+        self.lstm, self.write = cell is nn.LSTM, write
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.flatten(0, 1)
+        h0 = seq.new_zeros(2, seq.size(0), 16)
+        if self.write:
+            h0.add_(seq[:, 0, :16].unsqueeze(0))  # no longer zero: the state is in the input's basis
+        out, _ = self.rnn(seq, (h0, torch.zeros_like(h0)) if self.lstm else h0)
+        return self.fc(out[:, -1, :])
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+def test_a_zero_initial_state_constrains_nothing(cell):
+    torch.manual_seed(8)
+    model, x = ZeroState(cell), _images(3)
+    spec = _trace(model, x)
+    assert set(spec.groups) == {"P_rnn.l0", "P_rnn.l1"}  # the layers keep their own permutations
+    assert check_spec(model, spec, x, seed=9) < 1e-12
+
+
+def test_a_state_written_in_place_is_not_taken_for_zeros():
+    model = ZeroState(nn.GRU, write=True)
+    with pytest.warns(UserWarning, match="initial state in a fixed basis"):
+        spec = trace_spec(model, _images(2))
+    assert len(spec) == 0
+
+
+class CellLoop(nn.Module):
+    """A recurrent cell unrolled over the 28 rows, its state fed back each step."""
+
+    def __init__(self, cell: type[nn.RNNCellBase]) -> None:
+        super().__init__()
+        self.embed = nn.Linear(28, 20)
+        self.cell = cell(20, 16)
+        self.fc = nn.Linear(16, 10)
+        self.lstm = cell is nn.LSTMCell
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = torch.tanh(self.embed(x.flatten(0, 1)))
+        state = None
+        for t in range(28):
+            state = self.cell(seq[:, t], state)
+        return self.fc(state[0] if self.lstm else state)
+
+
+@pytest.mark.parametrize("cell,gates", [(nn.LSTMCell, 4), (nn.GRUCell, 3), (nn.RNNCell, 1)])
+def test_recurrent_cells_in_a_loop_share_one_group_and_are_recovered(cell, gates):
+    torch.manual_seed(9)
+    model, x = CellLoop(cell).eval(), _images(4)
+    spec = _trace(model, x)
+    rows = ("P_cell",) * gates if gates > 1 else "P_cell"
+    assert spec.axes_to_perm["cell.weight_hh"] == (rows, "P_cell")
+    assert spec.axes_to_perm["cell.weight_ih"] == (rows, "P_embed")  # the Linear crosses into the cell
+    shuffled = permute(model, spec, random_permutations(spec, seed=10))
+    restored = permute(shuffled, spec, weight_matching(shuffled, model, spec))
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
