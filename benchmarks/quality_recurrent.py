@@ -11,7 +11,8 @@ second of each pair is permuted into the first one's basin by
 * ``align``: :func:`rebasin_callbacks.align`, data-free (L2 cost, weight matching as its warm start);
 * ``align mid``: ``align(cost="mid")`` (the loss at the midpoint on training batches; ``--mid``).
 
-Reported per pair and method: the loss barrier on the test split along the straight line, and wall time.
+Reported per pair and method: the loss barrier on the test split along the straight line (5 points), the
+L2 distance of the weights to the reference (what the data-free methods minimise), and wall time.
 Trained models are cached under ``.data/recurrent/`` so a second run only measures. ``--smoke`` runs one
 tiny pair on a few hundred images, uncached (a check that the script works, not a measurement).
 
@@ -41,6 +42,7 @@ from rebasin_callbacks.lmc import lmc_curve
 from rebasin_callbacks.matching import weight_matching
 from rebasin_callbacks.permute import permute
 from rebasin_callbacks.trace import trace_spec
+from rebasin_callbacks.utils import l2_distance
 
 CACHE = Path(__file__).resolve().parent.parent / ".data" / "recurrent"
 METHODS = ("naive", "wm", "align")
@@ -122,9 +124,11 @@ def evaluate_pair(pair: int, a: nn.Module, b: nn.Module, train_loader, test_load
         curve = lmc_curve(
             a, rebased, (test_loader, F.cross_entropy), n_points=5, progress=False, label=method
         )
-        barrier = curve.barriers["loss"]
-        rows.append({"pair": pair, "method": method, "loss_barrier": barrier, "seconds": seconds})
-        print(f"pair {pair} {method:10s} loss barrier {barrier:.4f}  {seconds:.2f} s", flush=True)
+        barrier, l2 = curve.barriers["loss"], l2_distance(rebased, a)
+        rows.append({"pair": pair, "method": method, "loss_barrier": barrier, "l2": l2, "seconds": seconds})
+        print(
+            f"pair {pair} {method:10s} loss barrier {barrier:.4f}  L2 {l2:.3f}  {seconds:.2f} s", flush=True
+        )
     return rows
 
 
@@ -132,8 +136,8 @@ def markdown(rows: list[dict], methods, command: str) -> str:
     pairs = sorted({r["pair"] for r in rows})
     naive = {r["pair"]: r["loss_barrier"] for r in rows if r["method"] == "naive"}
     head = "| method | " + " | ".join(f"pair {p} barrier" for p in pairs)
-    head += " | median barrier | median ratio to naive | median time |"
-    lines = [f"Command: `{command}` (CPU, 2 cores, shared)", "", head, "|" + "---|" * (len(pairs) + 4)]
+    head += " | median barrier | median ratio to naive | median L2 to the reference | median time |"
+    lines = [f"Command: `{command}` (CPU, 2 cores, shared)", "", head, "|" + "---|" * (len(pairs) + 5)]
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
         cells = " | ".join(f"{r['loss_barrier']:.3f}" for r in rs)
@@ -141,7 +145,8 @@ def markdown(rows: list[dict], methods, command: str) -> str:
         ratios = [r["loss_barrier"] / naive[r["pair"]] for r in rs if naive.get(r["pair"], 0) > 0]
         ratio = f"{statistics.median(ratios):.2f}" if ratios else "n/a"
         med_t = statistics.median(r["seconds"] for r in rs)
-        lines.append(f"| {m} | {cells} | {med_b:.3f} | {ratio} | {med_t:.2f} s |")
+        med_l2 = statistics.median(r["l2"] for r in rs)
+        lines.append(f"| {m} | {cells} | {med_b:.3f} | {ratio} | {med_l2:.2f} | {med_t:.2f} s |")
     return "\n".join(lines)
 
 

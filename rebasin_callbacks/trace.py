@@ -1386,9 +1386,9 @@ def _m_recurrent(w: _Walker, node: fx.Node, m: nn.RNNBase, x: Any) -> Any:
     for k in range(m.num_layers):
         layer: list[int] = []
         for d in directions:
-            h = w.sp.new(hidden, f"P_{t}.l{k}{d}")
-            o = w.sp.new(proj, f"P_{t}.proj_l{k}{d}") if proj else h
-            rows: DimLabel = Blocks(((h, hidden),) * gates) if gates > 1 else h
+            h = w.sp.new(hidden, f"P_{t}.h{k}{d}")
+            o = w.sp.new(proj, f"P_{t}.proj{k}{d}") if proj else h
+            rows = Blocks(((h, hidden),) * gates)  # one block per gate (a single one for nn.RNN)
             w.bind(f"{t}.weight_ih_l{k}{d}", 0, rows)
             w.bind(f"{t}.weight_ih_l{k}{d}", 1, feature)
             w.bind(f"{t}.weight_hh_l{k}{d}", 0, rows)
@@ -1437,7 +1437,7 @@ def _m_recurrent_cell(w: _Walker, node: fx.Node, m: nn.RNNCellBase, x: Any) -> A
         return w.boundary(node, f"recurrent cell {type(m).__name__} on input {sx}")
     w.cut(node, list(lx[:-1]), "a recurrent cell's batch positions")
     h = w.sp.new(m.hidden_size, f"P_{t}")
-    rows: DimLabel = Blocks(((h, m.hidden_size),) * gates) if gates > 1 else h
+    rows = Blocks(((h, m.hidden_size),) * gates)
     w.bind(f"{t}.weight_ih", 0, rows)
     w.bind(f"{t}.weight_ih", 1, lx[-1])
     w.bind(f"{t}.weight_hh", 0, rows)

@@ -71,12 +71,12 @@ def test_gate_blocks_share_the_hidden_permutation(cell, gates):
     torch.manual_seed(0)
     model = RowClassifier(cell, hidden=16)
     spec = _trace(model, _images())
-    rows = ("P_rnn.l0",) * gates if gates > 1 else "P_rnn.l0"
+    rows = ("P_rnn.h0",) * gates
     assert spec.axes_to_perm["rnn.weight_ih_l0"] == (rows, None)  # the image's columns stay fixed
-    assert spec.axes_to_perm["rnn.weight_hh_l0"] == (rows, "P_rnn.l0")
+    assert spec.axes_to_perm["rnn.weight_hh_l0"] == (rows, "P_rnn.h0")
     assert spec.axes_to_perm["rnn.bias_ih_l0"] == spec.axes_to_perm["rnn.bias_hh_l0"] == (rows,)
-    assert spec.axes_to_perm["fc.weight"] == (None, "P_rnn.l0")
-    assert spec.sizes == {"P_rnn.l0": 16}
+    assert spec.axes_to_perm["fc.weight"] == (None, "P_rnn.h0")
+    assert spec.sizes == {"P_rnn.h0": 16}
     assert spec.check_error is not None and spec.check_error < 1e-12
 
 
@@ -111,19 +111,19 @@ def test_stacked_and_bidirectional_layers_are_traced_and_verified(cell, kwargs):
     x = _images(3)
     spec = _trace(model, x)
     directions = ("", "_reverse") if kwargs.get("bidirectional") else ("",)
-    expected = {f"P_rnn.l{k}{d}" for k in range(kwargs["num_layers"]) for d in directions}
+    expected = {f"P_rnn.h{k}{d}" for k in range(kwargs["num_layers"]) for d in directions}
     if kwargs.get("proj_size"):
-        expected |= {f"P_rnn.proj_l{k}{d}" for k in range(kwargs["num_layers"]) for d in directions}
+        expected |= {f"P_rnn.proj{k}{d}" for k in range(kwargs["num_layers"]) for d in directions}
     assert set(spec.groups) == expected
     rnn_keys = [k for k in model.state_dict() if k.startswith("rnn.")]
     assert all(spec.axes_to_perm[k][0] is not None for k in rnn_keys)  # every weight's rows move
     if kwargs.get("bidirectional"):
         # the next layer reads [forward, backward]: one block per direction
-        out = "P_rnn.proj_l0" if kwargs.get("proj_size") else "P_rnn.l0"
+        out = "P_rnn.proj0" if kwargs.get("proj_size") else "P_rnn.h0"
         assert spec.axes_to_perm["rnn.weight_ih_l1"][1] == (out, f"{out}_reverse")
     if kwargs.get("proj_size"):
-        assert spec.axes_to_perm["rnn.weight_hr_l0"] == ("P_rnn.proj_l0", "P_rnn.l0")
-        assert spec.axes_to_perm["rnn.weight_hh_l0"] == (("P_rnn.l0",) * 4, "P_rnn.proj_l0")
+        assert spec.axes_to_perm["rnn.weight_hr_l0"] == ("P_rnn.proj0", "P_rnn.h0")
+        assert spec.axes_to_perm["rnn.weight_hh_l0"] == (("P_rnn.h0",) * 4, "P_rnn.proj0")
     # a fresh check with other random permutations, every group at once and each on its own
     assert check_spec(model, spec, x, seed=11) < 1e-12
     for group in spec.groups:
@@ -200,11 +200,11 @@ def test_a_wrong_recurrent_spec_is_caught():
     wrong = PermutationSpec.from_axes(axes, model.state_dict())
     with pytest.raises(SpecCheckError) as err:
         check_spec(model, wrong, x)
-    assert "P_rnn.l0" in err.value.failing
+    assert "P_rnn.h0" in err.value.failing
     # and one permutation on a single gate block (the others left in place) does too
     axes = dict(spec.axes_to_perm)
     for key in ("rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"):
-        axes[key] = (("P_rnn.l0", 8, 8, 8), *axes[key][1:])
+        axes[key] = (("P_rnn.h0", 8, 8, 8), *axes[key][1:])
     wrong = PermutationSpec.from_axes(axes, model.state_dict())
     with pytest.raises(SpecCheckError):
         check_spec(model, wrong, x)
@@ -274,6 +274,8 @@ def test_quality_benchmark_smoke(tmp_path):
     rows = bench.main(["--smoke", "--out", str(out)])
     assert [r["method"] for r in rows] == ["naive", "wm", "align"]
     assert all(r["loss_barrier"] == r["loss_barrier"] and r["seconds"] >= 0 for r in rows)
+    _, wm, aligned = (r["l2"] for r in rows)
+    assert aligned <= wm * (1 + 1e-6)  # align never ends farther than its warm start
     assert "| wm |" in out.read_text()
 
 
@@ -300,7 +302,7 @@ def test_a_zero_initial_state_constrains_nothing(cell):
     torch.manual_seed(8)
     model, x = ZeroState(cell), _images(3)
     spec = _trace(model, x)
-    assert set(spec.groups) == {"P_rnn.l0", "P_rnn.l1"}  # the layers keep their own permutations
+    assert set(spec.groups) == {"P_rnn.h0", "P_rnn.h1"}  # the layers keep their own permutations
     assert check_spec(model, spec, x, seed=9) < 1e-12
 
 
@@ -334,10 +336,28 @@ def test_recurrent_cells_in_a_loop_share_one_group_and_are_recovered(cell, gates
     torch.manual_seed(9)
     model, x = CellLoop(cell).eval(), _images(4)
     spec = _trace(model, x)
-    rows = ("P_cell",) * gates if gates > 1 else "P_cell"
+    rows = ("P_cell",) * gates
     assert spec.axes_to_perm["cell.weight_hh"] == (rows, "P_cell")
     assert spec.axes_to_perm["cell.weight_ih"] == (rows, "P_embed")  # the Linear crosses into the cell
     shuffled = permute(model, spec, random_permutations(spec, seed=10))
     restored = permute(shuffled, spec, weight_matching(shuffled, model, spec))
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_lstm_is_traced_permuted_and_matched_on_its_device():
+    torch.manual_seed(11)
+    model = RowClassifier(nn.LSTM, hidden=32, num_layers=2, bidirectional=True).cuda().eval()
+    x = _images(8).cuda()
+    spec = _trace(model, x)
+    assert len(spec) == 4
+    shuffled = permute(model, spec, random_permutations(spec, seed=12))
+    assert shuffled.rnn.weight_hh_l0.is_cuda
+    # cuDNN may compute in TF32: compare at that precision
+    torch.testing.assert_close(shuffled(x), model(x), atol=1e-3, rtol=1e-3)
+    restored = permute(shuffled, spec, weight_matching(shuffled, model, spec))
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    view = ReBasin(shuffled, spec)()
+    assert view(x).device == x.device
