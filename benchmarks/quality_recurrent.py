@@ -20,6 +20,7 @@ Usage::
 
     REBASIN_DATA=/path/to/torchvision/data python benchmarks/quality_recurrent.py --seeds 3 --epochs 1 --mid
     python benchmarks/quality_recurrent.py --smoke
+    python benchmarks/quality_recurrent.py --coverage   # timm sequencer2d_s: groups, coverage, LSTM units
 """
 
 from __future__ import annotations
@@ -150,6 +151,48 @@ def markdown(rows: list[dict], methods, command: str) -> str:
     return "\n".join(lines)
 
 
+def sequencer_coverage(name: str = "sequencer2d_s", size: int = 64) -> dict:
+    """``trace_spec`` on a randomly initialised timm model with LSTMs: coverage and LSTM hidden units moved,
+    then an independent float64 ``check_spec`` (fresh seed and input)."""
+    import timm
+
+    from rebasin_callbacks.trace import check_spec
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(2, 3, size, size)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = trace_spec(model, x)
+    seconds = time.perf_counter() - t0
+    lstms = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+    units = moved = 0
+    for n, m in lstms:
+        for k in range(m.num_layers):
+            for d in ("", "_reverse") if m.bidirectional else ("",):
+                units += m.hidden_size
+                moved += m.hidden_size * (
+                    spec.axes_to_perm.get(f"{n}.weight_hh_l{k}{d}", (None,))[0] is not None
+                )
+    generator = torch.Generator().manual_seed(5)
+    error = (
+        check_spec(model, spec, torch.randn(2, 3, size, size, generator=generator), seed=123)
+        if len(spec)
+        else 0.0
+    )
+    row = {
+        "model": name, "groups": len(spec), "coverage": spec.coverage(model.state_dict()), "lstms": len(lstms),
+        "hidden_units": units, "hidden_units_moved": moved, "check_error": error, "trace_seconds": seconds,
+    }  # fmt: skip
+    print(
+        f"{name} at 2x3x{size}x{size}: {row['groups']} groups, coverage {row['coverage']:.1%}, LSTM hidden units "
+        f"permuted {moved}/{units} in {len(lstms)} LSTMs, independent float64 check {error:.1e}, "
+        f"trace_spec {seconds:.1f} s"
+    )
+    return row
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--seeds", type=int, default=3, help="pairs: seeds (0, 1), (2, 3), ...")
@@ -159,8 +202,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--mid", action="store_true", help='also align(cost="mid")')
     p.add_argument("--smoke", action="store_true", help="one tiny pair on a few hundred images, uncached")
     p.add_argument("--out", type=Path, help="also write the markdown table here")
+    p.add_argument(
+        "--coverage", action="store_true", help="only trace timm sequencer2d_s and report coverage"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.coverage:
+        return [sequencer_coverage()]
     data, test = mnist(train=True), mnist(train=False)
     if args.smoke:
         args.seeds, args.hidden = 1, 8
