@@ -494,3 +494,28 @@ def test_spec_help_does_not_mention_checkpoints():
     sub = next(a for a in parser._actions if a.dest == "command").choices["spec"]
     text = sub.format_help()
     assert "MODEL_A" not in text and "the architecture's own" in text
+
+
+def test_plots_follow_the_conventions_a_paper_figure_would():
+    pytest.importorskip("matplotlib")
+    from rebasin_callbacks.lmc import LMCResult
+    from rebasin_callbacks.plotting import plot_lmc
+
+    values = {"loss": [0.1, 0.9, 0.1], "accuracy": [0.9, 0.5, 0.9]}
+    naive = LMCResult.from_values([0, 0.5, 1], values, label="naive")
+    fig = plot_lmc([naive], split="MNIST test")
+    assert fig._suptitle is not None and "model A -> model B" in fig._suptitle.get_text()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)  # lay out, so the legend's place is known
+    for ax, quantity in zip(fig.axes, ("loss (cross-entropy)", "accuracy")):
+        assert ax.get_ylabel() == f"MNIST test {quantity}"
+        assert "0 = model A, 1 = model B" in ax.get_xlabel()
+        legend = ax.get_legend()
+        assert [t.get_text() for t in legend.get_texts()] == [
+            f"naive (barrier {naive.barriers[quantity.split()[0]]:.3g})"
+        ]
+        assert (
+            legend.get_window_extent(renderer).y1 <= ax.get_window_extent(renderer).y0
+        )  # below, off the curves

@@ -44,7 +44,7 @@ from rebasin_callbacks.commands.common import (
     describe_shape,
     example_input,
     guarded,
-    input_shape,
+    input_shape_and_source,
     load_models,
     load_spec,
     make_loader,
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = align_kwargs(args)
     say(f"loading {args.model_a} and {args.model_b} as {args.arch}")
     model_a, model_b = load_models(args)
-    shape, source = input_shape(args, model_a)
+    shape, source = input_shape_and_source(args, model_a)
     x = example_input(model_a, args.arch, shape)
     say(describe_shape(shape, source))
     say(f"reading the permutation spec {args.spec}" if args.spec else "tracing the permutation spec")

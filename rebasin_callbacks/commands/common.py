@@ -29,9 +29,14 @@ from rebasin_callbacks.commands.arguments import (
 from rebasin_callbacks.commands.datasets import fit_to_shape, make_loader
 from rebasin_callbacks.commands.devices import resolve_device
 from rebasin_callbacks.commands.errors import EXIT_IO, EXIT_MISMATCH, EXIT_USAGE, CommandError, guarded, say
-from rebasin_callbacks.commands.loading import load_models
+from rebasin_callbacks.commands.loading import load_checkpoint, load_models, read_checkpoint
 from rebasin_callbacks.commands.paths import check_inputs, check_outputs
-from rebasin_callbacks.commands.shapes import describe_shape, example_input, input_shape
+from rebasin_callbacks.commands.shapes import (
+    describe_shape,
+    example_input,
+    input_shape,
+    input_shape_and_source,
+)
 from rebasin_callbacks.commands.specs import load_spec
 
 __all__ = [
@@ -52,7 +57,10 @@ __all__ = [
     "default_input_shape",
     "infer_arch_options",
     "load_models",
+    "read_checkpoint",
+    "load_checkpoint",
     "input_shape",
+    "input_shape_and_source",
     "describe_shape",
     "example_input",
     "resolve_device",
@@ -60,3 +68,7 @@ __all__ = [
     "fit_to_shape",
     "make_loader",
 ]
+
+# the names of the two checkpoint helpers before the split, for subcommands written against them
+_read_checkpoint = read_checkpoint
+_load_checkpoint = load_checkpoint

@@ -40,7 +40,7 @@ from rebasin_callbacks.commands.common import (
     describe_shape,
     example_input,
     guarded,
-    input_shape,
+    input_shape_and_source,
     load_models,
     load_spec,
     make_loader,
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = align_kwargs(args)
     say(f"loading {args.model_a} and {args.model_b} as {args.arch}")
     model_a, model_b = load_models(args)
-    shape, source = input_shape(args, model_a)
+    shape, source = input_shape_and_source(args, model_a)
     say("evaluating at " + describe_shape(shape, source))
     x = example_input(model_a, args.arch, shape)
     loader: dict[str, Any] = {"device": x.device, "dtype": x.dtype}
@@ -149,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
         say(f"evaluating {args.n_points} points of the {label} curve")
         curves[label] = lmc_curve(model, model_b, test, label=label, **options)
     print(format_table(curves))
+    for label, c in curves.items():
+        for metric, lambdas in (getattr(c, "nonfinite", None) or {}).items():
+            print(f"warning: the {label} curve's {metric} is NaN or infinite at lambda {lambdas}: its {metric} "
+                  "barrier and AUC are NaN (null in --json), not a measurement")  # fmt: skip
     print(describe_endpoints(next(iter(curves.values())), args.model_a, args.model_b, n_classes=10))
     if args.plot:
         data = {"mnist": "MNIST", "digits": "digits"}.get(args.data, args.data)

@@ -5,15 +5,14 @@ A file that is not a state dict gets one line saying what it is (a whole pickled
 refused with the key; each floating-point entry keeps the checkpoint's dtype (a float64 or bfloat16
 checkpoint is aligned and saved as such).
 
-Example:
-    >>> describe_unreadable("a.pt", "Unsupported global: GLOBAL torch.nn.modules.linear.Linear was not ...")
-    "a.pt is a whole pickled model (torch.nn.modules.linear.Linear), not a state dict: it is not unpickled because that could run code; save its weights with torch.save(model.state_dict(), 'a.pt') and pass that file"
+The one-line description of an unreadable file is the library's own
+(:func:`rebasin_callbacks.checkpoints.describe_unreadable`), imported where a checkpoint is read so that argument
+errors are reported before torch is imported.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -25,36 +24,18 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
 __all__ = [
+    "read_checkpoint",
+    "load_checkpoint",
     "load_models",
-    "describe_unreadable",
     "check_finite_state",
     "check_submodule",
     "submodule_of",
     "model_prefixes",
 ]
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
-
-def describe_unreadable(path: str, reason: str) -> str:
-    """One plain line for a checkpoint ``torch.load(weights_only=True)`` refused, from its message."""
-    reason = _ANSI.sub("", reason)
-    found = _GLOBAL.search(reason)
-    if found:
-        name = found.group(1)
-        what = "a whole pickled model" if name.startswith("torch.nn.") or "model" in name.lower() else (
-            "a pickled object")  # fmt: skip
-        return (
-            f"{path} is {what} ({name}), not a state dict: it is not unpickled because that could run code; "
-            f"save its weights with torch.save(model.state_dict(), {path!r}) and pass that file"
-        )
-    first = next((line.strip() for line in reason.splitlines() if line.strip()), reason.strip())
-    return f"{path} is not a readable torch checkpoint ({first})"
-
-
-def _read_checkpoint(path: str, what: str) -> dict[str, Tensor]:
-    from rebasin_callbacks.checkpoints import load_reference_state
+def read_checkpoint(path: str, what: str) -> dict[str, Tensor]:
+    from rebasin_callbacks.checkpoints import ANSI_ESCAPES, describe_unreadable, load_reference_state
 
     try:
         return load_reference_state(path, parameter=what)
@@ -66,7 +47,7 @@ def _read_checkpoint(path: str, what: str) -> dict[str, Tensor]:
             raise CommandError(
                 f"{what}: {describe_unreadable(path, str(cause) or type(cause).__name__)}"
             ) from None
-        raise CommandError(_ANSI.sub("", str(exc))) from None
+        raise CommandError(ANSI_ESCAPES.sub("", str(exc))) from None
 
 
 def check_finite_state(state: Mapping[str, Tensor], what: str, path: str) -> None:
@@ -155,7 +136,7 @@ def _keep_dtypes(model: nn.Module, matched: Mapping[str, Tensor]) -> None:
             own.data = own.data.to(value.dtype)
 
 
-def _load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], args: argparse.Namespace, path: str,
+def load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], args: argparse.Namespace, path: str,
                      what: str) -> None:  # fmt: skip
     from rebasin_callbacks.checkpoints import AmbiguousReferenceError, match_reference
     from rebasin_callbacks.spec import SpecMismatchError
@@ -201,13 +182,13 @@ def load_models(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
     """
     device = resolve_device(args.device)
     sides = (("MODEL_A", args.model_a), ("MODEL_B", args.model_b))
-    states = [_read_checkpoint(path, what) for what, path in sides]
+    states = [read_checkpoint(path, what) for what, path in sides]
     if args.num_classes is None or getattr(args, "in_chans", None) is None:
         _infer_options(args, states[0])
     models = []
     for (what, path), state in zip(sides, states):
         model = build_model(args.arch, args.num_classes, getattr(args, "in_chans", None))
-        _load_checkpoint(model, state, args, path, what)
+        load_checkpoint(model, state, args, path, what)
         check_finite_state(model.state_dict(), what, path)
         models.append(model.to(device).eval())
     return models[0], models[1]

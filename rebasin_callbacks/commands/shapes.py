@@ -9,7 +9,7 @@ Example:
     >>> import argparse, torch
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
     >>> args = argparse.Namespace(input_shape=None, arch="m:f", data="mnist")
-    >>> input_shape(args, model)
+    >>> input_shape_and_source(args, model)
     ((3, 28, 28), "MNIST's own size, 3 channels from the stem")
 """
 
@@ -26,14 +26,26 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor, nn
 
-__all__ = ["input_shape", "describe_shape", "example_input", "model_dtype", "DATA_SIZES"]
+__all__ = [
+    "input_shape",
+    "input_shape_and_source",
+    "describe_shape",
+    "example_input",
+    "model_dtype",
+    "DATA_SIZES",
+]
 
 #: The image size of each ``--data`` choice.
 DATA_SIZES = {"mnist": (28, 28), "digits": (8, 8)}
 _DATA_NAMES = {"mnist": "MNIST's", "digits": "the digits'"}
 
 
-def input_shape(args: argparse.Namespace, model: nn.Module) -> tuple[tuple[int, ...], str]:
+def input_shape(args: argparse.Namespace, model: nn.Module) -> tuple[int, ...]:
+    """The input shape (see :func:`input_shape_and_source`)."""
+    return input_shape_and_source(args, model)[0]
+
+
+def input_shape_and_source(args: argparse.Namespace, model: nn.Module) -> tuple[tuple[int, ...], str]:
     """``(shape, where it came from)``: ``--input-shape``, the data's size, or the model's default.
 
     Raises:

@@ -23,7 +23,7 @@ from rebasin_callbacks.commands.common import (
     describe_shape,
     example_input,
     guarded,
-    input_shape,
+    input_shape_and_source,
     load_spec,
     resolve_device,
 )
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from rebasin_callbacks.io import atomic_write_text
 
     model = build_model(args.arch, args.num_classes, args.in_chans).to(resolve_device(args.device)).eval()
-    shape, source = input_shape(args, model)
+    shape, source = input_shape_and_source(args, model)
     x = example_input(model, args.arch, shape)
     spec = load_spec(args, model, x)
     state = model.state_dict()

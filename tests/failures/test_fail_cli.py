@@ -462,3 +462,20 @@ def test_demo_checks_its_options_and_output_folder_before_training(rebasin, ckpt
     monkeypatch.setattr(demo, "run_demo", boom)
     code, out, err = rebasin("demo", "--smoke", *argv)
     assert code == EXIT_USAGE and needle in err and "Traceback" not in err, err
+
+
+def test_a_curve_that_overflows_is_reported_not_turned_into_a_barrier(rebasin, ckpts):
+    """Finite float16 weights whose interpolation overflows: the table says so, the JSON holds null."""
+    import json
+
+    a = torch.load(ckpts / "a.pt", weights_only=True)
+    b = torch.load(ckpts / "b.ckpt", weights_only=True)["state_dict"]
+    big = {k: (v * 3e3).half() if k.endswith("weight") else v.half() for k, v in a.items()}
+    torch.save(big, ckpts / "a16.pt")
+    torch.save({k: v.half() for k, v in b.items()}, ckpts / "b16.pt")
+    code, out, err = rebasin("lmc", "a16.pt", "b16.pt", *BASE, "--data", "digits", "--n-points", "3",
+                             "--max-batches", "1", "--json", "l.json")  # fmt: skip
+    assert code == 0, err
+    assert "NaN or infinite at lambda" in out, out
+    data = json.loads((ckpts / "l.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert data["naive"]["barrier"] is None
