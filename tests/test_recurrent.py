@@ -124,6 +124,7 @@ def test_stacked_and_bidirectional_layers_are_traced_and_verified(cell, kwargs):
     if kwargs.get("proj_size"):
         assert spec.axes_to_perm["rnn.weight_hr_l0"] == ("P_rnn.proj0", "P_rnn.h0")
         assert spec.axes_to_perm["rnn.weight_hh_l0"] == (("P_rnn.h0",) * 4, "P_rnn.proj0")
+    assert PermutationSpec.from_json(spec.to_json()) == spec  # the gate blocks survive a JSON round trip
     # a fresh check with other random permutations, every group at once and each on its own
     assert check_spec(model, spec, x, seed=11) < 1e-12
     for group in spec.groups:
