@@ -168,6 +168,12 @@ def _prepare(
     return ref
 
 
+def _epoch(trainer: pl.Trainer, in_loop: bool) -> int:
+    """The epoch a callback's work belongs to: the current one inside the loop; after it (``on_train_end``)
+    Lightning's counter has moved past the last epoch, whose number this is (as in the loggers' rows)."""
+    return trainer.current_epoch if in_loop else max(trainer.current_epoch - 1, 0)
+
+
 def _log(
     trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], in_loop: bool
 ) -> None:
@@ -178,7 +184,7 @@ def _log(
             pl_module.log(name, float(value), rank_zero_only=True, on_epoch=True, on_step=False)
     elif trainer.is_global_zero:
         # after the loop Lightning's epoch counter has moved past the last epoch: its row is the last one's
-        row = {**metrics, "epoch": float(max(trainer.current_epoch - 1, 0))}
+        row = {**metrics, "epoch": float(_epoch(trainer, in_loop))}
         for logger in trainer.loggers:
             logger.log_metrics(row, step=trainer.global_step)
 
@@ -564,13 +570,14 @@ class ReBasinAlign(_EpochEndCallback):
         """Keep the alignment in :attr:`last_perms` and :attr:`history`, log it and say it."""
         before, after = found.before, found.after
         self.last_perms = found.perms
-        record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "l2_before": before}
+        epoch = _epoch(trainer, in_loop)
+        record = {"epoch": epoch, "step": trainer.global_step, "l2_before": before}
         record.update(l2_after=after, seconds=seconds)
         self.history.append(record)
         metrics = {"rebasin/l2_before": before, "rebasin/l2_after": after, "rebasin/align_seconds": seconds}
         _log(trainer, pl_module, metrics, in_loop)
         rank_zero_info(
-            f"ReBasinAlign: epoch {trainer.current_epoch}: L2 distance to the reference {before:.4g} -> "
+            f"ReBasinAlign: epoch {epoch}: L2 distance to the reference {before:.4g} -> "
             f"{after:.4g} ({seconds:.2f} s)"
         )
 
@@ -881,12 +888,11 @@ class LMCMonitor(_EpochEndCallback):
         evaluate = Evaluator(
             loader, self.loss_fn, self._batch_limit(trainer, loader), trainer.strategy.reduce
         )
-        out: dict[str, Any] = {"epoch": trainer.current_epoch}
+        epoch = _epoch(trainer, in_loop)
+        out: dict[str, Any] = {"epoch": epoch}
         broken = _non_finite(target)
         if broken is not None:  # a diverged run: say so, log NaN (never a curve that looks fine), go on
-            rank_zero_warn(
-                f"LMCMonitor: epoch {trainer.current_epoch}: {broken}; its curves are logged as NaN"
-            )
+            rank_zero_warn(f"LMCMonitor: epoch {epoch}: {broken}; its curves are logged as NaN")
             for name, label in (("naive", "naive"), ("rebasin", "re-based"))[: 2 if self.align else 1]:
                 out[name] = _nan_curve(self.n_points, label)
         else:
@@ -897,9 +903,9 @@ class LMCMonitor(_EpochEndCallback):
             if name in out:
                 metrics.update(_curve_metrics(f"lmc/{name}", out[name]))
         self.results.append(out)
-        self.history.append({"epoch": float(trainer.current_epoch), **metrics})
+        self.history.append({"epoch": float(epoch), **metrics})
         _log(trainer, pl_module, metrics, in_loop)
-        self._log_figure(trainer, out)
+        self._log_figure(trainer, pl_module, out)
         return out
 
     def _curves(
@@ -948,14 +954,17 @@ class LMCMonitor(_EpochEndCallback):
             )
             self._told_reuse = True
 
-    def _log_figure(self, trainer: pl.Trainer, out: dict[str, Any]) -> None:
+    def _log_figure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: dict[str, Any]) -> None:
         if not trainer.is_global_zero:
             return
         from rebasin_callbacks.lmc import plot_lmc
         from rebasin_callbacks.plotting import save_figure
 
         curves = [out[k] for k in ("naive", "rebasin") if k in out]
-        fig = plot_lmc(curves, title=f"epoch {out['epoch']}")  # a pyplot-free Figure: nothing to close
+        split = self.data if isinstance(self.data, str) else "given data"
+        model = type(target_module(pl_module, self.submodule)).__name__
+        title = f"{model} (A) at epoch {out['epoch']} -> reference (B), {split} split"
+        fig = plot_lmc(curves, title=title)  # a pyplot-free Figure: nothing to close
         logged = False
         for logger in trainer.loggers:
             log_image = getattr(logger, "log_image", None)

@@ -707,3 +707,13 @@ def test_alignments_are_read_only_from_the_callbacks_that_share_them(tmp_path):
     _fit(tmp_path, [other, cb, monitor], max_epochs=1)
     assert other._alignments == ["not ours"]
     assert monitor.results[-1]["rebasin_source"] == "ReBasinAlign"
+
+
+def test_fit_end_work_is_numbered_as_the_last_epoch(tmp_path):
+    """After the loop Lightning's counter is one past the last epoch: an alignment or a curve made at fit end
+    belongs to the last epoch (0-based, as in the loggers' rows and the demo's epochs.csv), not to the next."""
+    align = ReBasinAlign(_reference(), submodule="model", mode="copy", every_n_epochs=0, at_fit_end=True)
+    monitor = LMCMonitor(_reference(), submodule="model", data=_loaders()[1], every_n_epochs=0, n_points=3)
+    _fit(tmp_path, [align, monitor], max_epochs=2)
+    assert [r["epoch"] for r in align.history] == [1]
+    assert monitor.results[-1]["epoch"] == 1 and monitor.history[-1]["epoch"] == 1.0
