@@ -10,9 +10,8 @@ basin by
 * ``align heads``: :func:`rebasin_callbacks.align`, data-free, from the spec with heads;
 * ``align mid flat`` / ``align mid heads``: ``align(cost="mid")`` (only with ``--mid``: slow on a CPU).
 
-``--family lstm`` runs the same methods (one spec: no attention) on a small recurrent classifier, the 28
-rows of an image as a sequence through one LSTM layer of 64 hidden units; ``--family resnext`` on two
-ResNeXt bottlenecks (grouped 3x3 convolutions with 8 groups, GroupNorm).
+``--family resnext`` runs the same methods (one spec: no attention) on two ResNeXt bottlenecks (grouped
+3x3 convolutions with 8 groups, GroupNorm). Recurrent layers have their own: ``quality_recurrent.py``.
 
 Reported per pair and method: the loss barrier on the test split along the straight line, and wall time.
 Trained models are cached under ``.data/vit/`` so a second run only measures.
@@ -56,19 +55,6 @@ def make_vit() -> nn.Module:
     )  # fmt: skip
 
 
-class RowLSTM(nn.Module):
-    """A small recurrent classifier: the 28 rows of an image as a sequence through one LSTM layer."""
-
-    def __init__(self, hidden: int = 64) -> None:
-        super().__init__()
-        self.rnn = nn.LSTM(28, hidden, batch_first=True)
-        self.fc = nn.Linear(hidden, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(x.squeeze(1))  # (batch, 1, 28, 28) -> 28 steps of 28
-        return self.fc(out[:, -1])
-
-
 class SmallResNeXt(nn.Module):
     """Two ResNeXt bottlenecks (1x1, grouped 3x3 with 8 groups, 1x1, GroupNorm throughout) on a 14x14 map."""
 
@@ -99,7 +85,7 @@ class SmallResNeXt(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-FAMILIES = {"vit": make_vit, "lstm": RowLSTM, "resnext": SmallResNeXt}
+FAMILIES = {"vit": make_vit, "resnext": SmallResNeXt}
 FAMILY = "vit"  # set by --family
 
 
@@ -201,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mid", action="store_true", help='also align(cost="mid") (slow on a CPU)')
     p.add_argument("--methods", nargs="*", help="only these methods (default: all, with --mid the mid ones)")
     p.add_argument("--pairs", type=int, nargs="*", help="only these pairs (default: all)")
-    p.add_argument("--family", choices=sorted(FAMILIES), default="vit", help="lstm: no heads, flat = heads")
+    p.add_argument(
+        "--family", choices=sorted(FAMILIES), default="vit", help="resnext: no attention, one spec"
+    )
     args = p.parse_args(argv)
     global FAMILY
     FAMILY = args.family
