@@ -266,3 +266,92 @@ def test_benchmark_mlp_three_models_meets_the_data_driven_target(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     assert "data barrier" in text and "MISSED" not in text, text
+
+
+# ------------------------------------------------------------------------------------------------ Lightning
+def _lit(seed: int):
+    import lightning.pytorch as pl
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(seed)
+            self.model = _mlp()
+
+        def forward(self, x):
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    return Lit()
+
+
+def _fit(module, callbacks, tmp_path, epochs: int = 2, logger=False):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = _task(256)
+    x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    val = DataLoader(TensorDataset(x[:128], y[:128]), batch_size=64)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         deterministic=True)  # fmt: skip
+    trainer.fit(module, loader, val)
+    return trainer
+
+
+def test_lightning_merge_leaves_training_unchanged_and_logs_the_merged_model(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from rebasin_callbacks.lightning_merge import ReBasinMerge
+
+    data = _task(256)
+    others = [_train(_mlp(), data, seed, epochs=5) for seed in (10, 11)]
+    plain = _lit(0)
+    _fit(plain, [], tmp_path / "plain")
+    merged = _lit(0)
+    callback = ReBasinMerge(others, submodule="model", every_n_epochs=1, method="merge_many")
+    _fit(merged, [callback], tmp_path / "merged", logger=CSVLogger(tmp_path / "logs"))
+    assert _states_equal(plain.model, merged.model)  # the trained model is only read
+    assert callback.merges == 3  # after each of the 2 epochs and at fit end
+    assert set(callback.metrics) >= {
+        "merge/loss",
+        "merge/accuracy",
+        "merge/barrier",
+        "merge/ensemble_accuracy",
+    }
+    rows = (next((tmp_path / "logs").rglob("metrics.csv"))).read_text()
+    assert "merge/loss" in rows.splitlines()[0]
+    assert callback.merged_model is not None and not _states_equal(callback.merged_model, merged.model)
+    # the merged model is the merge of the trained model with the others
+    expected = merge([merged.model, *others], spec=callback.spec, method="merge_many", progress=False)
+    assert _states_equal(callback.merged_model, expected.merged)
+
+
+def test_lightning_merge_writes_back_only_when_asked_and_refuses_bad_others_at_setup(tmp_path):
+    from rebasin_callbacks.lightning_merge import ReBasinMerge
+
+    data = _task(256)
+    others = [_train(_mlp(), data, 10, epochs=5)]
+    module = _lit(0)
+    callback = ReBasinMerge(others, submodule="model", write_back=True, method="merge_many")
+    _fit(module, [callback], tmp_path, epochs=1)
+    assert callback.merged_model is not None and _states_equal(module.model, callback.merged_model)
+
+    bad = ReBasinMerge([_mlp(width=16)], submodule="model")
+    fresh = _lit(0)
+    with pytest.raises(ValueError, match="others\\[0\\]"):
+        _fit(fresh, [bad], tmp_path / "bad", epochs=1)
+    assert _states_equal(fresh.model, _lit(0).model)  # nothing trained: refused at setup
