@@ -355,3 +355,11 @@ def test_lightning_merge_writes_back_only_when_asked_and_refuses_bad_others_at_s
     with pytest.raises(ValueError, match="others\\[0\\]"):
         _fit(fresh, [bad], tmp_path / "bad", epochs=1)
     assert _states_equal(fresh.model, _lit(0).model)  # nothing trained: refused at setup
+
+
+@pytest.mark.parametrize("argv", [["merge", "--help"], ["merge", "a.pt", "--arch", "m:f", "--out", "o.pt"]])
+def test_cli_help_and_usage_errors_do_not_import_torch(argv, tmp_path):
+    code = f"import sys\nfrom rebasin_callbacks import cli\ntry:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\nprint('TORCH', 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert "TORCH False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
