@@ -322,7 +322,7 @@ def merge(
                     models, spec, w, perms,
                     data=data if method == "data" else None, loss_fn=loss_fn,
                     steps=default_steps if steps is None else steps,
-                    # data-free: stop once the search goes twice MergeMany's time without a gain
+                    # data-free: at most twice MergeMany's time more, so the whole merge stays within 3x
                     budget=None if method == "data" else 2 * warm, seed=seed,
                 )  # fmt: skip
                 history.update(refine)
