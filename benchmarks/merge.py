@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--families", nargs="+", default=["mlp", "vgg_bn", "resnet_bn"])
     parser.add_argument("--n", nargs="+", type=int, default=[3], help="models per set (e.g. 2 3 5)")
     parser.add_argument("--seeds", type=int, default=1, help="sets per family and N")
+    parser.add_argument(
+        "--first-set", type=int, default=0, help="the first set's seed (to add sets to a table)"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--train-size", type=int, default=20000, help="training images (0: all 60,000)")
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name, make in makers(args.smoke).items():
         if name not in args.families:
             continue
-        for seed in range(args.seeds):
+        for seed in range(args.first_set, args.first_set + args.seeds):
             for n in args.n:
                 t0 = time.perf_counter()
                 models = [trained(name, make, 100 * seed + i, train_set, args) for i in range(n)]
