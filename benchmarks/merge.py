@@ -46,7 +46,7 @@ from rebasin_callbacks.bn import reset_bn_stats
 from rebasin_callbacks.data import mnist
 from rebasin_callbacks.lmc import evaluate_model
 from rebasin_callbacks.matching import weight_matching
-from rebasin_callbacks.merge import _repair_many, evaluate_merge, merge
+from rebasin_callbacks.merge import evaluate_merge, merge, repair_many
 from rebasin_callbacks.merge_matching import cycle_error
 from rebasin_callbacks.trace import trace_spec
 
@@ -136,7 +136,7 @@ def run_set(
             reset = reset_bn_stats(_copy(result.merged), bn_batches, n_batches=None)
             variants["+reset"] = reset
             repaired = _copy(reset)
-            _repair_many(result.models, repaired, result.weights, bn_batches)
+            repair_many(result.models, repaired, result.weights, bn_batches)
             variants["+repair"] = repaired
         for suffix, merged in variants.items():
             if reference is None:

@@ -49,6 +49,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "random_permutations",
     ),
     "rebasin": ("PermutedView", "ReBasin"),
+    "settings": ("SinkhornSettings",),
     "sinkhorn": ("SinkhornConvergenceWarning", "SinkhornInfo", "sinkhorn"),
     "spec": ("PermutationSpec", "SpecMismatchError"),
     "trace": ("SpecCheckError", "UntraceableModelError", "check_compatible", "check_spec", "trace_spec"),
@@ -113,6 +114,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the same names, imported eagerly
         random_permutations,
     )
     from rebasin_callbacks.rebasin import PermutedView, ReBasin
+    from rebasin_callbacks.settings import SinkhornSettings
     from rebasin_callbacks.sinkhorn import SinkhornConvergenceWarning, SinkhornInfo, sinkhorn
     from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
     from rebasin_callbacks.trace import (
@@ -147,6 +149,7 @@ __all__ = [
     "RndCost",
     "SinkhornConvergenceWarning",
     "SinkhornInfo",
+    "SinkhornSettings",
     "SpecCheckError",
     "SpecMismatchError",
     "TraceRule",

@@ -26,10 +26,10 @@ a fixed temperature, 512-wide layers sit at an almost uniform matrix and barely 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,43 +37,32 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost, resolve_cost
-from rebasin_callbacks.matching import L2Gradient, MatchingProblem, resolve_spec
-from rebasin_callbacks.permute import identity_permutations, perm_to_matrix, permute, random_permutations
-from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
-from rebasin_callbacks.sinkhorn import SinkhornConvergenceWarning
+from rebasin_callbacks.batches import infer_example_inputs, split_batch, to_device
+from rebasin_callbacks.costs import CostHints, cost_hints, resolve_cost
+from rebasin_callbacks.devices import module_device
+from rebasin_callbacks.matching import MatchingProblem
+from rebasin_callbacks.permute import identity_permutations, permute, random_permutations
+from rebasin_callbacks.rebasin import PermutedView, ReBasin
+from rebasin_callbacks.refine import STEPS, Plan, Problem, check_cost_value, refine, stopping_for
+from rebasin_callbacks.settings import SinkhornSettings, settings_from
 from rebasin_callbacks.spec import PermutationSpec
-from rebasin_callbacks.utils import (
-    check_compatible,
-    check_finite,
-    infer_example_inputs,
-    module_device,
-    renamed_arguments,
-    split_batch,
-    thread_limit,
-    to_device,
-)
+from rebasin_callbacks.spec_source import resolve_spec
+from rebasin_callbacks.states import check_compatible, check_finite
+from rebasin_callbacks.threads import thread_limit
 
-__all__ = ["align", "AlignResult"]
+__all__ = ["align", "AlignResult", "ALIGN_START"]
+
+#: align's relaxation: the cost chooses the temperature (:attr:`CostHints.tau`) and the margin adapts
+#: to the method (1 for ``"ste"``, per group size for the soft methods); the other fields are the defaults.
+ALIGN_START = SinkhornSettings(tau="auto", init_scale="auto")
 
 Init = Literal["weight_matching", "identity", "random"]
 Method = Literal["ste", "soft", "anneal", "entropy"]
-METHODS: tuple[str, ...] = ("ste", "soft", "anneal", "entropy")
+METHODS: tuple[str, ...] = tuple(STEPS)
 
-# "anneal": tau_t = tau * max(_ANNEAL_FLOOR, _ANNEAL_RATE ** t); "entropy": penalty weight relative to
-# the warm start's cost (a cost-scale-free weight).
-_ANNEAL_RATE = 0.9
-_ANNEAL_FLOOR = 0.01
-_ENTROPY_WEIGHT = 0.1
 # With polish, the fewest steps without a gain before the time budget may stop the refinement: on trained
 # pairs the first better permutation comes at step 4 (benchmarks/quality.py).
 _MIN_STALE = 4
-# steps without a better hard permutation before the refinement stops (early_stopping="auto")
-_PATIENCE, _PATIENCE_DATA = 30, 100
-# Sinkhorn temperature of the midpoint cost (tau="auto"): sharper soft permutations than tau 1
-_TAU_MID = 0.5
-# A gain smaller than this (relative) is kept but does not extend the search.
-_SIGNIFICANT = 1e-3
 _POLISH_SWEEPS = 5
 
 
@@ -119,6 +108,9 @@ class _Batches:
         self.seen: list[Any] = []
         self._it: Iterator[Any] = iter(data)
         self._replay: int | None = None
+
+    def __iter__(self) -> _Batches:
+        return self
 
     def __next__(self) -> Any:
         if self._replay is not None:
@@ -208,30 +200,6 @@ def _follow_model(model: nn.Module, reference: nn.Module) -> nn.Module:
     return ref
 
 
-def _check_cost_value(value: Any, cost_fn: Any, *, need_grad: bool) -> Tensor:
-    cost = getattr(cost_fn, "__name__", None) or repr(cost_fn)
-    if not isinstance(value, Tensor) or value.numel() != 1 or value.ndim > 1:
-        shape = tuple(value.shape) if isinstance(value, Tensor) else None
-        raise TypeError(
-            f"the cost {cost} must return a scalar Tensor, got {type(value).__name__}"
-            + (f" of shape {shape}" if shape is not None else "")
-            + " (reduce it, e.g. with .mean())"
-        )
-    if not value.is_floating_point():
-        raise TypeError(f"the cost {cost} must return a floating-point Tensor, got {value.dtype}")
-    if need_grad and not value.requires_grad:
-        raise TypeError(
-            f"the cost {cost} returned a tensor with no gradient with respect to the permuted model: it "
-            "must be computed from view.state / view(...) without .detach(), .item() or torch.no_grad()"
-        )
-    return value.reshape(())
-
-
-def _perm_key(perms: Mapping[str, Tensor]) -> tuple:
-    return tuple((g, p.numpy().tobytes()) for g, p in sorted(perms.items()))
-
-
-@renamed_arguments(noise="init_noise")
 def align(
     model: nn.Module,
     reference: nn.Module,
@@ -244,14 +212,15 @@ def align(
     steps: int = 200,
     lr: float | Literal["auto"] = "auto",
     init: Init | Mapping[str, Tensor] = "weight_matching",
-    tau: float | Literal["auto"] = "auto",
+    tau: float | Literal["auto"] | None = None,
     method: Method | Literal["auto"] = "auto",
     early_stopping: int | Literal["auto"] | None = "auto",
     progress: bool = True,
     seed: int | None = None,
-    n_iters: int = 20,
-    init_noise: float = 0.1,
-    init_scale: float | Literal["auto"] = "auto",
+    settings: SinkhornSettings | None = None,
+    n_iters: int | None = None,
+    init_noise: float | None = None,
+    init_scale: float | Literal["auto"] | None = None,
     polish: bool | Literal["auto"] = "auto",
     threads: int | str | None = "auto",
 ) -> AlignResult:
@@ -313,13 +282,16 @@ def align(
             ``"auto"`` (1 per 4 cores, or ``$REBASIN_NUM_THREADS``), an int, or ``None`` for no cap.
         seed: makes the run repeatable (initial jitter, weight-matching order, random init, ``"rnd"``'s
             interpolation points, dropout); the global random state is left untouched.
+        settings: the relaxation (:class:`~rebasin_callbacks.SinkhornSettings`); by default
+            :data:`ALIGN_START` (``tau="auto"``, ``init_scale="auto"``, the other fields' defaults).
+            ``seed`` may be given here instead of as ``seed=``.
         n_iters: Sinkhorn iterations per step (solver iterations; ``steps`` counts optimiser steps).
-        init_noise: standard deviation of the jitter added to the initial scores (``noise=`` is its
-            deprecated name).
+        init_noise: standard deviation of the jitter added to the initial scores.
         init_scale: margin of the initial permutation in the scores. ``"auto"``: the paper's 1 for
             ``method="ste"`` (its forward pass is the hard permutation whatever the margin), and for the
             soft methods a margin adapted to each group size (``log(n - 1)``, see
             :func:`~rebasin_callbacks.rebasin.auto_scale`: a fixed margin leaves wide layers almost uniform).
+        tau / n_iters / init_noise / init_scale: set one field of ``settings`` (given ones win).
 
     Returns:
         An :class:`AlignResult`; ``result.model`` computes exactly what ``model`` computes.
@@ -340,14 +312,64 @@ def align(
     start = time.perf_counter()
     model = _unwrap(model, "model")
     reference = _unwrap(reference, "reference")
+    _check_arguments(
+        steps=steps, lr=lr, method=method, early_stopping=early_stopping, example_inputs=example_inputs
+    )
+    settings = settings_from(
+        settings, ALIGN_START, tau=tau, n_iters=n_iters, init_noise=init_noise, init_scale=init_scale,
+        seed=seed,
+    )  # fmt: skip
+    if isinstance(settings.seed, torch.Generator):
+        raise TypeError("align: seed must be an int or None (it also seeds weight matching's group order)")
+    reference = _check_models(model, reference)
+    cost_fn = resolve_cost(cost, loss_fn, seed=settings.seed)
+    hints = cost_hints(cost_fn)
+    if hints.needs_data and data is None:
+        raise ValueError(
+            f"cost {cost_fn!r} needs data: pass data=... (an iterable of (inputs, targets) batches)"
+        )
+    plan = _plan(
+        settings,
+        hints,
+        init=init,
+        lr=lr,
+        method=method,
+        steps=steps,
+        early_stopping=early_stopping,
+        polish=polish,
+    )
+    batches, first = _open_data(data, module_device(model))
+    if spec is None and example_inputs is None and first is None and infer_example_inputs(model) is None:
+        raise ValueError(
+            "align needs a permutation spec: pass spec=..., example_inputs=... (to trace one) or data=..."
+        )
+    # Many small kernels: a capped thread count keeps a busy CPU from turning seconds into minutes.
+    with thread_limit(threads):
+        if spec is None:
+            _phase(f"align: tracing the permutation spec of {type(model).__name__}", progress)
+        spec = resolve_spec(model, spec, example_inputs, batch=first, purpose="nothing to align")
+        if hints.probe:
+            _probe_cost(model, reference, cost_fn, first)
+        problem = Problem(model, reference, spec, cost_fn, first, batches)
+        perms, history, n_steps = _search(problem, plan, init, progress)
+        return AlignResult(
+            perms=perms,
+            model=permute(model, spec, perms),
+            spec=spec,
+            history=history,
+            steps=n_steps,
+            seconds=time.perf_counter() - start,
+        )
+
+
+def _check_arguments(*, steps: Any, lr: Any, method: Any, early_stopping: Any, example_inputs: Any) -> None:
+    """align's own arguments, checked before any work (the relaxation's are :class:`SinkhornSettings`')."""
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if lr != "auto" and not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= 100):
         raise ValueError(
             f"lr must be a number in (0, 100] (relative to each group's score scale), got {lr!r}"
         )
-    if tau != "auto" and not (isinstance(tau, (int, float)) and math.isfinite(tau) and 1e-3 <= tau <= 1e3):
-        raise ValueError(f"tau must be a number in [1e-3, 1e3] or 'auto', got {tau!r}")
     if method not in (*METHODS, "auto"):
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     if early_stopping not in (None, "auto") and not (isinstance(early_stopping, int) and early_stopping >= 1):
@@ -357,95 +379,98 @@ def align(
             f"example_inputs is a dict (keys {list(example_inputs)[:5]}): pass the model's positional "
             "input(s), a tensor or a tuple of tensors, e.g. example_inputs=batch['x']"
         )
+
+
+def _check_models(model: nn.Module, reference: nn.Module) -> nn.Module:
+    """Both models checked before any work; the reference as the computation needs it (on ``model``'s
+    device, in its dtypes: a converted copy when it is not)."""
     check_compatible(model, reference)
     check_finite(model, "model")
     check_finite(reference, "reference")
     _check_magnitude(model, "model")
     _check_magnitude(reference, "reference")
-    device = module_device(model)
-    reference = _follow_model(model, reference)
+    return _follow_model(model, reference)
 
-    cost_fn = resolve_cost(cost, loss_fn)
-    if getattr(cost_fn, "needs_data", False) and data is None:
-        raise ValueError(
-            f"cost {cost_fn!r} needs data: pass data=... (an iterable of (inputs, targets) batches)"
-        )
+
+def _plan(
+    settings: SinkhornSettings,
+    hints: CostHints,
+    *,
+    init: Init | Mapping[str, Tensor],
+    lr: float | Literal["auto"],
+    method: str,
+    steps: int,
+    early_stopping: int | Literal["auto"] | None,
+    polish: bool | Literal["auto"],
+) -> Plan:
+    """Every ``"auto"`` resolved once, from the cost's hints."""
+    weight_matching = isinstance(init, str) and init == "weight_matching"
     if method == "auto":
-        method = "soft" if getattr(cost_fn, "needs_data", False) else "ste"
-    if tau == "auto":
-        tau = _TAU_MID if isinstance(cost_fn, MidCost) else 1.0
-    if early_stopping == "auto":
-        early_stopping = _PATIENCE_DATA if getattr(cost_fn, "needs_data", False) else _PATIENCE
+        method = hints.preferred_method
     if polish == "auto":
-        # weight matching's coordinate descent maximises exactly the L2 cost's inner products
-        polish = type(cost_fn) is L2Cost and isinstance(init, str) and init == "weight_matching"
+        polish = hints.polish and weight_matching
     elif not isinstance(polish, bool):
         raise ValueError(f"polish must be True, False or 'auto', got {polish!r}")
     if lr == "auto":
+        # a warm start already sits in a local optimum that the straight-through refinement must leave
+        # within a few steps to find a better one
         warm_start = not (isinstance(init, str) and init in ("identity", "random"))
         lr = 0.3 if warm_start and method == "ste" else 0.1
-    if isinstance(cost, str) and isinstance(cost_fn, RndCost) and seed is not None:
-        cost_fn.generator = torch.Generator().manual_seed(int(seed))
-    score_fn = getattr(cost_fn, "score", cost_fn)
+    # "ste"'s forward pass is the hard permutation whatever the margin: the paper's 1
+    init_scale = 1.0 if settings.init_scale == "auto" and method == "ste" else settings.init_scale
+    return Plan(
+        method=method,
+        settings=settings.merged(
+            tau=hints.tau if settings.tau == "auto" else settings.tau, init_scale=init_scale
+        ),
+        lr=float(lr),
+        steps=steps,
+        patience=hints.preferred_patience if early_stopping == "auto" else early_stopping,
+        polish=polish,
+        budget_applies=not hints.needs_data,
+    )
 
-    batches: _Batches | None = None
-    first: Any = None
-    if data is not None:
-        # A single (inputs, targets) pair is accepted as a one-batch dataset.
-        if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
-            data = [data]
-        if isinstance(data, (Tensor, Mapping)):
-            data = [data]
-        batches = _Batches(data, device)
-        first = next(batches)
-        if example_inputs is None and spec is None:
-            example_inputs = first[0] if isinstance(first, (tuple, list)) else first
-    if spec is None and example_inputs is None and infer_example_inputs(model) is None:
-        raise ValueError(
-            "align needs a permutation spec: pass spec=..., example_inputs=... (to trace one) or data=..."
-        )
-    # Many small kernels: a capped thread count keeps a busy CPU from turning seconds into minutes.
-    with thread_limit(threads):
-        if spec is None:
-            _phase(f"align: tracing the permutation spec of {type(model).__name__}", progress)
-        spec = resolve_spec(model, spec, example_inputs)
-        if not isinstance(cost_fn, (L2Cost, CosineCost)):
-            _probe_cost(model, reference, cost_fn, first)
 
-        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        fork = torch.random.fork_rng(
-            devices=[device] if device.type == "cuda" else [], enabled=seed is not None
-        )
-        with fork:
-            if seed is not None:
-                torch.manual_seed(int(seed))
-            if init_scale == "auto" and method == "ste":
-                init_scale = 1.0
-            t0 = time.perf_counter()
-            if isinstance(init, str) and init == "weight_matching":
-                n = len(spec)
-                _phase(f"align: weight matching warm start ({n} group{'s' if n != 1 else ''})", progress)
-            match = _Matcher(model, reference, spec, seed)
-            perms0 = _initial_permutations(spec, init, gen, match)
-            warm = time.perf_counter() - t0 if isinstance(init, str) and init == "weight_matching" else None
-            result = _refine(
-                model, reference, spec, perms0, cost_fn, score_fn, batches, first,
-                steps=steps, lr=lr, tau=tau, n_iters=n_iters, init_noise=init_noise, init_scale=init_scale, gen=gen,
-                early_stopping=early_stopping, progress=progress, method=method, budget=warm,
-                polish=match.polish if polish else None,
-                matcher=match,
-                budget_applies=not getattr(cost_fn, "needs_data", False),
-            )  # fmt: skip
-        perms, history, n_steps = result
-        aligned = permute(model, spec, perms)
-        return AlignResult(
-            perms=perms,
-            model=aligned,
-            spec=spec,
-            history=history,
-            steps=n_steps,
-            seconds=time.perf_counter() - start,
-        )
+def _open_data(data: Iterable[Any] | None, device: torch.device) -> tuple[_Batches | None, Any]:
+    """The cycling batches of ``data`` and its first batch (the scoring batch), or ``(None, None)``."""
+    if data is None:
+        return None, None
+    # A single (inputs, targets) pair is accepted as a one-batch dataset.
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        data = [data]
+    if isinstance(data, (Tensor, Mapping)):
+        data = [data]
+    batches = _Batches(data, device)
+    return batches, next(batches)
+
+
+def _search(
+    problem: Problem, plan: Plan, init: Init | Mapping[str, Tensor], progress: bool
+) -> tuple[dict[str, Tensor], dict[str, list[float]], int]:
+    """The warm start, then the refinement from it, repeatable under ``seed`` without touching the global
+    random state."""
+    seed = plan.settings.seed
+    assert seed is None or isinstance(seed, int)
+    device = module_device(problem.model)
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        t0 = time.perf_counter()
+        warm = isinstance(init, str) and init == "weight_matching"
+        if warm:
+            n = len(problem.spec)
+            _phase(f"align: weight matching warm start ({n} group{'s' if n != 1 else ''})", progress)
+        problem.matcher = _Matcher(problem.model, problem.reference, problem.spec, seed)
+        perms0 = _initial_permutations(problem.spec, init, gen, problem.matcher)
+        budget = time.perf_counter() - t0 if warm else None
+        if plan.polish:
+            problem.polish = problem.matcher.polish
+        t_enter = time.perf_counter()  # the refinement's setup counts against the time budget too
+        rb = ReBasin(problem.model, problem.spec, init=perms0, settings=plan.settings.merged(seed=gen))
+        stopping = stopping_for(plan, problem.cost_fn, budget, _MIN_STALE if plan.polish else 2, t_enter)
+        bar = functools.partial(_progress_bar, enabled=progress)
+        return refine(problem, plan, perms0, rb, stopping, bar)
 
 
 def _probe_cost(model: nn.Module, reference: nn.Module, cost_fn: Any, batch: Any) -> None:
@@ -456,7 +481,7 @@ def _probe_cost(model: nn.Module, reference: nn.Module, cost_fn: Any, batch: Any
         k: (v.detach().requires_grad_(True) if k in params and v.is_floating_point() else v.detach())
         for k, v in model.state_dict(keep_vars=True).items()
     }
-    _check_cost_value(cost_fn(PermutedView(model, state), reference, batch), cost_fn, need_grad=True)
+    check_cost_value(cost_fn(PermutedView(model, state), reference, batch), cost_fn, need_grad=True)
 
 
 class _Matcher:
@@ -505,209 +530,6 @@ def _initial_permutations(
     )
 
 
-def _refine(
-    model: nn.Module,
-    reference: nn.Module,
-    spec: PermutationSpec,
-    perms0: dict[str, Tensor],
-    cost_fn: Callable[..., Tensor],
-    score_fn: Callable[..., Tensor],
-    batches: _Batches | None,
-    first: Any,
-    *,
-    steps: int,
-    lr: float,
-    tau: float,
-    n_iters: int,
-    init_noise: float,
-    init_scale: float | Literal["auto"],
-    gen: torch.Generator | None,
-    early_stopping: int | None,
-    progress: bool,
-    method: Method,
-    budget: float | None,
-    polish: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
-    budget_applies: bool = True,
-    matcher: _Matcher | None = None,
-) -> tuple[dict[str, Tensor], dict[str, list[float]], int]:
-    t_enter = time.perf_counter()
-    rb = ReBasin(
-        model,
-        spec,
-        init=perms0,
-        tau=tau,
-        n_iters=n_iters,
-        init_scale=init_scale,
-        init_noise=init_noise,
-        seed=gen,
-    )
-    cache: dict[tuple, float] = {}
-    polished: set[tuple] = {_perm_key(perms0)}
-
-    def remember(key: tuple, value: float) -> float:
-        if math.isnan(value):
-            raise FloatingPointError(f"the cost of a hard permutation is NaN (cost {cost_fn!r})")
-        if math.isinf(value):
-            raise FloatingPointError(
-                f"the cost of a hard permutation is {value} (cost {cost_fn!r}): it overflows"
-            )
-        cache[key] = value
-        return value
-
-    def hard_cost(perms: Mapping[str, Tensor]) -> float:
-        key = _perm_key(perms)
-        if key in cache:
-            return cache[key]
-        with torch.no_grad():
-            value = score_fn(PermutedView(model, rb.permuted_state(dict(perms))), reference, first)
-        return remember(key, float(_check_cost_value(value, cost_fn, need_grad=False)))
-
-    best_perms = dict(perms0)
-    best = hard_cost(best_perms)
-    history: dict[str, list[float]] = {
-        "cost": [],
-        "hard_cost": [],
-        "best_cost": [],
-        "time": [],
-        "init_cost": [best],
-    }
-    # The model as it is (identity permutations) is a candidate too: the result is never worse than
-    # leaving the model alone, e.g. when a model already aligned in place is aligned again.
-    identity = identity_permutations(spec)
-    if _perm_key(identity) != _perm_key(best_perms):
-        as_is = hard_cost(identity)
-        history["identity_cost"] = [as_is]
-        if as_is < best:
-            best, best_perms = as_is, identity
-    lower = getattr(cost_fn, "lower_bound", None)
-    if steps == 0 or (lower is not None and best <= lower + 1e-12):
-        return best_perms, history, 0
-
-    # Adam moves every score by about lr per step: scale it with the scores so a group of any size can
-    # change its permutation in a similar number of steps.
-    opt = torch.optim.Adam([{"params": [p], "lr": lr * rb.scales[b]} for b, p in rb.scores.items()])
-    bar = _progress_bar(steps, progress)
-    rb.train()
-    base = rb.base_state()
-    penalty = _ENTROPY_WEIGHT * abs(best) if method == "entropy" else 0.0
-    # The default data-free step (straight-through, L2) has its gradient in closed form: no matrix is
-    # applied to the weights, and only the similarity terms whose neighbours moved are recomputed.
-    l2_gradient = (
-        L2Gradient(model, reference, spec, problem=None if matcher is None else matcher.problem)
-        if method == "ste" and type(cost_fn) is L2Cost and score_fn is cost_fn and not penalty
-        else None
-    )
-    t_start = time.perf_counter()
-    t_best = t_enter  # the refinement's setup counts against the time budget too
-    stale = 0
-    step = 0
-    with warnings.catch_warnings():
-        # The soft matrices are a relaxation, never returned: what counts is the hard permutation, scored
-        # exactly at every step. Low temperatures ("anneal") leave them unconverged on purpose.
-        warnings.simplefilter("ignore", SinkhornConvergenceWarning)
-        try:
-            for step in range(1, steps + 1):
-                batch = first if step == 1 or batches is None else next(batches)
-                if method == "anneal":
-                    rb.tau = tau * max(_ANNEAL_FLOOR, _ANNEAL_RATE**step)
-                opt.zero_grad(set_to_none=True)
-                soft_mats = rb.soft_permutations()
-                if l2_gradient is not None:
-                    # The same straight-through step as below, with L2's gradient in closed form.
-                    perms = rb.project()
-                    soft = hard_cost(perms)
-                    grads = l2_gradient(perms)
-                    if grads:  # empty only when no parameter moves with any group
-                        torch.autograd.backward(
-                            [soft_mats[g] for g in grads],
-                            [G.to(soft_mats[g].dtype) for g, G in grads.items()],
-                        )
-                    opt.step()
-                    hard = soft
-                else:
-                    if method == "ste":
-                        # Straight-through: the forward pass sees the projected permutation exactly
-                        # (P - P.detach() is zero), the backward pass the Sinkhorn gradient.
-                        perms = rb.project()
-                        mats = {
-                            g: perm_to_matrix(perms[g].to(P.device), P.dtype) + (P - P.detach())
-                            for g, P in soft_mats.items()
-                        }
-                    else:
-                        mats = soft_mats
-                    view = PermutedView(model, apply_soft_permutations(base, spec, mats))
-                    value = _check_cost_value(cost_fn(view, reference, batch), cost_fn, need_grad=True)
-                    soft = float(value.detach())
-                    if not math.isfinite(soft):
-                        raise FloatingPointError(f"the cost is {soft} at step {step} (cost {cost_fn!r})")
-                    if penalty:
-                        value = value + penalty * _mean_entropy(soft_mats)
-                    value.backward()
-                    opt.step()
-                    if method == "ste":
-                        key = _perm_key(perms)
-                        if batch is first and score_fn is cost_fn and key not in cache:
-                            remember(key, soft)  # the forward pass was the hard cost on the scoring batch
-                        hard = hard_cost(perms)
-                    else:
-                        perms = rb.project()
-                        hard = hard_cost(perms)
-                if polish is not None:
-                    key = _perm_key(perms)
-                    if key not in polished:
-                        # The step's permutation seeds a coordinate descent on the weights: a local
-                        # optimum next to where the gradient led, which may beat the warm start's.
-                        polished.add(key)
-                        better = polish(perms)
-                        polished.add(_perm_key(better))
-                        if hard_cost(better) < hard:
-                            perms, hard = better, hard_cost(better)
-                stale += 1
-                if hard < best:
-                    if hard < best - _SIGNIFICANT * abs(best):
-                        stale, t_best = 0, time.perf_counter()
-                    best, best_perms = hard, perms
-                now = time.perf_counter()
-                history["cost"].append(soft)
-                history["hard_cost"].append(hard)
-                history["best_cost"].append(best)
-                history["time"].append(now - t_start)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(cost=f"{soft:.4g}", best=f"{best:.4g}", refresh=False)
-                if lower is not None and best <= lower + 1e-12:
-                    break
-                if early_stopping is not None and stale >= early_stopping:
-                    break
-                # A refinement that would pass the warm start's time without improving gives up: without
-                # a gain it costs at most about one more warm start.
-                last = now - (t_start + history["time"][-2]) if step > 1 else now - t_start
-                if (
-                    early_stopping is not None
-                    and budget is not None
-                    and budget_applies
-                    and stale >= (_MIN_STALE if polish is not None else 2)
-                    and now - t_best + last > budget
-                ):
-                    break
-        finally:
-            if bar is not None:
-                bar.close()
-    return best_perms, history, step
-
-
-def _mean_entropy(mats: Mapping[str, Tensor]) -> Tensor:
-    """Mean row entropy of the soft permutations, each divided by its maximum ``log n`` (0 at a
-    permutation, 1 at the uniform matrix)."""
-    terms = []
-    for P in mats.values():
-        n = P.shape[-1]
-        if n > 1:
-            h = -(P * P.clamp_min(1e-12).log()).sum(-1).mean()
-            terms.append(h / math.log(n))
-    return torch.stack(terms).mean() if terms else torch.zeros(())
-
-
 def _phase(message: str, enabled: bool) -> None:
     """A phase line on stderr (through tqdm when installed, so it does not break a bar)."""
     if not enabled:
@@ -720,7 +542,7 @@ def _phase(message: str, enabled: bool) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
+def _progress_bar(total: int, *, enabled: bool) -> Any:
     if not enabled:
         return None
     try:

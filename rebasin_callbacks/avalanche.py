@@ -45,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -67,7 +68,9 @@ from rebasin_callbacks.incremental import (
     check_non_negative,
     extend_spec_to_heads,
 )
+from rebasin_callbacks.settings import SinkhornSettings
 from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.spec_source import resolve_spec
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +142,7 @@ def _with_heads(source: SpecSource | None, example_inputs: Any, heads_prefix: st
     """A spec function that builds the base spec, then gives every head the axes of the traced one."""
 
     def build(model: nn.Module) -> PermutationSpec:
-        if isinstance(source, PermutationSpec):
-            base = source
-        elif source is not None:
-            base = source(model)
-        else:
-            from rebasin_callbacks.trace import trace_spec
-
-            base = trace_spec(model, example_inputs)
+        base = resolve_spec(model, source, example_inputs, purpose="no hidden layer to re-base")
         return extend_spec_to_heads(base, model.state_dict(), heads_prefix)
 
     return build
@@ -232,9 +228,10 @@ class ReBasinPlugin(SupervisedPlugin):
         heads_prefix: state_dict prefix of the heads of a multi-head model (e.g.
             ``"classifier.classifiers."``): every head gets the axes the spec gives one of them.
             Detected for an ``avalanche.models.MultiHeadClassifier`` when omitted.
-        alpha / beta / lr_perm / lr_delta / fusion / incremental_kwargs: passed to
+        alpha / beta / lr_perm / lr_delta / fusion / settings / incremental_kwargs: passed to
             :class:`~rebasin_callbacks.incremental.ReBasinIncremental` (paper: alpha 0.8, beta 0.1,
-            Adam lr 0.1 for the permutations, SGD lr 0.05 for the residual).
+            Adam lr 0.1 for the permutations, SGD lr 0.05 for the residual; ``settings`` is the
+            relaxation, a :class:`~rebasin_callbacks.SinkhornSettings`).
         log_metrics: publish ``ReBasin/cost``, ``ReBasin/units_moved``, ``ReBasin/moved_fraction`` and
             ``ReBasin/delta_norm`` (suffixed ``/Exp<k>``) through the strategy's EvaluationPlugin.
 
@@ -256,18 +253,22 @@ class ReBasinPlugin(SupervisedPlugin):
         lr_perm: float = 0.1,
         lr_delta: float = 0.05,
         fusion: Fusion = "permuted",
+        settings: SinkhornSettings | None = None,
         incremental_kwargs: dict[str, Any] | None = None,
         log_metrics: bool = True,
     ):
         super().__init__()
         check_fraction("alpha", alpha)
         check_non_negative("beta", beta)
+        if settings is not None and not isinstance(settings, SinkhornSettings):
+            raise TypeError(f"settings must be a SinkhornSettings, got {type(settings).__name__}")
         self._settings: dict[str, Any] = dict(
             alpha=alpha,
             beta=beta,
             lr_perm=lr_perm,
             lr_delta=lr_delta,
             fusion=fusion,
+            **({"settings": settings} if settings is not None else {}),
             **(incremental_kwargs or {}),
         )
         self.spec, self.example_inputs, self.heads_prefix = spec, example_inputs, heads_prefix
@@ -390,7 +391,36 @@ class ReBasinPlugin(SupervisedPlugin):
                     strategy.evaluator.publish_metric_value(
                         MetricValue(self, f"ReBasin/{key}/Exp{exp_id:03d}", value, x)
                     )
+                _PrintOwnMetrics.attach(strategy)
         self.experiences_trained += 1
+
+
+class _PrintOwnMetrics(SupervisedPlugin):
+    """Prints the ``ReBasin/*`` values on the console loggers (``TextLogger``, ``InteractiveLogger``) at the
+    end of their own experience.
+
+    The EvaluationPlugin hands them to every logger in ``after_training_exp``, but a text logger prints only
+    at its next epoch or evaluation: during the next experience, and never for the last one. This plugin
+    runs after the EvaluationPlugin (it is appended to the strategy's plugins, behind it) and prints them."""
+
+    @classmethod
+    def attach(cls, strategy: Any) -> None:
+        # appended while Avalanche iterates strategy.plugins for this very callback: a list iteration sees
+        # the new last element, so it runs for this experience too, after the EvaluationPlugin
+        if not any(isinstance(p, cls) for p in strategy.plugins):
+            strategy.plugins.append(cls())
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        from avalanche.logging import TextLogger
+
+        for text in getattr(getattr(strategy, "evaluator", None), "loggers", []):
+            if not isinstance(text, TextLogger):
+                continue
+            own = sorted(name for name in text.metric_vals if name.startswith("ReBasin/"))
+            for name in own:
+                _, _, value = text.metric_vals.pop(name)
+                print(f"\t{name} = {value:.4f}" if isinstance(value, float) else f"\t{name} = {value}",
+                      file=text.file)  # fmt: skip
 
 
 class ReBasinStrategy(SupervisedTemplate):
@@ -401,11 +431,12 @@ class ReBasinStrategy(SupervisedTemplate):
         model: the model (a plain ``nn.Module`` or an Avalanche ``MultiTaskModule``).
         optimizer: the optimizer of the first experience, trained normally (paper: Adam, lr 0.001).
         criterion: the task loss (cross entropy by default).
-        spec / example_inputs / heads_prefix / alpha / beta / lr_perm / lr_delta / fusion /
-            incremental_kwargs: as for :class:`ReBasinPlugin`.
-        train_mb_size / train_epochs / eval_mb_size / device / plugins / evaluator / eval_every /
-            base_kwargs: as for any Avalanche ``SupervisedTemplate``; the defaults are Naive's
-            (batch 1, 1 epoch). The supplement's budget: ``**PAPER_SETTINGS`` (batch 500, 5 epochs).
+        train_mb_size / train_epochs / eval_mb_size / device / plugins / evaluator / eval_every:
+            as for any Avalanche ``SupervisedTemplate``; the defaults are Naive's (batch 1, 1 epoch). The
+            supplement's budget: ``**PAPER_SETTINGS`` (batch 500, 5 epochs).
+        kwargs: the keywords of :class:`ReBasinPlugin` (``spec``, ``example_inputs``, ``heads_prefix``,
+            ``alpha``, ``beta``, ``lr_perm``, ``lr_delta``, ``fusion``, ``settings``,
+            ``incremental_kwargs``, ``log_metrics``) go to the plugin; the others to ``SupervisedTemplate``.
 
     Periodic evaluation inside an experience (``eval_every > 0``) evaluates the model at the current
     training state; the fused model exists only at the end of the experience.
@@ -435,15 +466,6 @@ class ReBasinStrategy(SupervisedTemplate):
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         criterion: Callable[[Tensor, Tensor], Tensor] | None = None,
-        spec: SpecSource | None = None,
-        example_inputs: Any = None,
-        heads_prefix: str | None = None,
-        alpha: float = 0.8,
-        beta: float = 0.1,
-        lr_perm: float = 0.1,
-        lr_delta: float = 0.05,
-        fusion: Fusion = "permuted",
-        incremental_kwargs: dict[str, Any] | None = None,
         train_mb_size: int = 1,
         train_epochs: int = 1,
         eval_mb_size: int | None = None,
@@ -451,20 +473,12 @@ class ReBasinStrategy(SupervisedTemplate):
         plugins: Sequence[Any] | None = None,
         evaluator: Any = default_evaluator,
         eval_every: int = -1,
-        **base_kwargs: Any,
+        **kwargs: Any,
     ):
-        self.rebasin_plugin = ReBasinPlugin(
-            model,
-            spec=spec,
-            example_inputs=example_inputs,
-            heads_prefix=heads_prefix,
-            alpha=alpha,
-            beta=beta,
-            lr_perm=lr_perm,
-            lr_delta=lr_delta,
-            fusion=fusion,
-            incremental_kwargs=incremental_kwargs,
-        )
+        # The plugin's keywords are declared once, on the plugin: everything it accepts is forwarded to it.
+        plugin_keys = set(inspect.signature(ReBasinPlugin.__init__).parameters) - {"self", "model"}
+        plugin_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in plugin_keys}
+        self.rebasin_plugin = ReBasinPlugin(model, **plugin_kwargs)
         super().__init__(
             model=model,
             optimizer=optimizer,
@@ -476,7 +490,7 @@ class ReBasinStrategy(SupervisedTemplate):
             plugins=[self.rebasin_plugin, *(plugins or [])],
             evaluator=evaluator,
             eval_every=eval_every,
-            **base_kwargs,
+            **kwargs,
         )
 
     @property
@@ -498,6 +512,20 @@ class ReBasinStrategy(SupervisedTemplate):
     def rebasin_active(self) -> bool:
         """Whether the current experience is trained by re-basin (every experience after the first)."""
         return self.rebasin_plugin.active
+
+
+def _with_plugin_keywords(init: Callable[..., None]) -> inspect.Signature:
+    """The strategy's signature with :class:`ReBasinPlugin`'s keywords in place of ``**kwargs``: help(),
+    IDEs and Avalanche's misspelled-keyword check see them, though they are declared on the plugin only."""
+    own = inspect.signature(init).parameters.values()
+    plugin = inspect.signature(ReBasinPlugin.__init__).parameters.values()
+    params = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [p for p in plugin if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    params += [p for p in own if p.kind is inspect.Parameter.VAR_KEYWORD]
+    return inspect.Signature(params)
+
+
+ReBasinStrategy.__init__.__signature__ = _with_plugin_keywords(ReBasinStrategy.__init__)  # type: ignore[attr-defined]
 
 
 def _find_heads_prefix(model: nn.Module) -> str | None:

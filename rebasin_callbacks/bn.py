@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,38 +27,34 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from rebasin_callbacks.batches import split_batch, take_batches
+from rebasin_callbacks.devices import follow, module_device, module_dtype
+from rebasin_callbacks.modes import eval_mode
 from rebasin_callbacks.spec import SpecMismatchError
-from rebasin_callbacks.utils import (
-    check_compatible,
-    eval_mode,
-    follow,
-    module_device,
-    module_dtype,
-    split_batch,
-    take_batches,
-)
+from rebasin_callbacks.states import check_compatible, check_lambda
 
-__all__ = ["reset_bn_stats", "repair"]
-
-
-def _check_lambda(lam: float) -> float:
-    try:
-        value = float(lam)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"lam must be a number, got {type(lam).__name__}") from exc
-    if not math.isfinite(value):
-        raise ValueError(f"lam must be finite, got {lam}")
-    return value
+__all__ = [
+    "reset_bn_stats",
+    "repair",
+    "bn_modules",
+    "reset_bn_stats_on",
+    "RepairPoint",
+    "repair_points",
+    "collect_statistics",
+    "repair_with_statistics",
+]
 
 
 # --------------------------------------------------------------------------------------------- BN statistics
-def _bn_modules(model: nn.Module) -> list[_BatchNorm]:
+def bn_modules(model: nn.Module) -> list[_BatchNorm]:
+    """The BatchNorm layers of ``model`` that track running statistics (the ones a reset changes)."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
 
 @torch.no_grad()
-def _reset_bn_on(model: nn.Module, batches: Sequence[Any]) -> nn.Module:
-    bns = _bn_modules(model)
+def reset_bn_stats_on(model: nn.Module, batches: Sequence[Any]) -> nn.Module:
+    """:func:`reset_bn_stats` on batches already taken and moved (a curve resets many points on the same)."""
+    bns = bn_modules(model)
     if not bns:
         return model
     momenta = {bn: bn.momentum for bn in bns}
@@ -97,7 +92,7 @@ def reset_bn_stats(
         2
     """
     batches = take_batches(data, n_batches, module_device(model), "reset_bn_stats", dtype=module_dtype(model))
-    return _reset_bn_on(model, batches)
+    return reset_bn_stats_on(model, batches)
 
 
 # --------------------------------------------------------------------------------------------- REPAIR
@@ -131,12 +126,14 @@ class _Stats:
 
 
 @dataclass
-class _Point:
+class RepairPoint:
+    """A module whose output REPAIR renormalises (:func:`repair_points`)."""
+
     name: str  # module whose output is renormalised
     kind: Literal["linear", "conv", "bn"]
 
 
-def _repair_points(model: nn.Module, example: Any) -> list[_Point]:
+def repair_points(model: nn.Module, example: Any) -> list[RepairPoint]:
     """Repairable modules in execution order: each conv/linear, or the BatchNorm that directly follows it.
 
     A BatchNorm counts as following a layer when its input is that layer's output tensor (object identity),
@@ -183,7 +180,7 @@ def _repair_points(model: nn.Module, example: Any) -> list[_Point]:
         for name, kind in calls:
             if kind != "bn" and outputs.get(name) is x:
                 followed_by[name] = bn
-    points: list[_Point] = []
+    points: list[RepairPoint] = []
     seen: set[str] = set()
     for name, kind in calls:
         if kind == "bn" or name in seen or counts.get(name, 0) != 1:
@@ -194,22 +191,23 @@ def _repair_points(model: nn.Module, example: Any) -> list[_Point]:
         if isinstance(final, Tensor) and out is final:
             continue
         if target is not None and counts.get(target, 0) == 1:
-            points.append(_Point(target, "bn"))
+            points.append(RepairPoint(target, "bn"))
         elif target is None:
-            points.append(_Point(name, kind))  # type: ignore[arg-type]
+            points.append(RepairPoint(name, kind))  # type: ignore[arg-type]
     return points
 
 
 @torch.no_grad()
-def _collect(
-    model: nn.Module, points: Sequence[_Point], batches: Sequence[Any], *, stop_after: str | None = None
+def collect_statistics(
+    model: nn.Module, points: Sequence[RepairPoint], batches: Sequence[Any], *, stop_after: str | None = None
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per-channel mean and std of each point's output over ``batches`` (eval mode)."""
+    """Per-channel mean and std of each point's output over ``batches`` (eval mode); an endpoint's
+    statistics are collected once and serve every point of a curve."""
     named = dict(model.named_modules())
     stats = {p.name: _Stats() for p in points}
     handles = []
 
-    def make_hook(p: _Point) -> Callable[..., None]:
+    def make_hook(p: RepairPoint) -> Callable[..., None]:
         def hook(mod: nn.Module, inp: tuple[Any, ...], out: Tensor) -> None:
             stats[p.name].add(_channels_last(out, p.kind))
             if p.name == stop_after:
@@ -236,7 +234,7 @@ def _collect(
 @torch.no_grad()
 def _renormalise(
     module: nn.Module,
-    point: _Point,
+    point: RepairPoint,
     mean: Tensor,
     std: Tensor,
     goal_mean: Tensor,
@@ -267,19 +265,21 @@ def _renormalise(
         )
 
 
-def _repair_with_stats(
+def repair_with_statistics(
     interpolated: nn.Module,
     lam: float,
-    points: Sequence[_Point],
+    points: Sequence[RepairPoint],
     stats_a: Mapping[str, tuple[Tensor, Tensor]],
     stats_b: Mapping[str, tuple[Tensor, Tensor]],
     batches: Sequence[Any],
     eps: float,
 ) -> nn.Module:
+    """REPAIR with both endpoints' statistics already collected (:func:`collect_statistics`): each point of
+    ``interpolated`` gets the interpolated mean and std, in execution order; modified in place."""
     named = dict(interpolated.named_modules())
     # one point at a time, in execution order: repairing a layer changes the statistics of every later one
     for p in points:
-        mean, std = _collect(interpolated, [p], batches, stop_after=p.name)[p.name]
+        mean, std = collect_statistics(interpolated, [p], batches, stop_after=p.name)[p.name]
         (ma, sa), (mb, sb) = stats_a[p.name], stats_b[p.name]
         goal_mean = (1.0 - lam) * ma + lam * mb
         goal_std = (1.0 - lam) * sa + lam * sb
@@ -317,7 +317,7 @@ def repair(
         >>> isinstance(mid, nn.Sequential)
         True
     """
-    lam = _check_lambda(lam)
+    lam = check_lambda(lam)
     for name, model in (("model_a", model_a), ("model_b", model_b)):
         try:
             check_compatible(model, interpolated, names=(name, "interpolated"))
@@ -328,7 +328,7 @@ def repair(
     )
     # statistics are taken where the interpolated model lives; the endpoints are copied there if needed
     model_a, model_b = follow(model_a, interpolated), follow(model_b, interpolated)
-    points = _repair_points(interpolated, split_batch(batches[0])[0])
-    stats_a = _collect(model_a, points, batches)
-    stats_b = _collect(model_b, points, batches)
-    return _repair_with_stats(interpolated, lam, points, stats_a, stats_b, batches, eps)
+    points = repair_points(interpolated, split_batch(batches[0])[0])
+    stats_a = collect_statistics(model_a, points, batches)
+    stats_b = collect_statistics(model_b, points, batches)
+    return repair_with_statistics(interpolated, lam, points, stats_a, stats_b, batches, eps)

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -29,6 +30,7 @@ from rebasin_callbacks.io import atomic_torch_save
 from rebasin_callbacks.spec import SpecMismatchError
 
 __all__ = [
+    "describe_unreadable",
     "ReferenceLike",
     "load_reference_state",
     "match_reference",
@@ -53,6 +55,32 @@ def _unwrap(obj: Any) -> Any:
         if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
             return inner
     return obj
+
+
+#: terminal colour codes, which torch puts in its unpickling errors
+ANSI_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def describe_unreadable(path: str, reason: str) -> str:
+    """One plain line for a checkpoint ``torch.load(weights_only=True)`` refused, from its message.
+
+    Example:
+        >>> describe_unreadable("a.pt", "Unsupported global: GLOBAL torch.nn.modules.linear.Linear was not ...")
+        "a.pt is a whole pickled model (torch.nn.modules.linear.Linear), not a state dict: it is not unpickled because that could run code; save its weights with torch.save(model.state_dict(), 'a.pt') and pass that file"
+    """
+    reason = ANSI_ESCAPES.sub("", reason)
+    found = _GLOBAL.search(reason)
+    if found:
+        name = found.group(1)
+        what = "a whole pickled model" if name.startswith("torch.nn.") or "model" in name.lower() else (
+            "a pickled object")  # fmt: skip
+        return (
+            f"{path} is {what} ({name}), not a state dict: it is not unpickled because that could run code; "
+            f"save its weights with torch.save(model.state_dict(), {path!r}) and pass that file"
+        )
+    first = next((line.strip() for line in reason.splitlines() if line.strip()), reason.strip())
+    return f"{path} is not a readable torch checkpoint ({first})"
 
 
 def load_reference_state(reference: ReferenceLike, *, parameter: str = "reference") -> dict[str, Tensor]:
@@ -87,7 +115,7 @@ def load_reference_state(reference: ReferenceLike, *, parameter: str = "referenc
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # unpickling errors have many types
-            raise ValueError(f"{source}: torch.load(weights_only=True) cannot read it: {exc}") from exc
+            raise ValueError(f"{source}: {describe_unreadable(str(path), str(exc))}") from exc
     else:
         raise TypeError(
             f"{parameter} must be an nn.Module, a state dict or a checkpoint path, got {type(reference).__name__}"
@@ -137,6 +165,10 @@ def _scope(reference: Mapping[str, Tensor], add: str) -> list[str]:
     return [r for r in reference if r.startswith(add)]
 
 
+#: the key segment ``torch.compile``'s ``OptimizedModule`` adds in front of the wrapped module's keys
+_COMPILED = "_orig_mod."
+
+
 def match_reference(
     reference: Mapping[str, Tensor],
     model: nn.Module,
@@ -175,6 +207,8 @@ def match_reference(
     target = model.state_dict()
     keys = list(target)
     model_name = model_name or type(model).__name__
+    if not any(_COMPILED in k for k in keys):  # a checkpoint of a torch.compile'd module fits the plain one
+        reference = {k.replace(_COMPILED, ""): v for k, v in reference.items()}
     maps = _key_maps(reference, keys, prefix_hint)
     full = [m for m in maps if all(_rekey(k, *m) in reference for k in keys)]
     if not full:

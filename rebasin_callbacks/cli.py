@@ -1,7 +1,8 @@
 """The ``rebasin`` command: one subcommand per task (``rebasin demo``, ...).
 
 A subcommand is a module with ``add_arguments(parser)``, ``run(args) -> int`` and optionally a plain-text
-``DESCRIPTION``, registered in :data:`COMMANDS`. Only the subcommand being run is imported, and the arguments
+``DESCRIPTION`` (else its docstring is the ``--help`` text, examples included), registered in
+:data:`COMMANDS`. Only the subcommand being run is imported, and the arguments
 are parsed before torch is: keep the modules' top level free of torch, Lightning and timm imports (import
 them inside ``run``), so ``rebasin --help`` and usage errors answer at once.
 
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main", "plain_text"]
 
 #: subcommand -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -63,13 +65,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             cmd = sub.add_parser(name, help=f"{help_text} (unavailable: {exc})")
             cmd.set_defaults(_run=_unavailable(name, exc))
             continue
-        doc = getattr(module, "DESCRIPTION", help_text)
+        doc = getattr(module, "DESCRIPTION", None) or plain_text(module.__doc__ or "") or help_text
         cmd = sub.add_parser(
             name, help=help_text, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
+
+
+def plain_text(doc: str) -> str:
+    """A module docstring as ``--help`` text: reStructuredText roles and literals unwrapped.
+
+    Example:
+        >>> plain_text("Calls :func:`~rebasin_callbacks.align` with ``--steps 0``.")
+        'Calls align with --steps 0.'
+    """
+    doc = re.sub(r":\w+:`~?([\w.]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], doc)
+    return doc.replace("``", "").strip()
 
 
 def _unavailable(name: str, exc: ImportError):

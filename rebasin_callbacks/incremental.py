@@ -50,12 +50,15 @@ from torch import Tensor, nn
 
 from rebasin_callbacks.permute import permute_state_dict
 from rebasin_callbacks.rebasin import PermutedView, ReBasin, apply_soft_permutations
+from rebasin_callbacks.seeds import as_generator
+from rebasin_callbacks.settings import SinkhornSettings, settings_from
 from rebasin_callbacks.spec import AxisEntry, PermutationSpec
-from rebasin_callbacks.utils import as_generator, module_device, module_dtype, renamed_arguments, to_device
+from rebasin_callbacks.spec_source import resolve_spec
 
 __all__ = [
     "ReBasinIncremental",
     "RELEASED_SETTINGS",
+    "EPISODE_START",
     "JointOptimizer",
     "fuse_states",
     "episode_statistics",
@@ -73,6 +76,9 @@ Fusion = Literal["permuted", "literal"]
 #: ``ReBasinIncremental(model, spec=spec, **RELEASED_SETTINGS)`` or
 #: ``ReBasinStrategy(..., incremental_kwargs=RELEASED_SETTINGS)``.
 RELEASED_SETTINGS: dict[str, float] = {"init_scale": 1.0, "init_noise": 0.1, "delta_grad_clip": 1e-3}
+#: Procedure 1's relaxation: scores ``10 I`` without jitter, so every episode's soft permutation starts at
+#: the identity (the one caller whose start differs from :class:`SinkhornSettings`' defaults, for that reason)
+EPISODE_START = SinkhornSettings(init_scale=10.0, init_noise=0.0)
 #: a fixed spec, or a function that builds one from the model at the start of every episode (models that
 #: grow, such as multi-head classifiers, need the latter)
 SpecSource = PermutationSpec | Callable[[nn.Module], PermutationSpec]
@@ -259,17 +265,17 @@ class ReBasinIncremental:
             penalty the supplement calls "weight decay").
         perm_optimizer / delta_optimizer: factories ``params -> optimizer`` replacing the defaults.
         fusion: ``"permuted"`` (default, see the module docstring) or ``"literal"``.
-        tau / n_iters / tol: Sinkhorn temperature and iteration budget.
-        init_scale / init_noise: the initial scores are ``init_scale * I + init_noise * N(0, 1)``. The
-            defaults (10 and 0) make the soft permutation itself start at the identity, as Procedure 1
-            says; :data:`RELEASED_SETTINGS` (1 and 0.1 at ``tau = 1``) start from an identity-centred
-            score matrix whose soft permutation is near-uniform for wide layers, as the authors' code does.
+        settings: the relaxation (:class:`~rebasin_callbacks.SinkhornSettings`); by default
+            :data:`EPISODE_START`: the initial scores are ``init_scale * I + init_noise * N(0, 1)`` with
+            10 and 0, so the soft permutation itself starts at the identity, as Procedure 1 says;
+            :data:`RELEASED_SETTINGS` (1 and 0.1 at ``tau = 1``) start from an identity-centred score
+            matrix whose soft permutation is near-uniform for wide layers, as the authors' code does.
+        tau / n_iters / tol / init_scale / init_noise: set one field of ``settings`` (given ones win).
         delta_init: residuals start at ``U(0, delta_init)`` (paper: 1e-6).
         delta_grad_clip: clamp every element of the residual's gradient to ``[-c, c]`` before the
             optimizer sees it (default ``None``: no clamp; the authors' code uses 1e-3). Done with tensor
             hooks, so it applies in any training loop.
-        seed: an int or a ``torch.Generator`` for the residual initialisation and the scores' jitter
-            (``generator=`` is its deprecated name).
+        seed: an int or a ``torch.Generator`` for the residual initialisation and the scores' jitter.
 
     Example:
         >>> import torch
@@ -286,7 +292,6 @@ class ReBasinIncremental:
         (6, 1)
     """
 
-    @renamed_arguments(generator="seed")
     def __init__(
         self,
         model: nn.Module,
@@ -301,11 +306,12 @@ class ReBasinIncremental:
         perm_optimizer: OptimizerFactory | None = None,
         delta_optimizer: OptimizerFactory | None = None,
         fusion: Fusion = "permuted",
-        tau: float = 1.0,
-        n_iters: int = 20,
-        tol: float = 1e-5,
-        init_scale: float = 10.0,
-        init_noise: float = 0.0,
+        settings: SinkhornSettings | None = None,
+        tau: float | None = None,
+        n_iters: int | None = None,
+        tol: float | None = None,
+        init_scale: float | None = None,
+        init_noise: float | None = None,
         delta_init: float = 1e-6,
         delta_grad_clip: float | None = None,
         seed: int | torch.Generator | None = None,
@@ -320,13 +326,10 @@ class ReBasinIncremental:
             )
         if fusion not in ("permuted", "literal"):
             raise ValueError(f"fusion must be 'permuted' or 'literal', got {fusion!r}")
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-        if not (isinstance(n_iters, int) and n_iters >= 1):
-            raise ValueError(f"n_iters must be an int >= 1, got {n_iters!r}")
-        if not (isinstance(init_scale, (int, float)) and math.isfinite(init_scale)):
-            raise ValueError(f"init_scale must be a finite number, got {init_scale!r}")
-        check_non_negative("tol", tol)
+        self.settings = settings_from(
+            settings, EPISODE_START, tau=tau, n_iters=n_iters, tol=tol, init_scale=init_scale,
+            init_noise=init_noise, seed=seed,
+        )  # fmt: skip
         self.model = model
         self.spec_source = spec
         self.example_inputs = example_inputs
@@ -336,15 +339,14 @@ class ReBasinIncremental:
         self.lr_delta = check_non_negative("lr_delta", lr_delta)
         self.delta_weight_decay = check_non_negative("delta_weight_decay", delta_weight_decay)
         self.delta_init = check_non_negative("delta_init", delta_init)
-        self.init_noise = check_non_negative("init_noise", init_noise)
         self.delta_grad_clip = (
             None if delta_grad_clip is None else check_non_negative("delta_grad_clip", delta_grad_clip)
         )
         self.perm_optimizer_factory = perm_optimizer
         self.delta_optimizer_factory = delta_optimizer
         self.fusion: Fusion = fusion
-        self.tau, self.n_iters, self.tol, self.init_scale = tau, n_iters, tol, init_scale
-        self.generator = as_generator(seed)
+        # one generator draws the residuals and the scores' jitter, episode after episode
+        self.generator = as_generator(self.settings.seed)
         self.episodes_done = 0
         self.spec: PermutationSpec | None = None
         self.rebasin: ReBasin | None = None
@@ -354,9 +356,7 @@ class ReBasinIncremental:
         #: statistics of the last finished episode (:func:`episode_statistics`); empty before the first
         self.last_episode: dict[str, float] = {}
         # Fail at construction, not at the first re-basin episode, when the model cannot be permuted.
-        if isinstance(spec, PermutationSpec):
-            self._check_spec(spec)
-        elif spec is None:
+        if isinstance(spec, PermutationSpec) or spec is None:
             self._make_spec()
 
     # ------------------------------------------------------------------ episode lifecycle
@@ -365,28 +365,13 @@ class ReBasinIncremental:
         """Whether :meth:`begin_episode` was called and :meth:`end_episode` not yet."""
         return self.rebasin is not None
 
-    def _check_spec(self, spec: PermutationSpec) -> PermutationSpec:
-        if not isinstance(spec, PermutationSpec):
-            raise TypeError(f"the spec function returned {type(spec).__name__}, not a PermutationSpec")
-        if len(spec) == 0:
-            raise ValueError(
-                f"the permutation spec of {type(self.model).__name__} has no permutation groups: re-basin "
-                "incremental learning needs at least one permutable hidden layer"
-            )
-        spec.validate(self.model.state_dict(), name=type(self.model).__name__)
-        return spec
-
     def _make_spec(self) -> PermutationSpec:
-        source = self.spec_source
-        if isinstance(source, PermutationSpec):
-            return self._check_spec(source)
-        if source is not None:
-            return self._check_spec(source(self.model))
-        from rebasin_callbacks.trace import trace_spec
-
-        # the inputs follow the model (it may have moved or changed dtype since they were given)
-        inputs = to_device(self.example_inputs, module_device(self.model), module_dtype(self.model))
-        return self._check_spec(trace_spec(self.model, inputs))
+        return resolve_spec(
+            self.model,
+            self.spec_source,
+            self.example_inputs,
+            purpose="re-basin incremental learning needs at least one permutable hidden layer",
+        )
 
     def begin_episode(self) -> None:
         """Start an episode from the model's current weights: identity permutations, tiny residual."""
@@ -394,17 +379,7 @@ class ReBasinIncremental:
             raise RuntimeError("begin_episode() called twice without end_episode()")
         spec = self._make_spec()
         self.spec = spec
-        self.rebasin = ReBasin(
-            self.model,
-            spec,
-            tau=self.tau,
-            n_iters=self.n_iters,
-            tol=self.tol,
-            init="identity",
-            init_scale=self.init_scale,
-            init_noise=self.init_noise,
-            seed=self.generator,
-        )
+        self.rebasin = ReBasin(self.model, spec, init="identity", settings=self.settings, seed=self.generator)
         self.delta = {}
         for name, p in self.model.named_parameters():
             noise = torch.rand(p.shape, generator=self.generator, dtype=torch.float32) * self.delta_init

@@ -3,7 +3,11 @@
 Every file the library and the ``rebasin`` command write goes through :func:`atomic_write`: the bytes go to a
 temporary file in the destination's folder, which is flushed, ``fsync``-ed and then renamed over the
 destination (``os.replace``, atomic on POSIX and Windows). A failure half-way (disk full, a file-size limit,
-Ctrl-C) leaves the previous file as it was and no partial file behind.
+Ctrl-C, ``SIGTERM`` or ``SIGHUP``) leaves the previous file as it was and no partial file behind: while a
+file is written from the main thread, those signals (when their handler is the default one, which would end
+the process on the spot) raise ``SystemExit(128 + signal)`` instead, so the temporary file is removed before
+the process ends with the usual status. JSON is written strictly (:func:`atomic_write_json`): a NaN or
+infinity becomes ``null``, never the non-standard ``NaN`` constant.
 
 :func:`check_output_paths` runs before any work: it refuses an output that is one of the inputs (after
 resolving symlinks, relative paths and hard links), two outputs that are the same file, a directory, and a
@@ -21,8 +25,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -32,6 +40,8 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "atomic_torch_save",
+    "atomic_write_json",
+    "strict_json",
     "check_output_paths",
     "same_file",
 ]
@@ -123,8 +133,44 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+#: Signals whose default action ends the process at once (no ``finally`` runs): turned into ``SystemExit``
+#: while a temporary file exists. ``SIGINT`` already raises ``KeyboardInterrupt``.
+_FATAL_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While inside: a terminating signal with its default handler raises ``SystemExit`` (main thread only;
+    a handler the program installed itself is left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for sig in _FATAL_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, _exit_on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    with _signals_raise():
+        with _atomic_file_unguarded(path) as f:
+            yield f
+
+
+@contextlib.contextmanager
+def _atomic_file_unguarded(path: Path) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else _new_file_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -170,6 +216,35 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
     data = text.encode("utf-8")
     return atomic_write(path, lambda f: f.write(data))
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by ``None``, for strict JSON.
+
+    Example:
+        >>> strict_json({"barrier": float("nan"), "values": [1.0, float("inf")]})
+        {'barrier': None, 'values': [1.0, None]}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: PathLike, obj: Any, *, indent: int | None = 1) -> Path:
+    """Write ``obj`` as strict JSON (NaN and infinities become ``null``: :func:`strict_json`), atomically.
+
+    Example:
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = atomic_write_json(os.path.join(d, "r.json"), {"barrier": float("nan")}, indent=None)
+        ...     p.read_text()
+        '{"barrier": null}'
+    """
+    return atomic_write_text(path, json.dumps(strict_json(obj), indent=indent, allow_nan=False))
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:

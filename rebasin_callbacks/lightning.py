@@ -13,37 +13,48 @@ YAML file. They are thin: the work is done by :func:`~rebasin_callbacks.align`,
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
+import itertools
+import math
 import os
+import random
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from rebasin_callbacks.checkpoints import ReferenceLike, load_reference_state, match_reference
 from rebasin_callbacks.lightning_fusion import ReBasinFusion
-from rebasin_callbacks.permute import invert_permutation, permute, permute_optimizer_state, permute_state_dict
-from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.lightning_guards import (
+    averaged_modules,
+    check_weight_holders,
+    refuse_sharded,
+    trainer_callbacks,
+    weight_copies,
+)
+from rebasin_callbacks.lmc import Evaluator, LMCResult
+from rebasin_callbacks.permute import invert_permutation, permute, permute_state_dict
+from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.utils import (
     check_finite,
     follow,
     l2_distance,
     module_device,
     module_dtype,
-    renamed_arguments,
     split_batch,
     thread_limit,
     to_device,
@@ -70,7 +81,8 @@ def _reference_module(reference: ReferenceLike, model: nn.Module, submodule: str
     return ref.eval()
 
 
-def _target(pl_module: pl.LightningModule, submodule: str | None) -> nn.Module:
+def _wrapped_target(pl_module: nn.Module, submodule: str | None) -> nn.Module:
+    """The submodule as the LightningModule holds it (maybe a ``torch.compile`` wrapper)."""
     if submodule is None:
         return pl_module
     try:
@@ -80,6 +92,16 @@ def _target(pl_module: pl.LightningModule, submodule: str | None) -> nn.Module:
         raise AttributeError(
             f"submodule={submodule!r}: {type(pl_module).__name__} has no such submodule (children: {names})"
         ) from None
+
+
+def _target(pl_module: nn.Module, submodule: str | None) -> nn.Module:
+    """The module that is aligned: the submodule, inside ``torch.compile``'s ``OptimizedModule`` (whose
+    weights are the wrapped module's), as :func:`~rebasin_callbacks.align` unwraps it; the same module at
+    every epoch, so the spec and the reference keep their keys."""
+    module = _wrapped_target(pl_module, submodule)
+    while isinstance(inner := getattr(module, "_orig_mod", None), nn.Module):
+        module = inner
+    return module
 
 
 def _check_every_n_epochs(every_n_epochs: int) -> None:
@@ -143,16 +165,20 @@ def _trainer_loaders(trainer: pl.Trainer) -> list[Any]:
 
 @contextlib.contextmanager
 def _isolated(pl_module: nn.Module, loaders: list[Any] = ()) -> Iterator[None]:  # type: ignore[assignment]
-    """Keep the training run untouched: the global random state (dropout, default samplers), the random
-    state of the given DataLoaders' own generators (shuffling order), and every submodule's train flag."""
+    """Keep the training run untouched: every global random state a training step or a dataset may draw
+    from (Python's ``random``, NumPy's global generator, torch's CPU generator and every initialised CUDA
+    device's), the given DataLoaders' own generators (shuffling order), and every submodule's train flag."""
     modes = {m: m.training for m in pl_module.modules()}
-    device = module_device(pl_module)
     gens = [g for loader in loaders for g in _generators(loader)]
     states = [g.get_state() for g in gens]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
         try:
             yield
         finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
             for g, state in zip(gens, states):
                 g.set_state(state)
             for m, training in modes.items():
@@ -224,6 +250,10 @@ class _SpecSource:
         return self.spec
 
 
+def _join(prefix: str | None, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _prepare(
     spec: _SpecSource, reference: ReferenceLike, pl_module: pl.LightningModule, submodule: str | None
 ) -> nn.Module:
@@ -231,13 +261,23 @@ def _prepare(
     fits it, and the spec fits it (traced now when example inputs are already known). Returns the
     reference module."""
     target = _target(pl_module, submodule)
+    compiled = [
+        n for n, m in target.named_modules() if n and isinstance(getattr(m, "_orig_mod", None), nn.Module)
+    ]
+    if compiled and spec.spec is None:
+        # the tracer cannot look inside a compiled module: it would find nothing to permute there
+        raise ValueError(
+            f"submodule={submodule!r}: {type(target).__name__}.{compiled[0]} is a torch.compile'd module, "
+            f"which a spec cannot be traced through; pass submodule={_join(submodule, compiled[0])!r} (the "
+            "callbacks align the module it wraps) or spec=..."
+        )
     ref = _reference_module(reference, target, submodule)
     if spec.spec is None and (spec.example_inputs is not None or target is pl_module):
         if spec.example_inputs is not None or pl_module.example_input_array is not None:
             spec.get(target, pl_module)
     if spec.spec is not None:
         spec.spec.validate(target.state_dict(), name=type(target).__name__)
-    spec.attach(target)
+    spec.attach(_wrapped_target(pl_module, submodule))  # a compiled module's own hooks run eagerly
     return ref
 
 
@@ -292,10 +332,14 @@ def _compute_perms(
 
 
 # --------------------------------------------------------------------------- one alignment per step, shared
+_order = itertools.count()
+
+
 @dataclass
 class _Alignment:
     """One alignment computed by a callback at a training step, kept so the other callbacks reuse it."""
 
+    target: weakref.ref[nn.Module]  # the aligned module (weak: a record never keeps a model alive)
     step: int  # trainer.global_step when it was computed
     version: int  # how many in-place alignments of this step the aligned weights had already received
     reference: nn.Module
@@ -307,16 +351,18 @@ class _Alignment:
     after: float
     applied: bool  # applied in place to the trained module
     owner: str
+    order: int = field(default_factory=lambda: next(_order))
 
 
-#: trained module -> alignments of its current step (weak keys: nothing outlives the module)
-_SHARED: weakref.WeakKeyDictionary[nn.Module, list[_Alignment]] = weakref.WeakKeyDictionary()
-
-
-def _records(target: nn.Module, step: int) -> list[_Alignment]:
-    records = [r for r in _SHARED.get(target, []) if r.step == step]  # older steps are stale
-    _SHARED[target] = records
-    return records
+def _records(trainer: pl.Trainer, target: nn.Module, step: int) -> list[_Alignment]:
+    """This step's alignments of ``target`` by every callback of the Trainer, oldest first (each callback
+    keeps its own; older steps are dropped as stale)."""
+    found: list[_Alignment] = []
+    for callback in trainer_callbacks(trainer):
+        if isinstance(callback, _EpochEndCallback):
+            callback._alignments = [r for r in callback._alignments if r.step == step]
+            found += [r for r in callback._alignments if r.target() is target]
+    return sorted(found, key=lambda r: r.order)
 
 
 def _same_reference(a: nn.Module, b: nn.Module) -> bool:
@@ -367,25 +413,131 @@ def _reference_for(callback: Any, target: nn.Module) -> nn.Module:
     return follow(callback._reference, target)
 
 
+# --------------------------------------------------------------------------- everything that holds the weights
+class _OptimizerStates:
+    """Every optimizer's per-parameter state as one ``state`` mapping, so that :func:`permute` checks all of
+    them before it changes anything (all-or-nothing across optimizers)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.state = {p: s for opt in optimizers for p, s in opt.state.items()}
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _own_averages(
+    pl_module: nn.Module, target: nn.Module, submodule: str | None
+) -> list[tuple[str, nn.Module]]:
+    """The ``AveragedModel`` copies of ``target`` the LightningModule keeps itself (same keys and shapes).
+    One that averages a part of ``target`` in another layout is refused: it would average two bases."""
+    found = []
+    shapes = _shapes(target)
+    for name, held in averaged_modules(pl_module):
+        inner = _target(held, None)
+        if inner is not target and _shapes(inner) == shapes:
+            found.append((f"{type(pl_module).__name__}.{name}", inner))
+        elif submodule is None or name == submodule or name.startswith(submodule + "."):
+            raise MisconfigurationException(
+                f"ReBasinAlign(submodule={submodule!r}): {type(pl_module).__name__}.{name} is an AveragedModel "
+                "inside the aligned module whose copy is not of the aligned module, so it cannot be permuted "
+                "with it; align the module it averages (submodule=...) or use mode='copy'"
+            )
+    return found
+
+
+def _permute_training_state(
+    trainer: pl.Trainer,
+    pl_module: nn.Module,
+    target: nn.Module,
+    spec: PermutationSpec,
+    perms: dict[str, Tensor],
+    submodule: str | None,
+) -> None:
+    """Permute, all or nothing, everything in the Trainer that holds the aligned weights: the module's
+    parameters and buffers, their pending gradients (gradient accumulation), every optimizer's state, and
+    the averaged copies kept by weight-averaging callbacks. Every new value is computed (and every entry
+    checked) before anything is written."""
+    state = target.state_dict(keep_vars=True)
+    grads = {k: v.grad for k, v in state.items() if isinstance(v, nn.Parameter) and v.grad is not None}
+    new_grads: dict[str, Tensor] = {}
+    if grads:
+        source = {**{k: v.detach() for k, v in state.items()}, **grads}
+        permuted = permute_state_dict(source, spec, perms)
+        new_grads = {k: permuted[k] for k in grads if k in spec.axes_to_perm}
+    copies = []
+    held_copies = weight_copies(trainer, submodule, _target) + _own_averages(pl_module, target, submodule)
+    for name, held in held_copies:
+        held_state = held.state_dict(keep_vars=True)
+        if _shapes(held) != _shapes(target):
+            raise SpecMismatchError(
+                f"ReBasinAlign: {name}'s copy of the weights does not have the model's keys and shapes; "
+                "nothing was changed"
+            )
+        new = permute_state_dict({k: v.detach() for k, v in held_state.items()}, spec, perms)
+        copies.append((held_state, new))
+    optimizers = cast(torch.optim.Optimizer, _OptimizerStates(list(trainer.optimizers)))
+    permute(target, spec, perms, optimizer=optimizers, inplace=True)  # checks, then writes
+    with torch.no_grad():
+        for key, value in new_grads.items():
+            grads[key].copy_(value)
+        for held_state, new in copies:
+            for key in spec.axes_to_perm:
+                held_state[key].copy_(new[key])
+
+
 # --------------------------------------------------------------------------- ReBasinAlign
 class _EpochEndCallback(Callback):
-    """What both callbacks share: the reference prepared at ``setup`` (errors before any training step),
-    and work every ``every_n_epochs`` training epochs, at most once per epoch."""
+    """What both callbacks share: their settings, the reference prepared at ``setup`` (errors before any
+    training step), work every ``every_n_epochs`` training epochs (at most once per epoch), and the
+    alignments of the current step, which the other callbacks of the Trainer reuse."""
 
-    reference: ReferenceLike
-    submodule: str | None
-    every_n_epochs: int
-    _spec: _SpecSource
-    _last_epoch: int
-    _reference: nn.Module | None
+    #: settings that are part of ``state_key`` (they tell several instances apart in a checkpoint)
+    _key_settings: tuple[str, ...] = ("submodule", "every_n_epochs")
 
+    def __init__(
+        self,
+        reference: ReferenceLike,
+        *,
+        every_n_epochs: int,
+        submodule: str | None,
+        cost: str,
+        align_kwargs: dict[str, Any] | None,
+        spec: PermutationSpec | str | None,
+        example_inputs: Any,
+        progress: bool,
+        threads: int | str | None,
+    ) -> None:
+        _check_every_n_epochs(every_n_epochs)
+        self.reference = reference
+        self.every_n_epochs = every_n_epochs
+        self.submodule = submodule
+        self.cost = cost
+        self.align_kwargs = dict(align_kwargs or {})
+        self.progress = progress
+        self.threads = threads
+        self._spec = _SpecSource(spec, example_inputs)
+        self._reference: nn.Module | None = None
+        #: one entry per alignment / evaluation (what ``state_dict`` saves)
+        self.history: list[dict[str, float]] = []
+        self._last_epoch = -1
+        self._alignments: list[_Alignment] = []  # this step's, for the other callbacks (``_records``)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # several instances (e.g. one per submodule) keep separate checkpoint states
+        return self._generate_state_key(**self._settings())
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharded(trainer, type(self).__name__)
         self._reference = _prepare(self._spec, self.reference, pl_module, self.submodule)
-        # alignments shared at a step belong to one fit: a new fit's step counter starts again
-        _SHARED.pop(_target(pl_module, self.submodule), None)
+        self._alignments = []  # a new fit's step counter starts again
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._spec.detach()
 
@@ -402,6 +554,7 @@ class _EpochEndCallback(Callback):
         """
         return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch > self._last_epoch and self.should_update(epoch):
@@ -411,45 +564,42 @@ class _EpochEndCallback(Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         raise NotImplementedError
 
-    #: settings that are part of ``state_key`` (they tell several instances apart in a checkpoint)
-    _key_settings: tuple[str, ...] = ("submodule", "every_n_epochs")
-
     def _settings(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._key_settings}
 
+    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Resume with changed settings (e.g. ``every_n_epochs``): Lightning finds a callback's state by
         ``state_key``, which holds the settings, so a changed setting would silently drop the state. Here
-        the state saved by the same class for the same submodule is found, what is compatible is restored
-        and the rest is named in a warning."""
+        the state saved by the same class for the same submodule is found (by the settings it saved), what
+        is compatible is restored and the rest is named in a warning."""
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return  # same settings: Lightning restores it
         name = type(self).__qualname__
-        found = []
-        for key, state in states.items():
-            if not (isinstance(key, str) and key.startswith(name + "{")):
-                continue
-            try:
-                saved = ast.literal_eval(key[len(name) :])
-            except (ValueError, SyntaxError):
-                continue
-            if isinstance(saved, dict) and saved.get("submodule") == self.submodule:
-                found.append((saved, state))
+        found = [
+            state
+            for key, state in states.items()
+            if isinstance(key, str)
+            and key.startswith(name + "{")
+            and isinstance(state, Mapping)
+            and isinstance(state.get("settings"), Mapping)
+            and state["settings"].get("submodule") == self.submodule
+        ]
         if not found:
             return
-        saved, state = found[0]
+        state = dict(found[0])
+        saved = state["settings"]
         changed = {k: (v, getattr(self, k, None)) for k, v in saved.items() if getattr(self, k, None) != v}
         dropped = self._load_changed(state, changed)
         what = ", ".join(f"{k}={old!r} -> {new!r}" for k, (old, new) in changed.items())
-        warnings.warn(
+        rank_zero_warn(
             f"{name}: resuming with changed settings ({what}): history and epoch counter restored"
             + (f"; not restored: {', '.join(dropped)}" if dropped else "")
             + "; the new settings apply from here on",
-            UserWarning,
-            stacklevel=2,
+            category=UserWarning,
         )
 
     def _load_changed(self, state: dict[str, Any], changed: dict[str, tuple[Any, Any]]) -> list[str]:
@@ -465,9 +615,12 @@ class ReBasinAlign(_EpochEndCallback):
     :func:`~rebasin_callbacks.align` (Sinkhorn re-basin; data-free L2 cost by default). A permutation of
     hidden units never changes what the network computes, so:
 
-    * ``mode="inplace"`` permutes the trained weights, the buffers (BatchNorm statistics) and the optimizer
-      state (Adam moments, momentum) in place, so the weights now live in the reference's basin
-      (checkpoints saved afterwards too). What is guaranteed, at the moment of alignment: the network
+    * ``mode="inplace"`` permutes, all or nothing, everything in the Trainer that holds the trained weights:
+      the parameters, the buffers (BatchNorm statistics), pending gradients (gradient accumulation), the
+      state of every optimizer (Adam moments, momentum) and the averaged copy kept by Lightning's
+      ``WeightAveraging`` / ``EMAWeightAveraging`` / ``StochasticWeightAveraging``, so the weights now live
+      in the reference's basin (checkpoints saved afterwards too). What is guaranteed, at the moment of
+      alignment: the network
       computes the same function (outputs equal up to float round-off: the permuted sums are added in
       another order) and every per-parameter optimizer state tensor is exactly the permuted one, so the
       next optimizer step is the permuted image of the step the unaligned run would take. What is not:
@@ -480,7 +633,8 @@ class ReBasinAlign(_EpochEndCallback):
     Logged on rank zero: ``rebasin/l2_before``, ``rebasin/l2_after`` (weight distance to the reference)
     and ``rebasin/align_seconds``. Under DDP the permutations are computed on rank 0 and broadcast, so every
     rank ends with identical weights. Configuration errors (missing checkpoint, different architecture,
-    unknown submodule) are raised at ``setup``, before any training time is spent.
+    unknown submodule, a strategy that shards parameters: FSDP, DeepSpeed) are raised at ``setup``, before
+    any training time is spent. A ``torch.compile``'d submodule is aligned through the module it wraps.
 
     Args:
         reference: the model to align to: an ``nn.Module`` / ``LightningModule`` of the same architecture,
@@ -539,28 +693,26 @@ class ReBasinAlign(_EpochEndCallback):
         progress: bool = True,
         threads: int | str | None = "auto",
     ) -> None:
-        _check_every_n_epochs(every_n_epochs)
+        super().__init__(
+            reference,
+            every_n_epochs=every_n_epochs,
+            submodule=submodule,
+            cost=cost,
+            align_kwargs=align_kwargs,
+            spec=spec,
+            example_inputs=example_inputs,
+            progress=progress,
+            threads=threads,
+        )
         if mode not in ("inplace", "copy"):
             raise ValueError(f"mode must be 'inplace' or 'copy', got {mode!r}")
         if every_n_epochs == 0 and not at_fit_end:
             raise ValueError("every_n_epochs=0 and at_fit_end=False: the callback would never align")
-        self.reference = reference
-        self.every_n_epochs = every_n_epochs
-        self.cost = cost
         self.mode = mode
-        self.submodule = submodule
         self.at_fit_end = at_fit_end
-        self.align_kwargs = dict(align_kwargs or {})
-        self.progress = progress
-        self.threads = threads
-        self._spec = _SpecSource(spec, example_inputs)
-        self._reference: nn.Module | None = None
         self.aligned_model: nn.Module | None = None
         #: permutations of the last alignment ``{group: LongTensor}`` (relative to the weights before it)
         self.last_perms: dict[str, Tensor] | None = None
-        #: one entry per alignment: epoch, global step, distances before/after, seconds
-        self.history: list[dict[str, float]] = []
-        self._last_epoch = -1
         self._pending_aligned_state: dict[str, Tensor] | None = None
 
     @property
@@ -570,11 +722,6 @@ class ReBasinAlign(_EpochEndCallback):
 
     _key_settings = ("submodule", "mode", "every_n_epochs")
 
-    @property
-    def state_key(self) -> str:
-        # several instances (e.g. one per submodule) keep separate checkpoint states
-        return self._generate_state_key(**self._settings())
-
     def _load_changed(self, state: dict[str, Any], changed: dict[str, tuple[Any, Any]]) -> list[str]:
         dropped = []
         if "mode" in changed and state.get("aligned_state_dict") is not None:
@@ -583,9 +730,17 @@ class ReBasinAlign(_EpochEndCallback):
         self.load_state_dict(state)
         return dropped
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.mode == "inplace":
+            check_weight_holders(trainer, "ReBasinAlign", "mode='copy'")
+            _own_averages(pl_module, _target(pl_module, self.submodule), self.submodule)  # refused now
+
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         self._align(trainer, pl_module, in_loop=in_loop)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # skip when the last epoch's alignment already saw these weights (no optimizer step since)
         if self.at_fit_end and not (self.history and self.history[-1]["step"] == trainer.global_step):
@@ -598,7 +753,7 @@ class ReBasinAlign(_EpochEndCallback):
         start = time.perf_counter()
         with _isolated(pl_module, _trainer_loaders(trainer)), thread_limit(self.threads):
             spec = self._spec.get(target, pl_module)
-            records = _records(target, trainer.global_step)
+            records = _records(trainer, target, trainer.global_step)
             version = sum(r.applied for r in records)
             shared = _find(records, version, reference, spec, self.cost, self.align_kwargs)
             if shared is not None:  # LMCMonitor already aligned these very weights: reuse, do not re-align
@@ -614,8 +769,14 @@ class ReBasinAlign(_EpochEndCallback):
                     _align_kwargs(trainer, self.cost, self.align_kwargs, "ReBasinAlign"),
                     _show_progress(trainer, self.progress),
                 )
-            records.append(
+            if self.mode == "inplace":
+                _permute_training_state(trainer, pl_module, target, spec, perms, self.submodule)
+            else:
+                self.aligned_model = permute(target, spec, perms)
+                self.aligned_model.requires_grad_(False)
+            self._alignments.append(
                 _Alignment(
+                    weakref.ref(target),
                     trainer.global_step,
                     version,
                     reference,
@@ -629,15 +790,6 @@ class ReBasinAlign(_EpochEndCallback):
                     owner="ReBasinAlign",
                 )
             )
-            if self.mode == "inplace":
-                optimizers = list(trainer.optimizers)
-                permute(target, spec, perms, optimizer=optimizers[0] if optimizers else None, inplace=True)
-                state = target.state_dict(keep_vars=True)
-                for opt in optimizers[1:]:  # further optimizers: their state only (the weights are done)
-                    permute_optimizer_state(opt, state, spec, perms)
-            else:
-                self.aligned_model = permute(target, spec, perms)
-                self.aligned_model.requires_grad_(False)
         seconds = time.perf_counter() - start
         self.last_perms = perms
         record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "l2_before": before}
@@ -650,6 +802,7 @@ class ReBasinAlign(_EpochEndCallback):
             f"{after:.4g} ({seconds:.2f} s)"
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "settings": self._settings(),
@@ -664,6 +817,8 @@ class ReBasinAlign(_EpochEndCallback):
             }
         return state
 
+    @override
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_epoch = int(state_dict["last_epoch"])
         self.history = [dict(h) for h in state_dict["history"]]
@@ -672,6 +827,7 @@ class ReBasinAlign(_EpochEndCallback):
             self._spec.spec = PermutationSpec.from_dict(state_dict["spec"])
         self._pending_aligned_state = state_dict.get("aligned_state_dict")
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the checkpoint's callback state is loaded after setup: rebuild the aligned copy from it
         if self._pending_aligned_state is not None:
@@ -685,36 +841,27 @@ class ReBasinAlign(_EpochEndCallback):
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class Evaluator:
-    """``model -> {"loss": mean loss, "accuracy": fraction}`` over ``(inputs, targets)`` (or dict) batches.
+def _non_finite(model: nn.Module) -> str | None:
+    """The message naming ``model``'s first NaN/inf entry, or None when all are finite."""
+    try:
+        check_finite(model, "the trained model")
+    except ValueError as err:
+        return str(err)
+    return None
 
-    A callable form of :func:`~rebasin_callbacks.lmc.evaluate_model`. ``reduce`` (e.g.
-    ``trainer.strategy.reduce``) sums the totals over DDP ranks, each holding a shard.
 
-    Example:
-        >>> import torch
-        >>> batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
-        >>> metrics = Evaluator(batches)(torch.nn.Linear(4, 3))
-        >>> sorted(metrics)
-        ['accuracy', 'loss']
-    """
+def _nan_curve(n_points: int, label: str) -> LMCResult:
+    lambdas = [i / (n_points - 1) for i in range(n_points)]
+    return LMCResult.from_values(lambdas, {"loss": [math.nan] * n_points}, label=label)
 
-    def __init__(
-        self,
-        loader: Any,
-        loss_fn: LossFn | None = None,
-        max_batches: int | None = None,
-        reduce: Callable[..., Tensor] | None = None,
-    ):
-        self.loader, self.loss_fn, self.max_batches = loader, loss_fn or F.cross_entropy, max_batches
-        self.reduce = reduce
 
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        from rebasin_callbacks.lmc import evaluate_model
-
-        return evaluate_model(
-            model, self.loader, self.loss_fn, max_batches=self.max_batches, reduce=self.reduce
-        )
+def _sized(data: Any) -> bool:
+    """Whether ``data`` has a length (a DataLoader over an ``IterableDataset`` without ``__len__`` has none)."""
+    try:
+        len(data)
+    except TypeError:
+        return False
+    return True
 
 
 def _has_val_source(trainer: pl.Trainer) -> bool:
@@ -742,10 +889,13 @@ class LMCMonitor(_EpochEndCallback):
       has it (W&B, Neptune), ``add_figure("lmc", ...)`` on TensorBoard, ``log_figure`` on MLflow; with no
       such logger a PNG ``lmc_epoch{N}.png`` in ``save_dir`` (default: the Trainer's log dir).
 
-    The model being trained is never modified (copies are evaluated; train/eval modes, the global random
-    state and the random state of the DataLoaders' own generators are restored, so ``data="train"``
-    and ``reset_bn=True`` do not change the shuffling order either): training and validation metrics are
-    the same as without the callback. Under DDP every rank evaluates its shard of the dataloader and the
+    The model being trained is never modified (copies are evaluated; train/eval modes, Python's
+    ``random``, NumPy's global generator, torch's CPU and CUDA generators and the DataLoaders' own
+    generators are restored, so ``data="train"`` with augmentations and ``reset_bn=True`` change neither
+    the data nor the shuffling order): training and validation metrics are the same as without the
+    callback. Each point reads at most ``max_batches`` batches and no more than the Trainer reads
+    (``limit_train_batches`` / ``limit_val_batches``); data without a length and without such a limit is
+    refused before training (it could be endless). Under DDP every rank evaluates its shard of the dataloader and the
     sums are reduced. Batches may be ``(inputs, targets)`` pairs or dicts with input/target keys
     (:func:`~rebasin_callbacks.utils.split_batch`); the first batch is checked when the fit starts.
 
@@ -761,14 +911,14 @@ class LMCMonitor(_EpochEndCallback):
         n_points: points on the segment, endpoints included.
         align: also evaluate the re-based curve.
         data: ``"val"`` (the Trainer's first validation dataloader), ``"train"``, or any iterable of
-            ``(inputs, targets)`` batches (``dataloader=`` is its deprecated name).
+            ``(inputs, targets)`` batches.
         reset_bn / repair: passed to :func:`~rebasin_callbacks.lmc_curve` (BatchNorm statistics are reset
             on the training dataloader).
         save_dir: where PNG figures go when the logger cannot take a figure.
         submodule: name of the submodule that is compared (``None`` = the LightningModule).
         cost / align_kwargs / spec / example_inputs: alignment settings, as in :class:`ReBasinAlign`.
         loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
-        max_batches: evaluate at most this many batches per point.
+        max_batches: evaluate at most this many batches per point (needed for data without a length).
         progress: show progress over the curve's points (when the Trainer shows a progress bar).
         threads: CPU intra-op threads inside the evaluation, as in :class:`ReBasinAlign`.
 
@@ -787,7 +937,6 @@ class LMCMonitor(_EpochEndCallback):
         print(monitor.results[-1]["naive"].barrier, monitor.results[-1]["rebasin"].barrier)
     """
 
-    @renamed_arguments(dataloader="data")
     def __init__(
         self,
         reference: ReferenceLike,
@@ -809,40 +958,37 @@ class LMCMonitor(_EpochEndCallback):
         progress: bool = True,
         threads: int | str | None = "auto",
     ) -> None:
-        _check_every_n_epochs(every_n_epochs)
+        super().__init__(
+            reference,
+            every_n_epochs=every_n_epochs,
+            submodule=submodule,
+            cost=cost,
+            align_kwargs=align_kwargs,
+            spec=spec,
+            example_inputs=example_inputs,
+            progress=progress,
+            threads=threads,
+        )
         if not isinstance(n_points, int) or n_points < 2:
             raise ValueError(f"n_points must be an int >= 2, got {n_points!r}")
         if isinstance(data, str) and data not in ("val", "train"):
             raise ValueError(f"data must be 'val', 'train' or an iterable of batches, got {data!r}")
-        self.reference = reference
-        self.every_n_epochs = every_n_epochs
+        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+            raise ValueError(f"max_batches must be an int >= 1 or None, got {max_batches!r}")
         self.n_points = n_points
         self.align = align
         self.data = data
         self.reset_bn = reset_bn
         self.repair = repair
         self.save_dir = save_dir
-        self.submodule = submodule
-        self.cost = cost
-        self.align_kwargs = dict(align_kwargs or {})
         self.loss_fn: LossFn = loss_fn or F.cross_entropy
         self.max_batches = max_batches
-        self.progress = progress
-        self.threads = threads
-        self._spec = _SpecSource(spec, example_inputs)
-        self._reference: nn.Module | None = None
         self._batch_checked = False
         self._told_reuse = False
         #: one entry per evaluation: ``{"epoch": int, "naive": LMCResult, "rebasin": LMCResult}``
         self.results: list[dict[str, Any]] = []
-        #: the logged scalars of every evaluation (what ``state_dict`` saves)
-        self.history: list[dict[str, float]] = []
-        self._last_epoch = -1
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(**self._settings())
-
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.data == "val" and not _has_val_source(trainer):
@@ -853,7 +999,39 @@ class LMCMonitor(_EpochEndCallback):
                 "LMCMonitor(data='train' or an iterable of (x, y) batches)"
             )
         if stage == "fit" and not isinstance(self.data, str):
+            if self.max_batches is None and not _sized(self.data):
+                raise ValueError(
+                    f"LMCMonitor(data={type(self.data).__name__}): the data has no length (an iterable or "
+                    "IterableDataset may never end); pass max_batches=N"
+                )
             self._check_loader(self.data)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the training dataloader is loaded now, before the first step: an endless one is refused here
+        if self.data == "train" and self.max_batches is None and math.isinf(trainer.num_training_batches):
+            raise ValueError(
+                "LMCMonitor(data='train'): the training dataloader has no length (an IterableDataset) and "
+                "the Trainer reads it without limit; pass max_batches=N, or Trainer(limit_train_batches=N)"
+            )
+
+    def _batch_limit(self, trainer: pl.Trainer, loader: Any) -> int | None:
+        """How many batches a point of the curve reads: ``max_batches``, within the Trainer's own limit
+        for its dataloaders (``limit_train_batches`` / ``limit_val_batches``). Never unbounded on data
+        without a length."""
+        limits: list[float] = [self.max_batches] if self.max_batches is not None else []
+        if self.data == "train":
+            limits.append(trainer.num_training_batches)
+        elif self.data == "val" and trainer.num_val_batches:
+            limits.append(trainer.num_val_batches[0])
+        finite = [int(n) for n in limits if not math.isinf(n)]
+        if finite:
+            return min(finite)
+        if not _sized(loader):
+            raise ValueError(
+                f"LMCMonitor(data={self._describe()}): the data has no length and no limit; pass max_batches=N"
+            )
+        return None
 
     def _check_batch(self, batch: Any) -> None:
         if self._batch_checked:
@@ -888,6 +1066,7 @@ class LMCMonitor(_EpochEndCallback):
             raise ValueError("LMCMonitor(data=...): the dataloader yields no batches")
         self._check_batch(first)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -895,6 +1074,7 @@ class LMCMonitor(_EpochEndCallback):
         if self.data == "train":
             self._check_batch(batch)
 
+    @override
     def on_validation_batch_start(
         self,
         trainer: pl.Trainer,
@@ -909,6 +1089,7 @@ class LMCMonitor(_EpochEndCallback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         self.evaluate(trainer, pl_module, in_loop=in_loop)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs == 0:
             self.evaluate(trainer, pl_module, in_loop=False)
@@ -926,65 +1107,89 @@ class LMCMonitor(_EpochEndCallback):
         target = _target(pl_module, self.submodule)
         reference = _reference_for(self, target)
         loader = self._loader(trainer)
-        evaluate = Evaluator(loader, self.loss_fn, self.max_batches, trainer.strategy.reduce)
+        evaluate = Evaluator(
+            loader, self.loss_fn, self._batch_limit(trainer, loader), trainer.strategy.reduce
+        )
         progress = _show_progress(trainer, self.progress)
         kwargs: dict[str, Any] = {"n_points": self.n_points, "reset_bn": self.reset_bn, "repair": self.repair}
         kwargs["progress"] = progress
         if self.reset_bn or self.repair:
-            kwargs["train_data"] = trainer.train_dataloader
+            kwargs["bn_data"] = trainer.train_dataloader
         out: dict[str, Any] = {"epoch": trainer.current_epoch}
-        with _isolated(pl_module, [loader, *_trainer_loaders(trainer)]), thread_limit(self.threads):
-            records = _records(target, trainer.global_step)
-            applied = [r for r in records if r.applied]
-            model = copy.deepcopy(target).eval()
-            for r in reversed(applied):  # naive: the model as it was before this step's in-place alignments
-                model = permute(model, r.spec, _inverse(r.perms))
-            out["naive"] = lmc_curve(model, reference, evaluate, label="naive", **kwargs)
-            if self.align:
-                last = applied[-1] if applied else None
-                if last is not None and last.cost == self.cost and _same_reference(last.reference, reference):
-                    rebased = copy.deepcopy(target).eval()  # already aligned in place: reuse, no re-alignment
-                    out["rebasin_source"] = last.owner
-                    if not self._told_reuse:
-                        rank_zero_info(
-                            f"LMCMonitor: the re-based curve reuses {last.owner}'s in-place alignment of "
-                            "the same step (same reference and cost); 'naive' is the model before it"
-                        )
-                        self._told_reuse = True
-                else:
-                    spec = self._spec.get(model, pl_module)
-                    shared = _find(records, 0, reference, spec, self.cost, self.align_kwargs)
-                    if shared is not None:
-                        perms, before, after, source = shared.perms, shared.before, shared.after, shared.owner
+        broken = _non_finite(target)
+        if broken is not None:  # a diverged run: say so, log NaN (never a curve that looks fine), go on
+            rank_zero_warn(
+                f"LMCMonitor: epoch {trainer.current_epoch}: {broken}; its curves are logged as NaN"
+            )
+            for name, label in (("naive", "naive"), ("rebasin", "re-based"))[: 2 if self.align else 1]:
+                out[name] = _nan_curve(self.n_points, label)
+        else:
+            with _isolated(pl_module, [loader, *_trainer_loaders(trainer)]), thread_limit(self.threads):
+                records = _records(trainer, target, trainer.global_step)
+                applied = [r for r in records if r.applied]
+                model = copy.deepcopy(target).eval()
+                for r in reversed(
+                    applied
+                ):  # naive: the model as it was before this step's in-place alignments
+                    model = permute(model, r.spec, _inverse(r.perms))
+                out["naive"] = lmc_curve(model, reference, evaluate, label="naive", **kwargs)
+                if self.align:
+                    last = applied[-1] if applied else None
+                    if (
+                        last is not None
+                        and last.cost == self.cost
+                        and _same_reference(last.reference, reference)
+                    ):
+                        rebased = copy.deepcopy(
+                            target
+                        ).eval()  # already aligned in place: reuse, no re-alignment
+                        out["rebasin_source"] = last.owner
+                        if not self._told_reuse:
+                            rank_zero_info(
+                                f"LMCMonitor: the re-based curve reuses {last.owner}'s in-place alignment of "
+                                "the same step (same reference and cost); 'naive' is the model before it"
+                            )
+                            self._told_reuse = True
                     else:
-                        perms, before, after = _compute_perms(
-                            trainer,
-                            model,
-                            reference,
-                            spec,
-                            self.cost,
-                            _align_kwargs(trainer, self.cost, self.align_kwargs, "LMCMonitor"),
-                            progress,
-                        )
-                        source = "LMCMonitor"
-                        records.append(
-                            _Alignment(
-                                trainer.global_step,
-                                0,
+                        spec = self._spec.get(model, pl_module)
+                        shared = _find(records, 0, reference, spec, self.cost, self.align_kwargs)
+                        if shared is not None:
+                            perms, before, after, source = (
+                                shared.perms,
+                                shared.before,
+                                shared.after,
+                                shared.owner,
+                            )
+                        else:
+                            perms, before, after = _compute_perms(
+                                trainer,
+                                model,
                                 reference,
                                 spec,
                                 self.cost,
-                                dict(self.align_kwargs),
-                                perms,
-                                before,
-                                after,
-                                applied=False,
-                                owner="LMCMonitor",
+                                _align_kwargs(trainer, self.cost, self.align_kwargs, "LMCMonitor"),
+                                progress,
                             )
-                        )
-                    rebased = permute(model, spec, perms)
-                    out["rebasin_source"] = source
-                out["rebasin"] = lmc_curve(rebased, reference, evaluate, label="re-based", **kwargs)
+                            source = "LMCMonitor"
+                            self._alignments.append(
+                                _Alignment(
+                                    weakref.ref(target),
+                                    trainer.global_step,
+                                    0,
+                                    reference,
+                                    spec,
+                                    self.cost,
+                                    dict(self.align_kwargs),
+                                    perms,
+                                    before,
+                                    after,
+                                    applied=False,
+                                    owner="LMCMonitor",
+                                )
+                            )
+                        rebased = permute(model, spec, perms)
+                        out["rebasin_source"] = source
+                    out["rebasin"] = lmc_curve(rebased, reference, evaluate, label="re-based", **kwargs)
         metrics: dict[str, float] = {}
         for name in ("naive", "rebasin"):
             if name in out:
@@ -1029,6 +1234,7 @@ class LMCMonitor(_EpochEndCallback):
         save_figure(fig, path, dpi=100)
         out["figure_path"] = str(path)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "settings": self._settings(),
@@ -1036,6 +1242,7 @@ class LMCMonitor(_EpochEndCallback):
             "history": [dict(h) for h in self.history],
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_epoch = int(state_dict["last_epoch"])
         self.history = [dict(h) for h in state_dict["history"]]

@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -55,6 +56,7 @@ from rebasin_callbacks.incremental import (
     check_fraction,
     check_non_negative,
 )
+from rebasin_callbacks.lightning_guards import refuse_sharded, weight_averagers
 from rebasin_callbacks.utils import module_device, module_dtype, to_device
 
 __all__ = ["ReBasinFusion"]
@@ -192,6 +194,15 @@ class ReBasinFusion(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharded(trainer, "ReBasinFusion")
+        averaging = weight_averagers(trainer)
+        if averaging and self.fits_completed > 0:
+            # in an episode the module's weights are not what is trained, and the averaging callback
+            # would write its average over the fused weights when fitting ends
+            raise MisconfigurationException(
+                f"ReBasinFusion: {averaging[0]} averages the module's weights, which an episode after the "
+                "first does not train (it trains permutations and a residual); remove it from this fit"
+            )
         target = self._target(pl_module)
         if self.incremental is None:
             self.incremental = self._make_incremental(target)

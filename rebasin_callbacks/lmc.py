@@ -38,26 +38,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rebasin_callbacks.bn import (
-    _bn_modules,
-    _check_lambda,
-    _collect,
-    _repair_points,
-    _repair_with_stats,
-    _reset_bn_on,
-    repair,
-    reset_bn_stats,
-)
+from rebasin_callbacks.bn import bn_modules as _bn_modules
+from rebasin_callbacks.bn import collect_statistics as _collect
+from rebasin_callbacks.bn import repair, reset_bn_stats
+from rebasin_callbacks.bn import repair_points as _repair_points
+from rebasin_callbacks.bn import repair_with_statistics as _repair_with_stats
+from rebasin_callbacks.bn import reset_bn_stats_on as _reset_bn_on
 from rebasin_callbacks.plotting import plot_lmc
 from rebasin_callbacks.spec import SpecMismatchError
+from rebasin_callbacks.states import check_lambda as _check_lambda
+from rebasin_callbacks.states import interpolate_state_dict
 from rebasin_callbacks.utils import (
     check_compatible,
+    check_finite,
     eval_mode,
     follow,
-    interpolate_state,
     module_device,
     module_dtype,
-    renamed_arguments,
     split_batch,
     take_batches,
     thread_limit,
@@ -74,6 +71,7 @@ __all__ = [
     "lmc_curve",
     "barrier_and_auc",
     "evaluate_model",
+    "Evaluator",
     "reset_bn_stats",
     "repair",
     "plot_lmc",
@@ -98,23 +96,6 @@ def _check_compatible(
         check_compatible(sa, sb, names=names)
     except SpecMismatchError as err:
         raise SpecMismatchError(f"{what}: {err}") from None
-
-
-def interpolate_state_dict(
-    state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], lam: float
-) -> dict[str, Tensor]:
-    """``(1 - lam) * a + lam * b`` for every floating-point entry; integer entries are taken from ``a``.
-
-    The result has ``a``'s devices and dtypes (``b``'s entries are moved and cast).
-
-    Example:
-        >>> import torch
-        >>> interpolate_state_dict({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)["w"].tolist()
-        [0.25, 0.25]
-    """
-    lam = _check_lambda(lam)
-    _check_compatible(state_a, state_b)
-    return interpolate_state(state_a, state_b, lam)
 
 
 def interpolate(model_a: nn.Module, model_b: nn.Module, lam: float) -> nn.Module:
@@ -283,6 +264,8 @@ def evaluate_model(
     mean; batches are weighted by their size. Totals stay on the device (one host sync at the end);
     ``reduce(totals, reduce_op="sum")`` (e.g. a Lightning strategy's ``reduce``) sums them over processes
     that each hold a shard. The model runs in eval mode; every submodule's mode is restored afterwards.
+    Accuracy is NaN when an output is NaN or inf (an argmax over NaN logits is no prediction), so a broken
+    model never reports an accuracy that looks fine.
 
     Example:
         >>> import torch
@@ -293,7 +276,8 @@ def evaluate_model(
     """
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     device, dtype = module_device(model), module_dtype(model)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, count, correct, count (acc)
+    # loss sum, count, correct, count (acc), non-finite outputs
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
     with eval_mode(model):
         for i, batch in enumerate(data):
             if max_batches is not None and i >= max_batches:
@@ -311,15 +295,46 @@ def evaluate_model(
             if out.dim() == 2 and out.is_floating_point() and not y.is_floating_point() and y.dim() == 1:
                 totals[2] += (out.argmax(dim=1) == y).sum().double()
                 totals[3] += n
+                totals[4] += (~torch.isfinite(out)).sum().double()
     if reduce is not None:
         totals = reduce(totals, reduce_op="sum")
-    loss_sum, n_loss, correct, n_acc = (float(v) for v in totals.tolist())
+    loss_sum, n_loss, correct, n_acc, n_bad = (float(v) for v in totals.tolist())
     if n_loss == 0:
         raise ValueError("evaluate_model: the data yielded no batches")
     result = {"loss": loss_sum / n_loss}
     if n_acc == n_loss:
-        result["accuracy"] = correct / n_acc
+        result["accuracy"] = math.nan if n_bad else correct / n_acc
     return result
+
+
+class Evaluator:
+    """``model -> {"loss": mean loss, "accuracy": fraction}`` over ``data``: :func:`evaluate_model` as a
+    callable, for :func:`lmc_curve`'s ``evaluate``.
+
+    ``max_batches`` bounds every evaluation (needed for an endless iterable); ``reduce`` (e.g. a Lightning
+    strategy's ``reduce``) sums the totals over processes that each hold a shard.
+
+    Example:
+        >>> import torch
+        >>> batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+        >>> metrics = Evaluator(batches)(torch.nn.Linear(4, 3))
+        >>> sorted(metrics)
+        ['accuracy', 'loss']
+    """
+
+    def __init__(
+        self,
+        data: Iterable[Any],
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        max_batches: int | None = None,
+        reduce: Callable[..., Tensor] | None = None,
+    ):
+        self.data, self.loss_fn, self.max_batches, self.reduce = data, loss_fn, max_batches, reduce
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        return evaluate_model(
+            model, self.data, self.loss_fn, max_batches=self.max_batches, reduce=self.reduce
+        )
 
 
 def _as_metrics(value: Any) -> dict[str, float]:
@@ -376,7 +391,6 @@ def _progress(items: Sequence[float], enabled: bool, label: str) -> Iterable[flo
     return tqdm(items, desc=f"LMC {label}".strip(), leave=False)
 
 
-@renamed_arguments(train_data="bn_data")
 def lmc_curve(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -398,7 +412,8 @@ def lmc_curve(
 
     Args:
         model_a, model_b: same architecture (neither is modified). The computation follows ``model_a``
-            (its device and dtype); ``model_b`` is copied there when it lives elsewhere.
+            (its device and dtype); ``model_b`` is copied there when it lives elsewhere. A NaN or inf
+            weight or buffer is refused (``ValueError`` naming the model and the key).
         evaluate: a callable ``model -> loss`` or ``model -> {"loss": ..., "accuracy": ...}``; or a
             ``(dataloader, loss_fn)`` pair or a bare dataloader (cross-entropy), then accuracy is reported
             for ``[N, C]`` logits. The model it receives is in eval mode.
@@ -409,7 +424,7 @@ def lmc_curve(
             (:func:`reset_bn_stats`); endpoints included, so the chord is that of the reset endpoints.
         repair: apply :func:`repair` at every lambda (after ``reset_bn`` when both are set).
         bn_data: batches for ``reset_bn`` / ``repair`` (training batches, as the literature does); defaults
-            to the evaluation data. ``train_data=`` is its deprecated name.
+            to the evaluation data.
         n_batches: how many batches of ``bn_data`` those use.
         progress: show a tqdm bar over the points (when tqdm is installed).
         label: stored on the result (tables, legends).
@@ -440,6 +455,8 @@ def lmc_curve(
             raise ValueError(f"lambdas must be at least 2 strictly increasing values, got {lams}")
     evaluator, eval_data = _make_evaluator(evaluate)
     _check_compatible(model_a.state_dict(), model_b.state_dict())
+    for name, model in (("model_a", model_a), ("model_b", model_b)):
+        check_finite(model, f"lmc_curve: {name}")  # a NaN weight would give a curve of NaN, or a fake 0.0
     model_b = follow(model_b, model_a)  # computation follows model_a; model_b is copied, never mutated
 
     with thread_limit(threads):  # many small kernels: see utils.thread_limit

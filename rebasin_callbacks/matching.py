@@ -23,7 +23,6 @@ maxima already fall in distinct columns needs no solver (the common case near a 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
@@ -32,44 +31,17 @@ from torch import Tensor, nn
 
 from rebasin_callbacks.permute import assignment, axis_index
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-from rebasin_callbacks.trace import trace_spec
-from rebasin_callbacks.utils import check_compatible, check_finite, infer_example_inputs, renamed_arguments
+from rebasin_callbacks.spec_source import resolve_spec
+from rebasin_callbacks.states import check_compatible, check_finite
 
 __all__ = [
     "weight_matching",
     "check_finite",
-    "resolve_spec",
 ]
 
 Block = tuple[str | None, int, int]
 #: memory for cached similarity terms (per call), e.g. 16 MiB per 2048-wide term in float32
 _CACHE_BYTES = 1 << 30
-
-
-def resolve_spec(model: nn.Module, spec: PermutationSpec | None, example_inputs: Any) -> PermutationSpec:
-    """The given spec (validated against ``model``), or one traced from ``example_inputs``."""
-    if spec is None:
-        if example_inputs is None:
-            inferred = infer_example_inputs(model)
-            if inferred is None:
-                raise ValueError(
-                    f"no spec for {type(model).__name__}: pass spec=PermutationSpec(...) or example_inputs=... "
-                    "to trace one"
-                )
-            example_inputs, source = inferred
-            warnings.warn(
-                f"no spec or example inputs for {type(model).__name__}: tracing on random inputs of shape "
-                f"{tuple(example_inputs.shape)} from {source}; pass example_inputs= to choose",
-                stacklevel=3,
-            )
-        spec = trace_spec(model, example_inputs)
-    state = model.state_dict()
-    spec.validate(state, name=type(model).__name__)
-    if set(spec.sizes) != set(spec.perm_to_axes):
-        spec.sizes = spec._infer_sizes(state)
-    if len(spec) == 0:
-        raise ValueError(f"the spec of {type(model).__name__} has no permutation groups: nothing to align")
-    return spec
 
 
 class MatchingProblem:
@@ -83,19 +55,30 @@ class MatchingProblem:
         self.a, self.b = a, b
         # group -> [(key, axis, [(start, stop), ...] blocks of this group on that axis)]
         self.terms: dict[str, list[tuple[str, int, list[tuple[int, int]]]]] = {}
+        self.block_groups = spec.block_groups
         for g, pairs in spec.perm_to_axes.items():
             seen: set[tuple[str, int]] = set()
             terms = []
+            level = "blocks" if g in self.block_groups else "units"
             for key, axis in pairs:
                 if (key, axis) in seen or key not in a:
                     continue
                 seen.add((key, axis))
-                blocks = [(s, e) for grp, s, e in self.blocks(key, axis) if grp == g]
+                blocks = [(s, e) for grp, s, e in self.blocks(key, axis, level) if grp == g]
                 terms.append((key, axis, blocks))
             self.terms[g] = terms
+        # A unit group's term on an axis that block groups also act on depends on them: the units sit
+        # inside the moved blocks.
         self._deps = {
-            (k, ax): sorted(self.other_groups(k, ax)) for ts in self.terms.values() for k, ax, _ in ts
+            (k, ax): sorted(self.other_groups(k, ax) | self.block_groups_on(k, ax))
+            for ts in self.terms.values()
+            for k, ax, _ in ts
         }
+        # block group -> the unit groups it fully determines (one per block and role, found only inside it)
+        self._owned: dict[str, set[str]] = {h: self._owned_groups(h) for h in self.block_groups}
+        # block group -> {(role, i, j): the within-block permutation of the role for reference block i
+        # and model block j}, from its last solve
+        self._inner: dict[str, dict[tuple[tuple[str | None, ...], int, int], Tensor]] = {}
         # (group, key, axis) -> (the permutations it was computed with, its n x n term). A term is computed
         # again only when one of those changed: after one group changes, its dependents recompute the
         # terms it appears in, not their whole similarity. Bounded, as these are n x n each.
@@ -163,18 +146,61 @@ class MatchingProblem:
                 if new > old + 1e-12 * max(1.0, abs(old)):
                     perms[g] = new_perm
                     dirty |= dependents[g]
+                    if g in self.block_groups:  # the units inside the moved blocks follow them
+                        for inner in self.adopt(g, new_perm, perms):
+                            dirty |= dependents[inner]
         return perms
 
-    def blocks(self, key: str, axis: int) -> list[Block]:
-        return self.spec.axis_blocks(key, axis)
+    def blocks(self, key: str, axis: int, level: str = "units") -> list[Block]:
+        return self.spec.axis_blocks(key, axis, level=level)
+
+    def block_groups_on(self, key: str, axis: int) -> set[str]:
+        return {g for g, _, _ in self.blocks(key, axis, "blocks") if g is not None}
 
     def other_groups(self, key: str, axis: int) -> set[str]:
-        """Groups acting on any axis of ``key`` other than ``axis``."""
+        """Groups acting on any axis of ``key`` other than ``axis`` (both levels)."""
         out: set[str] = set()
         for ax in range(self.a[key].ndim):
             if ax != axis:
                 out.update(g for g, _, _ in self.blocks(key, ax) if g is not None)
+                out.update(self.block_groups_on(key, ax))
         return out
+
+    def _owned_groups(self, h: str) -> set[str]:
+        """Unit groups that only ever appear inside ``h``'s blocks, a different one in each block."""
+        inside: set[str] = set()
+        for key, axis, _ in self.terms[h]:
+            inside.update(g for g, _, _ in self.blocks(key, axis) if g is not None)
+        owned = set()
+        for g in inside:
+            pairs = self.spec.perm_to_axes[g]
+            if all(h in self.block_groups_on(k, ax) for k, ax in pairs if k in self.a):
+                owned.add(g)
+        for roles in self._roles(h).values():
+            for role in roles:
+                if len(set(role)) != len(role):  # the same group in several blocks: shared, not owned
+                    owned -= set(role)
+        return owned
+
+    def _roles(self, h: str) -> dict[tuple[str, int], list[tuple[str | None, ...]]]:
+        """Per term of block group ``h``: the unit group at each relative position of its blocks, as one
+        tuple per sub-block (the group in block 0, block 1, ...)."""
+        n = self.spec.sizes[h]
+        out: dict[tuple[str, int], list[tuple[str | None, ...]]] = {}
+        for key, axis, hblocks in self.terms[h]:
+            units = self.blocks(key, axis)
+            roles = []
+            for start, stop in hblocks:
+                k = (stop - start) // n
+                for _g, s, e in units or [(None, start, start + k)]:
+                    if start <= s and e <= start + k:  # a sub-block of block 0: its role in every block
+                        roles.append(tuple(self._unit_at(units, s + i * k) for i in range(n)))
+            out[(key, axis)] = roles
+        return out
+
+    @staticmethod
+    def _unit_at(units: list[Block], pos: int) -> str | None:
+        return next((g for g, s, e in units if s <= pos < e), None)
 
     def similarity(
         self,
@@ -185,6 +211,8 @@ class MatchingProblem:
     ) -> Tensor:
         """``S[i, j] = sum <B_i, A_j>`` over the entries of group ``g``; with ``known``, only the entries
         whose other axes are all unpermuted or in ``known``; with ``keys``, only those entries."""
+        if g in self.block_groups:
+            return self.block_similarity(g, perms, known, keys)
         n = self.spec.sizes[g]
         S: Tensor | None = None
         for key, axis, blocks in self.terms[g]:
@@ -217,14 +245,19 @@ class MatchingProblem:
     def _term(
         self, n: int, key: str, axis: int, blocks: list[tuple[int, int]], perms: Mapping[str, Tensor]
     ) -> Tensor:
+        return _block_products(n, axis, blocks, self._permuted_others(key, axis, perms), self.b[key])
+
+    def _permuted_others(self, key: str, axis: int, perms: Mapping[str, Tensor]) -> Tensor:
+        """``A[key]`` with every axis but ``axis`` permuted, and ``axis`` by its block groups only."""
         a = self.a[key]
         for ax in range(a.ndim):
-            if ax == axis:
+            level = "blocks" if ax == axis else None
+            if level is not None and key not in self.spec.block_axes:
                 continue
-            idx = axis_index(self.spec, key, ax, perms, a.device)
+            idx = axis_index(self.spec, key, ax, perms, a.device, level=level)
             if idx is not None:
                 a = a.index_select(ax, idx)
-        return _block_products(n, axis, blocks, a, self.b[key])
+        return a
 
     def _updated_term(
         self,
@@ -245,6 +278,11 @@ class MatchingProblem:
         old_used, old_term = hit
         old_perms = dict(zip(deps, old_used))
         a, b = self.a[key], self.b[key]
+        if key in self.spec.block_axes:  # blocks moved along the term's own axis: recompute
+            new_own = axis_index(self.spec, key, axis, perms, a.device, level="blocks")
+            old_own = axis_index(self.spec, key, axis, old_perms, a.device, level="blocks")
+            if new_own is not None and (old_own is None or not torch.equal(new_own, old_own)):
+                return None
         changed: tuple[int, Tensor, Tensor] | None = None
         unchanged: list[tuple[int, Tensor]] = []
         for ax in range(a.ndim):
@@ -271,12 +309,85 @@ class MatchingProblem:
         diff = a.index_select(ax, new_idx[pos]) - a.index_select(ax, old_idx[pos])
         return old_term + _block_products(old_term.shape[0], axis, blocks, diff, b.index_select(ax, pos))
 
+    def block_similarity(
+        self,
+        h: str,
+        perms: Mapping[str, Tensor],
+        known: set[str] | None = None,
+        keys: Collection[str] | None = None,
+    ) -> Tensor:
+        """``S[i, j]``: how well model block ``j`` matches reference block ``i`` with the best permutation
+        inside the block: for every role (the unit group at one place of a block: a head's query/key
+        channels, its value channels), the value of the assignment that best matches block ``j``'s units
+        to block ``i``'s, summed over roles; a fixed sub-block adds its plain inner product. The
+        within-block assignments are kept for :meth:`adopt` (n^2 small assignments per role, one of the
+        n x n blocks)."""
+        n = self.spec.sizes[h]
+        roles = self._roles(h)
+        per_role: dict[tuple[str | None, ...], Tensor] = {}
+        fixed: Tensor | None = None
+        for key, axis, hblocks in self.terms[h]:
+            if keys is not None and key not in keys:
+                continue
+            if known is not None and not self.other_groups(key, axis) <= known:
+                continue
+            a, b = self._permuted_others(key, axis, {g: p for g, p in perms.items() if g != h}), self.b[key]
+            units = self.blocks(key, axis)
+            r = 0
+            for start, stop in hblocks:
+                k = (stop - start) // n
+                for _, s0, e0 in units or [(None, start, start + k)]:
+                    if not (start <= s0 and e0 <= start + k):
+                        continue
+                    role = roles[(key, axis)][r]
+                    r += 1
+                    off, length = s0 - start, e0 - s0
+                    # (block, entries of the sub-block, rest): block i's sub-block at start + i * k + off
+                    idx = (start + off + torch.arange(n, device=a.device)[:, None] * k
+                           + torch.arange(length, device=a.device)).reshape(-1)  # fmt: skip
+                    a_sub = a.index_select(axis, idx).movedim(axis, 0).reshape(n, length, -1)
+                    b_sub = b.index_select(axis, idx).movedim(axis, 0).reshape(n, length, -1)
+                    m = self.spec.sizes[role[0]] if role[0] is not None else 0
+                    if role[0] is None or m == 0:
+                        term = torch.einsum("ilr,jlr->ij", b_sub, a_sub)
+                        fixed = term if fixed is None else fixed + term
+                        continue
+                    # units flattened with length // m entries each
+                    a_u = a_sub.reshape(n, m, -1)
+                    b_u = b_sub.reshape(n, m, -1)
+                    term = torch.einsum("iur,jvr->ijuv", b_u, a_u)
+                    per_role[role] = term if role not in per_role else per_role[role] + term
+        S = torch.zeros(n, n, dtype=torch.float64) if fixed is None else fixed.double().cpu()
+        inner: dict[tuple[tuple[str | None, ...], int, int], Tensor] = {}
+        for role, term in per_role.items():
+            cost = term.double().cpu()
+            for i in range(n):
+                for j in range(n):
+                    perm = assignment(cost[i, j])
+                    inner[(role, i, j)] = perm
+                    S[i, j] += cost[i, j][torch.arange(len(perm)), perm].sum()
+        self._inner[h] = inner
+        return S
+
+    def adopt(self, h: str, perm: Tensor, perms: dict[str, Tensor]) -> set[str]:
+        """Set the unit groups ``h`` owns to the within-block assignments of ``h``'s last solve for the
+        block pairs ``perm`` chose; returns the groups that changed."""
+        changed = set()
+        for (role, i, j), inner in self._inner.get(h, {}).items():
+            g = role[i]
+            if j != int(perm[i]) or g is None or g not in self._owned[h]:
+                continue
+            if not torch.equal(perms[g], inner):
+                perms[g] = inner
+                changed.add(g)
+        return changed
+
     def dependents(self) -> dict[str, set[str]]:
         """``{h: groups whose similarity depends on h's permutation}`` (a group may depend on itself)."""
         out: dict[str, set[str]] = {g: set() for g in self.terms}
         for g, terms in self.terms.items():
             for key, axis, _ in terms:
-                for h in self.other_groups(key, axis):
+                for h in self._deps[(key, axis)]:
                     out[h].add(g)
         return out
 
@@ -289,7 +400,7 @@ class MatchingProblem:
 
             def mass(g: str) -> int:
                 return sum(
-                    self.a[k].numel() for k, ax, _ in self.terms[g] if self.other_groups(k, ax) <= known
+                    self.a[k].numel() for k, ax, _ in self.terms[g] if set(self._deps[(k, ax)]) - {g} <= known
                 )
 
             g = max(remaining, key=mass)
@@ -356,24 +467,47 @@ class L2Gradient:
         if problem is None or not all(k in problem.a and problem.a[k].dtype == v.dtype for k, v in a.items()):
             problem = MatchingProblem(spec, a, b)
         self.problem = problem
+        self.a = a
         self.gram: dict[str, Tensor] = {}
+        # Block groups (heads) get no gradient: they move by weight matching's block solve (align's polish).
+        # A group inside moved blocks has a Gram matrix that depends on which block sits where: recomputed.
+        self.moving: set[str] = set()
         for g, terms in self.problem.terms.items():
+            if g in self.problem.block_groups:
+                continue
             for key, axis, blocks in terms:
                 if key not in self.keys:
                     continue
+                if self.problem.block_groups_on(key, axis):
+                    self.moving.add(g)
                 term = _block_products(spec.sizes[g], axis, blocks, a[key], a[key])
                 self.gram[g] = term if g not in self.gram else self.gram[g] + term
 
+    def _gram(self, g: str, perms: Mapping[str, Tensor]) -> Tensor:
+        if g not in self.moving:
+            return self.gram[g]
+        out: Tensor | None = None
+        for key, axis, blocks in self.problem.terms[g]:
+            if key not in self.keys:
+                continue
+            idx = axis_index(self.problem.spec, key, axis, perms, self.a[key].device, level="blocks")
+            x = self.a[key] if idx is None else self.a[key].index_select(axis, idx)
+            term = _block_products(self.problem.spec.sizes[g], axis, blocks, x, x)
+            out = term if out is None else out + term
+        assert out is not None
+        return out
+
     def __call__(self, perms: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``{group: dL2Cost/dM}`` at the hard permutations ``perms`` (groups no parameter touches are left out)."""
+        """``{group: dL2Cost/dM}`` at the hard permutations ``perms`` (groups no parameter touches, and
+        block groups, are left out)."""
         out = {}
-        for g, gram in self.gram.items():
+        for g in self.gram:
+            gram = self._gram(g, perms)
             S = self.problem.similarity(g, perms, keys=self.keys)
             out[g] = (gram[perms[g].to(gram.device)] - S) * (2.0 / self.count)
         return out
 
 
-@renamed_arguments(max_iter="n_iters")
 def weight_matching(
     model: nn.Module | Mapping[str, Tensor],
     reference: nn.Module | Mapping[str, Tensor],
@@ -384,7 +518,6 @@ def weight_matching(
     init: Mapping[str, Tensor] | None = None,
     seed: int | None = None,
     assignment_solver: Literal["auto", "scipy", "auction"] = "auto",
-    _checked: bool = False,
 ) -> dict[str, Tensor]:
     """Permutations of ``model``'s hidden units that best match ``reference``'s weights (Git Re-Basin).
 
@@ -393,7 +526,7 @@ def weight_matching(
         reference: the model to match (same architecture).
         spec: the permutation spec; traced from ``example_inputs`` when omitted.
         example_inputs: inputs for :func:`~rebasin_callbacks.trace_spec` when ``spec`` is omitted.
-        n_iters: most coordinate-descent sweeps over all groups (``max_iter=`` is its deprecated name).
+        n_iters: most coordinate-descent sweeps over all groups.
         init: ``{group: LongTensor}`` to start from; by default a greedy first sweep (see module docs).
         seed: seeds the random order in which groups are visited.
         assignment_solver: ``"scipy"`` (exact, on the CPU), ``"auction"`` (:func:`auction_assignment`,
@@ -420,18 +553,15 @@ def weight_matching(
         raise ValueError(f"n_iters must be an int >= 0, got {n_iters!r}")
     if assignment_solver not in ("auto", "scipy", "auction"):
         raise ValueError(f"assignment_solver must be 'auto', 'scipy' or 'auction', got {assignment_solver!r}")
-    if not _checked:
-        check_compatible(model, reference)
-        check_finite(model, "model")
-        check_finite(reference, "reference")
+    check_compatible(model, reference)
+    check_finite(model, "model")
+    check_finite(reference, "reference")
     if isinstance(model, nn.Module):
         spec = resolve_spec(model, spec, example_inputs)
     elif spec is None:
         raise ValueError("with a state dict instead of a module, pass spec=... (tracing needs the module)")
     else:
-        spec.validate(model)
-        if set(spec.sizes) != set(spec.perm_to_axes):
-            spec.sizes = spec._infer_sizes(model)
+        spec = spec.with_sizes(model)
     sa = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     sb = reference.state_dict() if isinstance(reference, nn.Module) else dict(reference)
     return MatchingProblem.from_states(spec, sa, sb, assignment_solver).descend(

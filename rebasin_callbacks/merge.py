@@ -70,7 +70,15 @@ from rebasin_callbacks.utils import (
     to_device,
 )
 
-__all__ = ["merge", "MergeResult", "MergeEvaluation", "evaluate_merge", "average_models", "METHODS"]
+__all__ = [
+    "merge",
+    "MergeResult",
+    "MergeEvaluation",
+    "evaluate_merge",
+    "average_models",
+    "repair_many",
+    "METHODS",
+]
 
 Method = Literal["naive", "star", "merge_many", "data_free", "data"]
 METHODS: tuple[str, ...] = ("naive", "star", "merge_many", "data_free", "data")
@@ -192,7 +200,7 @@ def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
 
 def _resolve_spec(models: Sequence[nn.Module], spec: PermutationSpec | None, example_inputs: Any,
                   data: Iterable[Any] | None) -> PermutationSpec:  # fmt: skip
-    from rebasin_callbacks.matching import resolve_spec
+    from rebasin_callbacks.spec_source import resolve_spec
 
     if spec is None and example_inputs is None and data is not None:
         first = next(iter(data))
@@ -337,11 +345,11 @@ def merge(
                 source, n_batches, module_device(merged), "merge", dtype=module_dtype(merged)
             )
             if reset_bn:
-                from rebasin_callbacks.bn import _reset_bn_on
+                from rebasin_callbacks.bn import reset_bn_stats_on
 
-                _reset_bn_on(merged, batches)
+                reset_bn_stats_on(merged, batches)
             if repair:
-                _repair_many(aligned, merged, w, batches)
+                repair_many(aligned, merged, w, batches)
     _phase(f"merge: done in {seconds:.1f} s", progress)
     return MergeResult(perms, aligned, merged, spec, w, method, history, seconds)
 
@@ -365,15 +373,16 @@ def _align_pair(
     return [identity_permutations(spec), dict(result.perms)]
 
 
-def _repair_many(
+def repair_many(
     aligned: Sequence[nn.Module], merged: nn.Module, weights: Sequence[float], batches: Sequence[Any]
 ) -> None:
-    """REPAIR for N models: every unit of ``merged`` gets the weighted mean of the aligned models' mean and
-    standard deviation, layer by layer in execution order."""
-    from rebasin_callbacks.bn import _collect, _repair_points, _repair_with_stats
+    """REPAIR for N models, in place: every unit of ``merged`` gets the weighted mean of the aligned models'
+    mean and standard deviation on ``batches`` (moved to ``merged``'s device), layer by layer in execution
+    order. :func:`merge` calls it with ``repair=True``."""
+    from rebasin_callbacks.bn import collect_statistics, repair_points, repair_with_statistics
 
-    points = _repair_points(merged, split_batch(batches[0])[0])
-    stats = [_collect(follow(m, merged), points, batches) for m in aligned]
+    points = repair_points(merged, split_batch(batches[0])[0])
+    stats = [collect_statistics(follow(m, merged), points, batches) for m in aligned]
     goal = {
         p.name: (
             sum(w * s[p.name][0] for w, s in zip(weights, stats)),
@@ -381,7 +390,7 @@ def _repair_many(
         )
         for p in points
     }
-    _repair_with_stats(merged, 0.0, points, goal, goal, batches, 1e-6)  # type: ignore[arg-type]
+    repair_with_statistics(merged, 0.0, points, goal, goal, batches, 1e-6)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------- evaluation

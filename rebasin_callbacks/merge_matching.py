@@ -120,7 +120,7 @@ def star(states: Sequence[State], spec: PermutationSpec, *, seed: int | None = 0
     """Every model weight-matched to model 0 (the hub), independently."""
     out = [identity_permutations(spec)]
     for s in states[1:]:
-        out.append(weight_matching(dict(s), dict(states[0]), spec, seed=seed, _checked=True))
+        out.append(weight_matching(dict(s), dict(states[0]), spec, seed=seed))
     return out
 
 
@@ -153,7 +153,7 @@ def merge_many(
             target = mean_state([aligned[j] for j in rest], [weights[j] / total for j in rest])
             # from the current permutation when warm-started (a polish), else weight matching's greedy start
             start = perms[i] if init is not None else None
-            new = weight_matching(dict(states[i]), target, spec, init=start, seed=seed, _checked=True)
+            new = weight_matching(dict(states[i]), target, spec, init=start, seed=seed)
             if all(torch.equal(new[g], perms[i][g]) for g in new):
                 continue
             candidate = permute_state_dict(states[i], spec, new)

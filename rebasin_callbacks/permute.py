@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-from rebasin_callbacks.utils import as_generator, renamed_arguments
+from rebasin_callbacks.utils import as_generator
 
 __all__ = [
     "assignment",
@@ -52,12 +52,11 @@ def assignment(scores: Tensor) -> Tensor:
     return torch.as_tensor(cols, dtype=torch.long)
 
 
-@renamed_arguments(generator="seed")
 def random_permutations(
     spec: PermutationSpec, seed: int | torch.Generator | None = None
 ) -> dict[str, Tensor]:
     """One uniformly random permutation per group (on the CPU; pass a ``seed``, an int or a generator, to
-    repeat; ``generator=`` is its deprecated name)."""
+    repeat)."""
     _require_sizes(spec)
     generator = as_generator(seed)
     return {g: torch.randperm(n, generator=generator) for g, n in spec.sizes.items()}
@@ -107,14 +106,35 @@ def _check_perms(spec: PermutationSpec, perms: Perms) -> None:
 
 
 def axis_index(
-    spec: PermutationSpec, key: str, axis: int, perms: Perms, device: torch.device
+    spec: PermutationSpec,
+    key: str,
+    axis: int,
+    perms: Perms,
+    device: torch.device,
+    *,
+    level: str | None = None,
 ) -> Tensor | None:
     """The index that permutes ``axis`` of ``key`` (``None`` when no given permutation touches it).
 
     A plain axis uses its group's permutation; a block axis concatenates each block's permutation shifted
     by the block's offset (identity for fixed blocks and for groups not in ``perms``). A flattened block
-    (``k`` entries per unit) moves each unit's ``k`` entries together."""
-    blocks = spec.axis_blocks(key, axis)
+    (``k`` entries per unit) moves each unit's ``k`` entries together. Block groups (``spec.block_axes``,
+    attention heads) act first and the unit groups inside the moved blocks: the index is
+    ``blocks_index[units_index]``. ``level="blocks"`` or ``"units"`` gives one level alone."""
+    if level is not None:
+        return _level_index(spec.axis_blocks(key, axis, level=level), perms, device)
+    units = _level_index(spec.axis_blocks(key, axis), perms, device)
+    if key not in spec.block_axes:
+        return units
+    blocks = _level_index(spec.axis_blocks(key, axis, level="blocks"), perms, device)
+    if blocks is None or units is None:
+        return units if blocks is None else blocks
+    return blocks[units]
+
+
+def _level_index(
+    blocks: list[tuple[str | None, int, int]], perms: Perms, device: torch.device
+) -> Tensor | None:
     if not any(g is not None and g in perms for g, _, _ in blocks):
         return None
     parts = []

@@ -17,9 +17,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rebasin_callbacks.permute import assignment, permute_state_dict
+from rebasin_callbacks.seeds import as_generator
+from rebasin_callbacks.settings import SinkhornSettings, settings_from
 from rebasin_callbacks.sinkhorn import sinkhorn
 from rebasin_callbacks.spec import PermutationSpec
-from rebasin_callbacks.utils import as_generator, renamed_arguments
+from rebasin_callbacks.spec_source import SpecLike, resolve_spec
 
 __all__ = ["ReBasin", "PermutedView", "apply_soft_permutations", "auto_scale"]
 
@@ -58,36 +60,44 @@ def apply_soft_permutations(
     """A new state dict with ``P_g`` applied along every axis of group ``g`` (soft or hard matrices).
 
     An axis made of several groups' blocks (``spec.axis_blocks``) gets each block multiplied by its
-    group's matrix."""
+    group's matrix. Block groups (``spec.block_axes``: heads) are applied first, each unit of a block
+    moving its ``k`` entries together (``P_heads`` acts as ``P_heads (x) I_k``), then the groups inside."""
     out = dict(state)
     for key, axes in spec.axes_to_perm.items():
         value = out[key]
         if not value.is_floating_point():
             continue
         for axis, group in enumerate(axes):
+            if key in spec.block_axes:
+                value = _apply_blocks(value, spec.axis_blocks(key, axis, level="blocks"), matrices, axis)
             if group is None:
                 continue
             if isinstance(group, str):
                 if group in matrices:
                     value = _apply_matrix(value, matrices[group], axis)
                 continue
-            blocks = spec.axis_blocks(key, axis)
-            if not any(g is not None and g in matrices for g, _, _ in blocks):
-                continue
-            parts = []
-            for g, start, stop in blocks:
-                part = value.narrow(axis, start, stop - start)
-                if g is not None and g in matrices:
-                    n = matrices[g].shape[-1]
-                    if stop - start != n:  # a flattened block: each unit's k entries move together
-                        grouped = part.unflatten(axis, (n, (stop - start) // n))
-                        part = _apply_matrix(grouped, matrices[g], axis).flatten(axis, axis + 1)
-                    else:
-                        part = _apply_matrix(part, matrices[g], axis)
-                parts.append(part)
-            value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+            value = _apply_blocks(value, spec.axis_blocks(key, axis), matrices, axis)
         out[key] = value
     return out
+
+
+def _apply_blocks(
+    value: Tensor, blocks: list[tuple[str | None, int, int]], matrices: Mapping[str, Tensor], axis: int
+) -> Tensor:
+    if not any(g is not None and g in matrices for g, _, _ in blocks):
+        return value
+    parts = []
+    for g, start, stop in blocks:
+        part = value.narrow(axis, start, stop - start)
+        if g is not None and g in matrices:
+            n = matrices[g].shape[-1]
+            if stop - start != n:  # a flattened block: each unit's k entries move together
+                grouped = part.unflatten(axis, (n, (stop - start) // n))
+                part = _apply_matrix(grouped, matrices[g], axis).flatten(axis, axis + 1)
+            else:
+                part = _apply_matrix(part, matrices[g], axis)
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
 
 
 class ReBasin(nn.Module):
@@ -96,18 +106,19 @@ class ReBasin(nn.Module):
     Args:
         model: the model to permute (not modified; not registered as a submodule, so its
             parameters are not trained by an optimizer over ``rebasin.parameters()``).
-        spec: the permutation spec; traced from ``example_inputs`` when omitted.
+        spec: the permutation spec (or a function ``model -> spec``, or a JSON path); traced from
+            ``example_inputs`` when omitted (:func:`~rebasin_callbacks.spec_source.resolve_spec`). The
+            spec used, sizes bound, is ``self.spec``; the one given is not modified.
         example_inputs: inputs for :func:`~rebasin_callbacks.trace_spec` when ``spec`` is omitted.
-        tau: Sinkhorn temperature.
-        n_iters / tol: Sinkhorn iteration budget and marginal tolerance.
-        init: ``"identity"`` (scores ``init_scale * I`` plus ``noise`` Gaussian jitter), ``"random"``,
+        init: ``"identity"`` (scores ``init_scale * I`` plus ``init_noise`` Gaussian jitter), ``"random"``,
             or a dict ``{group: LongTensor}`` of hard permutations to start from (e.g. weight matching).
-        init_scale / init_noise: magnitude of the initial scores and of their jitter. ``init_scale="auto"``
-            adapts it to each group size ``n`` (:func:`auto_scale`: the initial permutation holds about
-            half of each row's mass whatever ``n``; a fixed scale leaves wide layers almost uniform).
-        backward: Sinkhorn gradient, ``"implicit"`` or ``"unrolled"``.
-        seed: an int or a ``torch.Generator`` for the initial jitter (``None``: torch's global state).
-            ``generator=`` and ``noise=`` are the deprecated names of ``seed=`` and ``init_noise=``.
+        settings: the relaxation (:class:`~rebasin_callbacks.SinkhornSettings`: ``tau``, ``n_iters``,
+            ``tol``, ``init_scale``, ``init_noise``, ``backward``, ``seed``); its defaults when omitted.
+            ``init_scale="auto"`` adapts the margin to each group size ``n`` (:func:`auto_scale`: the
+            initial permutation holds about half of each row's mass whatever ``n``; a fixed scale leaves
+            wide layers almost uniform).
+        tau / n_iters / tol / init_scale / init_noise / backward / seed: set one field of ``settings``
+            (given ones win).
 
     Example:
         >>> import torch
@@ -120,43 +131,38 @@ class ReBasin(nn.Module):
         >>> perms = rb.project()             # hard permutations {group: LongTensor}
     """
 
-    @renamed_arguments(noise="init_noise", generator="seed")
     def __init__(
         self,
         model: nn.Module,
-        spec: PermutationSpec | None = None,
+        spec: SpecLike = None,
         example_inputs: Any = None,
         *,
-        tau: float = 1.0,
-        n_iters: int = 20,
-        tol: float = 1e-5,
         init: Literal["identity", "random"] | Mapping[str, Tensor] = "identity",
-        init_scale: float | Literal["auto"] = 1.0,
-        init_noise: float = 0.1,
-        backward: Literal["implicit", "unrolled"] = "implicit",
+        settings: SinkhornSettings | None = None,
+        tau: float | None = None,
+        n_iters: int | None = None,
+        tol: float | None = None,
+        init_scale: float | Literal["auto"] | None = None,
+        init_noise: float | None = None,
+        backward: Literal["implicit", "unrolled"] | None = None,
         seed: int | torch.Generator | None = None,
     ):
         super().__init__()
-        if spec is None:
-            if example_inputs is None:
-                raise ValueError("ReBasin needs a spec or example_inputs to trace one from")
-            from rebasin_callbacks.trace import trace_spec
-
-            spec = trace_spec(model, example_inputs)
-        if len(spec) == 0:
-            raise ValueError(
-                f"the spec of {type(model).__name__} has no permutation groups: nothing to learn"
-            )
+        settings = settings_from(
+            settings, SinkhornSettings(), tau=tau, n_iters=n_iters, tol=tol, init_scale=init_scale,
+            init_noise=init_noise, backward=backward, seed=seed,
+        )  # fmt: skip
+        spec = resolve_spec(model, spec, example_inputs, purpose="nothing to learn")
         state = model.state_dict()
-        spec.validate(state, name=type(model).__name__)
-        if not spec.sizes:
-            spec.sizes = spec._infer_sizes(state)
         self.spec = spec
         self._model = [model]  # a list keeps it out of the submodules (and out of .parameters())
-        self.tau, self.n_iters, self.tol, self.backward = tau, n_iters, tol, backward
+        self.settings = settings
+        self.tau, self.n_iters, self.tol = settings.temperature, settings.n_iters, settings.tol
+        self.backward = settings.backward
+        init_scale, init_noise = settings.init_scale, settings.init_noise
 
         ref = next(iter(state.values()))
-        generator = as_generator(seed)
+        generator = as_generator(settings.seed)
         buckets: dict[int, list[str]] = {}
         for g in spec.groups:
             buckets.setdefault(spec.sizes[g], []).append(g)

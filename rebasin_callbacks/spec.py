@@ -17,13 +17,19 @@ concatenation of those blocks and each group permutes inside its own block(s). T
 outputs, fused attention weights (``qkv``: the query, key and value blocks of every head, where a head's
 query and key blocks share a group) and a conv's ``(C, H, W)`` output flattened into a Linear
 (``(None, (("P", H * W),))`` on the Linear's weight).
+
+Block groups (``block_axes``) permute whole blocks of an axis, such as the heads of an attention layer: the
+same entry format, e.g. ``(("H", head_dim),) * 3`` on a fused ``qkv`` weight's output axis moves the query,
+key and value blocks of every head together. They act first; the groups of ``axes_to_perm`` then permute
+inside the blocks *at their new positions* (group ``qk0`` permutes inside whichever head ends up first).
+Each level alone keeps the function, so their composition does too.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +68,10 @@ class PermutationSpec:
     perm_to_axes: dict[str, list[tuple[str, int]]]
     axes_to_perm: dict[str, tuple[AxisEntry, ...]]
     sizes: dict[str, int] = field(default_factory=dict)
+    #: Groups that move whole blocks of an axis (attention heads), applied before ``axes_to_perm``'s groups;
+    #: same entry format, keys a subset of ``axes_to_perm``'s. Their ``(key, axis)`` pairs are in
+    #: ``perm_to_axes`` and their sizes in ``sizes`` like any group's.
+    block_axes: dict[str, tuple[AxisEntry, ...]] = field(default_factory=dict)
     #: The relative output error :func:`~rebasin_callbacks.check_spec` achieved when ``trace_spec`` verified
     #: this spec (float64, all groups permuted at once); ``None`` when it was not verified.
     check_error: float | None = field(default=None, compare=False)
@@ -73,20 +83,36 @@ class PermutationSpec:
         axes_to_perm: Mapping[str, tuple[AxisEntry, ...] | list],
         shapes: Mapping[str, Tensor | torch.Size | tuple[int, ...]] | None = None,
         sizes: Mapping[str, int] | None = None,
+        block_axes: Mapping[str, tuple[AxisEntry, ...] | list] | None = None,
     ) -> PermutationSpec:
-        """Build a spec from ``axes_to_perm``.
+        """Build a spec from ``axes_to_perm`` (and the block groups ``block_axes``, see the module docs).
 
         With ``shapes`` (a state_dict, or key -> shape) the group sizes are inferred and every axis is
         checked against them. ``sizes`` gives sizes that cannot be inferred (e.g. of groups that only
         appear inside blocks alongside other unknown groups).
         """
         a2p = {k: tuple(_as_entry(e) for e in v) for k, v in axes_to_perm.items()}
+        b2p = {k: tuple(_as_entry(e) for e in v) for k, v in (block_axes or {}).items()}
+        b2p = {k: v for k, v in b2p.items() if any(_entry_groups(e) for e in v)}
+        for key, axes in b2p.items():
+            if key not in a2p:
+                a2p[key] = (None,) * len(axes)
+            if len(a2p[key]) != len(axes):
+                raise SpecMismatchError(
+                    f"{key!r}: block_axes gives {len(axes)} axes but axes_to_perm gives {len(a2p[key])}"
+                )
         p2a: dict[str, list[tuple[str, int]]] = {}
-        for key, axes in a2p.items():
-            for axis, entry in enumerate(axes):
-                for group in dict.fromkeys(_entry_groups(entry)):
-                    p2a.setdefault(group, []).append((key, axis))
-        spec = cls(perm_to_axes=p2a, axes_to_perm=a2p, sizes=dict(sizes or {}))
+        levels: dict[str, str] = {}
+        for level, mapping in (("axes_to_perm", a2p), ("block_axes", b2p)):
+            for key, axes in mapping.items():
+                for axis, entry in enumerate(axes):
+                    for group in dict.fromkeys(_entry_groups(entry)):
+                        if levels.setdefault(group, level) != level:
+                            raise SpecMismatchError(
+                                f"group {group!r} is in both axes_to_perm and block_axes ({key!r}, axis {axis})"
+                            )
+                        p2a.setdefault(group, []).append((key, axis))
+        spec = cls(perm_to_axes=p2a, axes_to_perm=a2p, sizes=dict(sizes or {}), block_axes=b2p)
         if shapes is not None:
             spec.sizes = spec._infer_sizes(shapes)
         return spec
@@ -104,7 +130,7 @@ class PermutationSpec:
                 )
 
         block_axes: list[tuple[str, int, tuple[Block, ...], int]] = []
-        for key, axes in self.axes_to_perm.items():
+        for key, axes in [*self.axes_to_perm.items(), *self.block_axes.items()]:
             if key not in shapes:
                 raise SpecMismatchError(f"spec names {key!r} but the model has no such entry")
             shape = _shape(shapes[key])
@@ -155,11 +181,20 @@ class PermutationSpec:
     def __len__(self) -> int:
         return len(self.perm_to_axes)
 
-    def axis_blocks(self, key: str, axis: int) -> list[tuple[str | None, int, int]]:
+    @property
+    def block_groups(self) -> set[str]:
+        """The groups that move whole blocks (attention heads), see ``block_axes``."""
+        return {g for axes in self.block_axes.values() for e in axes for g in _entry_groups(e)}
+
+    def axis_blocks(self, key: str, axis: int, *, level: str = "units") -> list[tuple[str | None, int, int]]:
         """``[(group or None, start, stop), ...]`` along ``axis`` of ``key``; ``[]`` when it is not permuted.
 
-        A flattened block ``(group, k)`` spans ``sizes[group] * k`` entries (``k = (stop - start) // n``)."""
-        entry = self.axes_to_perm[key][axis]
+        A flattened block ``(group, k)`` spans ``sizes[group] * k`` entries (``k = (stop - start) // n``).
+        ``level="blocks"`` reads the block groups (``block_axes``) instead of ``axes_to_perm``."""
+        if level == "blocks":
+            entry = self.block_axes[key][axis] if key in self.block_axes else None
+        else:
+            entry = self.axes_to_perm[key][axis]
         if entry is None:
             return []
         if isinstance(entry, str):
@@ -180,6 +215,27 @@ class PermutationSpec:
         except SpecMismatchError as err:
             raise SpecMismatchError(f"{name}: {err}") from None
 
+    def with_sizes(self, state_dict: Mapping[str, Tensor], *, name: str = "model") -> PermutationSpec:
+        """A new spec with every group's size read from ``state_dict`` (validated as :meth:`validate`
+        does); this spec is left as it is.
+
+        Example:
+            >>> import torch
+            >>> spec = PermutationSpec.from_axes({"w": ("P", None)})
+            >>> spec.with_sizes({"w": torch.zeros(3, 2)}).sizes, spec.sizes
+            ({'P': 3}, {})
+        """
+        try:
+            sizes = self._infer_sizes({k: v for k, v in state_dict.items() if isinstance(v, Tensor)})
+        except SpecMismatchError as err:
+            raise SpecMismatchError(f"{name}: {err}") from None
+        return replace(
+            self,
+            perm_to_axes={g: list(pairs) for g, pairs in self.perm_to_axes.items()},
+            axes_to_perm=dict(self.axes_to_perm),
+            sizes=sizes,
+        )
+
     def coverage(self, state_dict: Mapping[str, Tensor]) -> float:
         """Fraction of floating-point parameter elements that lie on at least one permuted axis."""
         total = covered = 0
@@ -187,28 +243,24 @@ class PermutationSpec:
             if not (isinstance(value, Tensor) and value.is_floating_point()):
                 continue
             total += value.numel()
-            if any(_entry_groups(e) for e in self.axes_to_perm.get(key, ())):
+            entries = (*self.axes_to_perm.get(key, ()), *self.block_axes.get(key, ()))
+            if any(_entry_groups(e) for e in entries):
                 covered += value.numel()
         return covered / total if total else 0.0
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
-        return {
-            "axes_to_perm": {
-                k: [
-                    [list(b) if isinstance(b, tuple) else b for b in e] if isinstance(e, tuple) else e
-                    for e in v
-                ]
-                for k, v in self.axes_to_perm.items()
-            },
-            "sizes": dict(self.sizes),
-        }
+        out = {"axes_to_perm": _axes_dict(self.axes_to_perm), "sizes": dict(self.sizes)}
+        if self.block_axes:
+            out["block_axes"] = _axes_dict(self.block_axes)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> PermutationSpec:
         return cls.from_axes(
             {k: tuple(v) for k, v in data["axes_to_perm"].items()},
             sizes={k: int(v) for k, v in data.get("sizes", {}).items()},
+            block_axes={k: tuple(v) for k, v in data.get("block_axes", {}).items()},
         )
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -232,6 +284,13 @@ class PermutationSpec:
         groups = ", ".join(f"{g}({self.sizes.get(g, '?')})" for g in list(self.perm_to_axes)[:8])
         more = f", ... {len(self) - 8} more" if len(self) > 8 else ""
         return f"PermutationSpec({len(self)} groups: {groups}{more}; {len(self.axes_to_perm)} keys)"
+
+
+def _axes_dict(axes: Mapping[str, tuple[AxisEntry, ...]]) -> dict[str, list]:
+    return {
+        k: [[list(b) if isinstance(b, tuple) else b for b in e] if isinstance(e, tuple) else e for e in v]
+        for k, v in axes.items()
+    }
 
 
 def _entry_groups(entry: AxisEntry) -> list[str]:

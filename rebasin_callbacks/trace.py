@@ -40,7 +40,7 @@ from rebasin_callbacks.trace_rules import TraceRule, rule_for_function, rule_for
 from rebasin_callbacks.trace_spaces import Blocks, DimLabel, Repeat, Spaces
 
 # the one state-dict check lives in the bottom layer; re-exported here where it has always been importable
-from rebasin_callbacks.utils import as_generator, check_compatible, renamed_arguments
+from rebasin_callbacks.utils import as_generator, check_compatible
 from rebasin_callbacks.verify import SpecCheckError, check_spec, normalize_inputs, validate_inputs
 
 __all__ = ["trace_spec", "check_spec", "check_compatible", "SpecCheckError", "UntraceableModelError"]
@@ -292,6 +292,8 @@ class _Walker:
         self.labels: dict[fx.Node, Any] = {}
         self.bindings: dict[str, list[DimLabel]] = {}
         self.boundaries: list[str] = []
+        # head groups: name -> (number of heads, {state key: block-level axis entries})
+        self.head_groups: dict[str, tuple[int, dict[str, tuple[Any, ...]]]] = {}
         self.modules = dict(gm.named_modules())
         # tied tensors (one tensor under several names) must get one permutation: bind them to one key
         self.alias: dict[str, str] = {}
@@ -612,6 +614,21 @@ class _Walker:
         v = [self.sp.new(head_dim, f"P_{name}.v{h}") for h in range(num_heads)]
         return qk, v
 
+    def head_group(
+        self, name: str, num_heads: int, head_dim: int, axes: Mapping[str, tuple[int, int]]
+    ) -> None:
+        """A group permuting whole heads: ``axes[key] = (axis, segments)`` has ``segments`` consecutive blocks
+        of ``num_heads * head_dim`` entries (q, k, v) on that axis, each made of one block per head."""
+        if num_heads < 2:
+            return
+        entries: dict[str, tuple[Any, ...]] = {}
+        for key, (axis, segments) in axes.items():
+            if key not in self.state or self.alias.get(key, key) != key:
+                return  # a tied tensor: one permutation for several names is not followed at this level
+            ndim = self.state[key].ndim
+            entries[key] = tuple(((name, head_dim),) * segments if ax == axis else None for ax in range(ndim))
+        self.head_groups[name] = (num_heads, entries)
+
     def timm_attention(self, node: fx.Node, m: nn.Module) -> Any:
         x = node.args[0] if node.args else node.kwargs.get("x")
         lx, t = self.lab(x), str(node.target)
@@ -639,6 +656,12 @@ class _Walker:
         mask = node.args[1] if len(node.args) > 1 else node.kwargs.get("attn_mask")
         if isinstance(mask, fx.Node):
             self.sp.fix(self.lab(mask))
+        else:  # a mask may differ per head: heads move only without one
+            axes = {f"{t}.qkv.weight": (0, 3), f"{t}.qkv.bias": (0, 3), f"{t}.proj.weight": (1, 1)}
+            axes |= {f"{t}.norm.{p}": (0, 1) for p in ("weight", "bias")}
+            self.head_group(
+                f"P_{t}.heads", num_heads, head_dim, {k: v for k, v in axes.items() if k in self.state}
+            )
         return tuple(lx[:-1]) + (out,)
 
     def multihead_attention(self, node: fx.Node, m: nn.MultiheadAttention) -> Any:
@@ -646,8 +669,12 @@ class _Walker:
         names = ["query", "key", "value"]
         q, k, v = (node.args[i] if len(node.args) > i else node.kwargs.get(names[i]) for i in range(3))
         lq, lk, lv = self.lab(q), self.lab(k), self.lab(v)
-        for other in list(node.args[3:]) + [a for n, a in node.kwargs.items() if n not in names]:
-            self.sp.fix(self.lab(other))  # masks
+        masks = [
+            a for a in list(node.args[3:]) + [a for n, a in node.kwargs.items() if n not in names]
+            if isinstance(a, fx.Node)
+        ]  # fmt: skip
+        for other in masks:
+            self.sp.fix(self.lab(other))
         for lab in (lq, lk, lv):
             self.cut(node, list(lab[:-1]), "attention over a channel dim")  # sequence and batch positions
         qk, vh = self.heads(str(t), m.num_heads, m.head_dim)
@@ -672,6 +699,20 @@ class _Walker:
             out = self.bind(f"{t}.out_proj.bias", 0, out)
         structure = self.shapes.get(node)
         weights = self.none_like(structure[1]) if isinstance(structure, list) else None
+        returned = isinstance(structure, list) and structure[1] is not None
+        per_head = returned and node.kwargs.get("average_attn_weights", True) is False
+        if not masks and not per_head:
+            # per-head attention weights returned, or a mask that may differ per head: heads stay in place
+            axes = {
+                f"{t}.in_proj_weight": (0, 3),
+                f"{t}.in_proj_bias": (0, 3),
+                f"{t}.out_proj.weight": (1, 1),
+            }
+            axes |= {f"{t}.{p}_proj_weight": (0, 1) for p in "qkv"}
+            axes |= {f"{t}.bias_k": (2, 1), f"{t}.bias_v": (2, 1)}
+            self.head_group(
+                f"P_{t}.heads", m.num_heads, m.head_dim, {k: v for k, v in axes.items() if k in self.state}
+            )
         return [(None,) * (len(lq) - 1) + (out,), weights]
 
     # ------------------------------------------------------------------ dispatch
@@ -738,7 +779,6 @@ class _Walker:
         return tuple(lab if i == d else None for i, lab in enumerate(lx))
 
     def visit_module(self, node: fx.Node, m: nn.Module) -> Any:
-        t = str(node.target)
         x = self.arg(node, 0, "input")
         rule = rule_for_module(m)
         if rule is not None:
@@ -747,44 +787,9 @@ class _Walker:
             return self.boundary(node, f"module {type(m).__name__} on a non-tensor input")
         if _pattern_of(m) == "timm_attention":
             return self.timm_attention(node, m)
-        if isinstance(m, nn.MultiheadAttention):
-            return self.multihead_attention(node, m)
-        p = self.param
-        if isinstance(m, nn.Linear):
-            return self.linear(x, p(f"{t}.weight"), p(f"{t}.bias") if m.bias is not None else None, None)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return self.conv(node, x, f"{t}.weight", f"{t}.bias" if m.bias is not None else None, m.groups)
-        if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and m.groups == 1:
-            return self.conv(node, x, f"{t}.weight", f"{t}.bias" if m.bias is not None else None, 1, True)
-        if isinstance(m, (nn.modules.batchnorm._NormBase)):  # BatchNorm*, SyncBatchNorm, InstanceNorm*
-            keys = [f"{t}.{n}" for n in ("weight", "bias", "running_mean", "running_var")]
-            return self.per_channel(x, [p(k) for k in keys if k in self.state])
-        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-            k = len(m.normalized_shape)
-            return self.layer_norm(
-                x, k, [p(f"{t}.{n}") for n in ("weight", "bias") if f"{t}.{n}" in self.state]
-            )
-        if isinstance(m, nn.GroupNorm):
-            return self.group_norm(
-                node, x, m.num_groups, [p(f"{t}.{n}") for n in ("weight", "bias") if f"{t}.{n}" in self.state]
-            )
-        if isinstance(m, nn.PReLU):
-            if m.num_parameters == 1:
-                return self.lab(x)
-            return self.per_channel(x, [p(f"{t}.weight")])
-        if type(m) in _SPATIAL_MODULES:
-            return self.spatial(node, x, _SPATIAL_MODULES[type(m)])
-        if isinstance(
-            m, (nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
-        ):
-            return self.spatial(node, x, 2 if self.shape(x) and len(self.shape(x)) >= 3 else 1)  # type: ignore[arg-type]
-        if isinstance(m, (nn.Flatten, nn.Unflatten)):
-            return self.reshape(node, x)
-        if isinstance(m, nn.Embedding):
-            w = p(f"{t}.weight")
-            self.sp.fix(w[0])  # type: ignore[index]
-            self.sp.fix(self.lab(x))
-            return (None,) * len(self.shape(x)) + (w[1],)  # type: ignore[arg-type,index]
+        handler = _module_handler(type(m))
+        if handler is not None:
+            return handler(self, node, m, x)
         return self.boundary(node, f"module {type(m).__name__} not understood")
 
     def visit_method(self, node: fx.Node, name: str) -> Any:
@@ -1202,6 +1207,107 @@ _FUNCTION_HANDLERS: dict[Any, Handler] = {
 }
 
 
+# ====================================================================================== module table
+# Built-in modules the walker understands, keyed by type; a subclass uses its nearest listed base
+# (``_module_handler``). Registered rules (trace_rules.py) and timm's attention pattern come first.
+ModuleHandler = Callable[[_Walker, fx.Node, Any, Any], Any]
+
+
+def _m_linear(w: _Walker, node: fx.Node, m: nn.Linear, x: Any) -> Any:
+    t = str(node.target)
+    return w.linear(x, w.param(f"{t}.weight"), w.param(f"{t}.bias") if m.bias is not None else None, None)
+
+
+def _m_conv(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    t = str(node.target)
+    bias = f"{t}.bias" if getattr(m, "bias", None) is not None else None
+    return w.conv(node, x, f"{t}.weight", bias, int(m.groups))  # type: ignore[arg-type]
+
+
+def _m_conv_transpose(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    if m.groups != 1:
+        return w.boundary(node, f"module {type(m).__name__} not understood")
+    t = str(node.target)
+    bias = f"{t}.bias" if getattr(m, "bias", None) is not None else None
+    return w.conv(node, x, f"{t}.weight", bias, 1, True)
+
+
+def _m_tensors(w: _Walker, node: fx.Node, names: Sequence[str]) -> list[Any]:
+    t = str(node.target)
+    return [w.param(f"{t}.{n}") for n in names if f"{t}.{n}" in w.state]
+
+
+def _m_batch_norm(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    # BatchNorm*, SyncBatchNorm, InstanceNorm*: per-channel statistics and affine parameters
+    return w.per_channel(x, _m_tensors(w, node, ("weight", "bias", "running_mean", "running_var")))
+
+
+def _m_layer_norm(w: _Walker, node: fx.Node, m: Any, x: Any) -> Any:
+    return w.layer_norm(x, len(m.normalized_shape), _m_tensors(w, node, ("weight", "bias")))
+
+
+def _m_group_norm(w: _Walker, node: fx.Node, m: nn.GroupNorm, x: Any) -> Any:
+    return w.group_norm(node, x, m.num_groups, _m_tensors(w, node, ("weight", "bias")))
+
+
+def _m_prelu(w: _Walker, node: fx.Node, m: nn.PReLU, x: Any) -> Any:
+    if m.num_parameters == 1:
+        return w.lab(x)
+    return w.per_channel(x, [w.param(f"{node.target}.weight")])
+
+
+def _m_pool(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    return w.spatial(node, x, _SPATIAL_MODULES[type(m)])
+
+
+def _m_resize(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    sx = w.shape(x)
+    return w.spatial(node, x, 2 if sx and len(sx) >= 3 else 1)
+
+
+def _m_reshape(w: _Walker, node: fx.Node, m: nn.Module, x: Any) -> Any:
+    return w.reshape(node, x)
+
+
+def _m_embedding(w: _Walker, node: fx.Node, m: nn.Embedding, x: Any) -> Any:
+    weight = w.param(f"{node.target}.weight")
+    w.sp.fix(weight[0])  # type: ignore[index]  # rows are looked up by index
+    w.sp.fix(w.lab(x))
+    return (None,) * len(w.shape(x)) + (weight[1],)  # type: ignore[arg-type,index]
+
+
+def _m_multihead_attention(w: _Walker, node: fx.Node, m: nn.MultiheadAttention, x: Any) -> Any:
+    return w.multihead_attention(node, m)
+
+
+_MODULE_HANDLERS: dict[type, ModuleHandler] = {
+    nn.Linear: _m_linear,
+    **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), _m_conv),
+    **dict.fromkeys((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _m_conv_transpose),
+    nn.modules.batchnorm._NormBase: _m_batch_norm,
+    **dict.fromkeys((nn.LayerNorm, nn.RMSNorm), _m_layer_norm),
+    nn.GroupNorm: _m_group_norm,
+    nn.PReLU: _m_prelu,
+    **dict.fromkeys(_SPATIAL_MODULES, _m_pool),
+    **dict.fromkeys(
+        (nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d), _m_resize
+    ),
+    **dict.fromkeys((nn.Flatten, nn.Unflatten), _m_reshape),
+    nn.Embedding: _m_embedding,
+    nn.MultiheadAttention: _m_multihead_attention,
+}
+
+
+def _module_handler(cls: type) -> ModuleHandler | None:
+    """The handler of the nearest class in ``cls``'s MRO that the table lists (``isinstance`` semantics),
+    except for pooling, which is matched by exact type (its dimensionality comes from the type)."""
+    for base in cls.__mro__:
+        handler = _MODULE_HANDLERS.get(base)
+        if handler is not None and (handler is not _m_pool or base is cls):
+            return handler
+    return None
+
+
 def _assemble(walker: _Walker, state: Mapping[str, Tensor]) -> PermutationSpec:
     sp = walker.sp
     names: dict[int, str] = {}
@@ -1235,7 +1341,11 @@ def _assemble(walker: _Walker, state: Mapping[str, Tensor]) -> PermutationSpec:
             else:
                 entry.append(group_of(r) if isinstance(r, int) else None)
         axes[key] = tuple(entry)
-    return PermutationSpec.from_axes(axes, state, sizes=sizes)
+    block_axes: dict[str, tuple] = {}
+    for name, (num_heads, entries) in walker.head_groups.items():
+        sizes[name] = num_heads
+        block_axes.update(entries)
+    return PermutationSpec.from_axes(axes, state, sizes=sizes, block_axes=block_axes)
 
 
 def _drop_block(block: Any, drop: set[str], sizes: Mapping[str, int]) -> Any:
@@ -1260,12 +1370,15 @@ def _drop_groups(spec: PermutationSpec, drop: Iterable[str], state: Mapping[str,
             else:
                 new.append(None if g in drop else g)
         axes[key] = tuple(new)
+    block_axes = {
+        key: tuple(None if any(g[0] in drop for g in e or ()) else e for e in entry)  # type: ignore[index,union-attr]
+        for key, entry in spec.block_axes.items()
+    }
     kept = {g: n for g, n in spec.sizes.items() if g not in drop}
-    return PermutationSpec.from_axes(axes, state, sizes=kept)
+    return PermutationSpec.from_axes(axes, state, sizes=kept, block_axes=block_axes)
 
 
 # ====================================================================================== public API
-@renamed_arguments(generator="seed")
 def trace_spec(
     model: nn.Module,
     example_inputs: Any,
@@ -1274,6 +1387,7 @@ def trace_spec(
     leaf_modules: Iterable[type | str] | None = None,
     rtol: float | None = None,
     seed: int | torch.Generator | None = None,
+    heads: bool = True,
 ) -> PermutationSpec:
     """Derive the permutation spec of ``model`` from its computation graph.
 
@@ -1285,9 +1399,11 @@ def trace_spec(
             changes the outputs; the achieved error is kept in ``spec.check_error``.
         leaf_modules: module types or qualified names not to trace into; they become boundaries.
         rtol: tolerance of the check, relative to the output's magnitude (default: near float64 round-off,
-            see :data:`~rebasin_callbacks.verify.DEFAULT_RTOL`).
-        seed: an int or a ``torch.Generator`` for the check's random permutations, parameters and inputs
-            (``generator=`` is its deprecated name).
+            see :data:`~rebasin_callbacks.verify.DEFAULT_RTOL`, raised to follow the model's own measured
+            round-off where it is larger, at most :data:`~rebasin_callbacks.verify.MAX_RTOL`).
+        seed: an int or a ``torch.Generator`` for the check's random permutations, parameters and inputs.
+        heads: permute the heads of attention layers as units (block groups, ``spec.block_axes``) on top
+            of the units inside each head; ``False`` keeps every head in place.
 
     Returns:
         A :class:`PermutationSpec` keyed by ``model.state_dict()`` names (buffers included), with a size for
@@ -1328,6 +1444,8 @@ def trace_spec(
                 raise _run_error(model, args, kwargs, e) from e
         walker = _Walker(gm, recorder.shapes, state)
         walker.run()
+        if not heads:
+            walker.head_groups.clear()
     finally:
         model.train(was_training)
     plain_state = {k: v.detach() if isinstance(v, Tensor) else v for k, v in state.items()}

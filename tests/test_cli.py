@@ -264,7 +264,12 @@ def test_align_torchvision_needs_no_flag_for_head_size_and_stem(rebasin, tmp_pat
     assert "num_classes=10 (from 'fc.weight' (10, 512))" in out
     assert "in_chans=1 (from 'conv1.weight' (64, 1, 7, 7))" in out
     assert "refinement: weight matching only (--steps 0)" in out
-    for phase in ("loading", "tracing the permutation spec (input [1, 224, 224])", "aligning"):
+    for phase in (
+        "loading",
+        "input [1, 224, 224] (the default of torchvision:resnet18",
+        "tracing the permutation spec",
+        "aligning",
+    ):
         assert phase in out
     aligned = copy.deepcopy(a)
     aligned.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
@@ -341,6 +346,53 @@ def test_help_and_usage_errors_do_not_import_torch(argv):
     assert "TORCH False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (
+            ["align", "missing.pt", "b.pt", "--arch", "timm:resnet18", "--out", "c.pt"],
+            "MODEL_A: no such file",
+        ),
+        (["lmc", "a.pt", "missing.pt", "--arch", "timm:resnet18"], "MODEL_B: no such file"),
+        (["align", "a.pt", "b.pt", "--arch", "resnet18", "--out", "c.pt"], "--arch 'resnet18': expected"),
+        (["lmc", "a.pt", "b.pt", "--arch", "timm:"], "--arch 'timm:': expected"),
+        (["spec", "--arch", ":mlp"], "--arch ':mlp': expected"),
+        (
+            ["align", "a.pt", "b.pt", "--arch", "m:f", "--spec", "nope.json", "--out", "c.pt"],
+            "--spec: no such file",
+        ),
+        (
+            ["align", "a.pt", "b.pt", "--arch", "m:f", "--steps", "-1", "--out", "c.pt"],
+            "--steps must be >= 0",
+        ),
+        (["lmc", "a.pt", "b.pt", "--arch", "m:f", "--n-points", "1"], "--n-points must be >= 2"),
+        (
+            ["lmc", "a.pt", "b.pt", "--arch", "m:f", "--input-shape", "3", "0", "2"],
+            "--input-shape must be positive",
+        ),
+        (
+            ["align", "a.pt", "b.pt", "--arch", "m:f", "--cost", "mid", "--out", "c.pt"],
+            "--cost mid needs data",
+        ),
+        (["align", "a.pt", "b.pt", "--arch", "m:f", "--out", "a.pt"], "refusing to overwrite an input"),
+    ],
+)
+def test_mistakes_are_reported_before_torch_is_imported(tmp_path, argv, needle):
+    (tmp_path / "a.pt").write_bytes(b"")
+    (tmp_path / "b.pt").write_bytes(b"")
+    result = _run_without_root(
+        f"""
+        import os
+        os.chdir({str(tmp_path)!r})
+        from rebasin_callbacks import cli
+        code = cli.main({argv!r})
+        print("EXIT", code, "TORCH", "torch" in sys.modules)
+        """
+    )
+    assert "EXIT 2 TORCH False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_the_rebasin_entry_point_starts_without_torch():
     probe = subprocess.run([sys.executable, "-c", "import sys, rebasin_callbacks; print('torch' in sys.modules)"],
                            capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -410,3 +462,60 @@ def test_lmc_prints_the_endpoints_and_warns_when_one_is_at_chance():
     assert "warning" not in text
     bad = LMCResult.from_values([0, 0.5, 1], {"loss": [0.2, 1.0, 2.3], "accuracy": [0.95, 0.6, 0.11]})
     assert "warning: B (b.pt) has accuracy 0.1100" in describe_endpoints(bad, "a.pt", "b.pt", n_classes=10)
+
+
+# ----------------------------------------------------------------------------- labels that match what ran
+def test_a_wrong_channel_count_is_told_the_right_shape(rebasin, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _torchvision_pair(tmp_path, in_chans=3)
+    code, out, err = rebasin("align", "a.pt", "b.ckpt", "--arch", "torchvision:resnet18", "--input-shape", "1",
+                             "32", "32", "--steps", "0", "--out", "c.pt")  # fmt: skip
+    assert code == EXIT_USAGE and "use --input-shape 3 32 32" in err, err
+    # the stem's channels are printed even when they are the architecture's default
+    assert "in_chans=3 (from 'conv1.weight' (64, 3, 7, 7))" in out
+
+
+def test_lmc_chooses_the_data_s_size_says_so_and_steps_zero_shows_only_what_ran(
+    rebasin, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    _torchvision_pair(tmp_path)
+    code, out, err = rebasin("lmc", "a.pt", "b.ckpt", "--arch", "torchvision:resnet18", "--data", "digits",
+                             "--align", "--steps", "0", "--n-points", "2", "--max-batches", "1",
+                             "--no-progress")  # fmt: skip
+    assert code == 0, err
+    assert "evaluating at input [1, 8, 8] (the digits' own size, 1 channel from the stem" in out
+    assert "weight matching only, --steps 0" in out and "Sinkhorn" not in out
+    assert "re-based" not in out and "weight matching" in out
+
+
+def test_spec_help_does_not_mention_checkpoints():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["spec"]
+    text = sub.format_help()
+    assert "MODEL_A" not in text and "the architecture's own" in text
+
+
+def test_plots_follow_the_conventions_a_paper_figure_would():
+    pytest.importorskip("matplotlib")
+    from rebasin_callbacks.lmc import LMCResult
+    from rebasin_callbacks.plotting import plot_lmc
+
+    values = {"loss": [0.1, 0.9, 0.1], "accuracy": [0.9, 0.5, 0.9]}
+    naive = LMCResult.from_values([0, 0.5, 1], values, label="naive")
+    fig = plot_lmc([naive], split="MNIST test")
+    assert fig._suptitle is not None and "model A -> model B" in fig._suptitle.get_text()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)  # lay out, so the legend's place is known
+    for ax, quantity in zip(fig.axes, ("loss (cross-entropy)", "accuracy")):
+        assert ax.get_ylabel() == f"MNIST test {quantity}"
+        assert "0 = model A, 1 = model B" in ax.get_xlabel()
+        legend = ax.get_legend()
+        assert [t.get_text() for t in legend.get_texts()] == [
+            f"naive (barrier {naive.barriers[quantity.split()[0]]:.3g})"
+        ]
+        assert (
+            legend.get_window_extent(renderer).y1 <= ax.get_window_extent(renderer).y0
+        )  # below, off the curves

@@ -3,8 +3,9 @@ import torch
 from _align_models import mlp, small_cnn
 from torch import nn
 
-from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost, interpolate_state, resolve_cost
+from rebasin_callbacks.costs import CosineCost, L2Cost, MidCost, RndCost, resolve_cost
 from rebasin_callbacks.rebasin import PermutedView
+from rebasin_callbacks.states import interpolate_state_dict
 
 
 def _view(model: nn.Module) -> PermutedView:
@@ -39,7 +40,7 @@ def test_mid_cost_is_the_loss_of_the_midpoint_model():
     a, b = small_cnn(seed=0), small_cnn(seed=1)
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     mid = small_cnn(seed=2)
-    mid.load_state_dict(interpolate_state(a.state_dict(), b.state_dict(), 0.5))
+    mid.load_state_dict(interpolate_state_dict(a.state_dict(), b.state_dict(), 0.5))
     # with batch_stats=False the interpolated BatchNorm statistics are used (eval mode)
     torch.testing.assert_close(mid[1].running_mean, (a[1].running_mean + b[1].running_mean) / 2)
     expected = nn.functional.cross_entropy(mid(x), y)

@@ -182,7 +182,7 @@ MODELS = textwrap.dedent(
 @pytest.fixture
 def checkpoints(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "models.py").write_text(MODELS)
+    (tmp_path / "merge_models.py").write_text(MODELS)
     torch.manual_seed(0)
     base = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
     spec = trace_spec(base, torch.randn(2, 64))
@@ -205,7 +205,7 @@ def test_cli_merges_three_checkpoints_and_writes_every_output(checkpoints, capsy
     tmp, base, paths = checkpoints
     stamps = [p.stat().st_mtime_ns for p in paths]
     (tmp / "aligned").mkdir()
-    code = cli.main(["merge", *map(str, paths), "--arch", "models:mlp", "--input-shape", "64", "--out",
+    code = cli.main(["merge", *map(str, paths), "--arch", "merge_models:mlp", "--input-shape", "64", "--out",
                      "merged.pt", "--perms", "perms.pt", "--json", "summary.json", "--aligned-dir", "aligned",
                      "--no-progress"])  # fmt: skip
     out, err = capsys.readouterr()
@@ -229,7 +229,7 @@ def test_cli_merges_three_checkpoints_and_writes_every_output(checkpoints, capsy
 
 def test_cli_data_driven_merge_with_repair_prints_the_evaluation(checkpoints, capsys):
     tmp, _, paths = checkpoints
-    code = cli.main(["merge", *map(str, paths), "--arch", "models:mlp", "--input-shape", "64", "--method",
+    code = cli.main(["merge", *map(str, paths), "--arch", "merge_models:mlp", "--input-shape", "64", "--method",
                      "data", "--data", "digits", "--steps", "3", "--repair", "--max-batches", "2", "--out",
                      "merged.pt", "--no-progress"])  # fmt: skip
     out, err = capsys.readouterr()

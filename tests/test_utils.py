@@ -13,10 +13,11 @@ from rebasin_callbacks.utils import (
     check_compatible,
     check_finite,
     eval_mode,
-    interpolate_state,
+    interpolate_state_dict,
     l2_distance,
     module_device,
     module_dtype,
+    resolve_device,
     split_batch,
     take_batches,
     thread_limit,
@@ -125,13 +126,48 @@ def test_l2_distance_parameters_vs_state_dict():
 def test_interpolate_state_follows_a_and_keeps_integers():
     a = {"w": torch.zeros(2), "n": torch.tensor(1)}
     b = {"w": torch.ones(2, dtype=torch.float64), "n": torch.tensor(7)}
-    mid = interpolate_state(a, b, 0.25)
+    mid = interpolate_state_dict(a, b, 0.25)
     assert mid["w"].dtype == torch.float32 and mid["w"].tolist() == [0.25, 0.25]
     assert int(mid["n"]) == 1
-    assert torch.equal(interpolate_state(a, b, 1.0)["w"], b["w"].float())
+    assert torch.equal(interpolate_state_dict(a, b, 1.0)["w"], b["w"].float())
     assert a["w"].sum() == 0  # not modified
     with pytest.raises(SpecMismatchError, match="model_b"):
-        interpolate_state(a, {"w": torch.ones(2)}, 0.5)
+        interpolate_state_dict(a, {"w": torch.ones(2)}, 0.5)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_interpolation_is_exact_at_the_endpoints_whatever_the_other_end_holds(bad):
+    """0 * inf is NaN: the formula alone would not give the endpoints where the other end is not finite."""
+    a = {"w": torch.tensor([bad, 1.0, -0.0]), "h": torch.tensor([1.5, bad], dtype=torch.float16)}
+    b = {"w": torch.tensor([2.0, bad, 3.0]), "h": torch.tensor([bad, -2.0], dtype=torch.float16)}
+    at_b = interpolate_state_dict(a, b, 1.0)
+    at_a = interpolate_state_dict(a, b, 0)
+    for key in a:
+        assert torch.equal(at_b[key][~b[key].isnan()], b[key][~b[key].isnan()])
+        assert torch.equal(at_a[key][~a[key].isnan()], a[key][~a[key].isnan()])
+        assert at_b[key].isnan().equal(b[key].isnan()) and at_a[key].isnan().equal(a[key].isnan())
+    assert str(at_a["w"][2].item()) == "-0.0"  # the very same value, sign of zero included
+    b_diff = {"w": torch.tensor([2.0, 0.0, 3.0], requires_grad=True), "h": b["h"]}
+    a_diff = {"w": torch.tensor([0.0, 1.0, 1.0], requires_grad=True), "h": a["h"]}
+    mid = interpolate_state_dict(a_diff, b_diff, 0.5, differentiable=True)
+    assert mid["w"].requires_grad and mid["w"].tolist() == [1.0, 0.5, 2.0]
+
+
+def test_interpolation_refuses_a_non_finite_lambda():
+    with pytest.raises(ValueError, match="lam must be finite"):
+        interpolate_state_dict({"w": torch.zeros(1)}, {"w": torch.ones(1)}, float("nan"))
+    with pytest.raises(TypeError, match="lam must be a number"):
+        interpolate_state_dict({"w": torch.zeros(1)}, {"w": torch.ones(1)}, "half")  # type: ignore[arg-type]
+
+
+def test_resolve_device_checks_the_name():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="--device 'gpu0'"):
+        resolve_device("gpu0", what="--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
 
 
 def test_thread_limit_restores(monkeypatch):

@@ -1,6 +1,4 @@
-"""One name per concept in the public API; the old names still work for one release, with a FutureWarning."""
-
-import warnings
+"""One name per concept in the public API; the pre-release names are refused."""
 
 import pytest
 import torch
@@ -9,7 +7,7 @@ from _align_models import mlp, mlp_spec
 from rebasin_callbacks import ReBasin, align, random_permutations, trace_spec, weight_matching
 from rebasin_callbacks.costs import RndCost
 from rebasin_callbacks.incremental import ReBasinIncremental
-from rebasin_callbacks.utils import as_generator, renamed_arguments
+from rebasin_callbacks.utils import as_generator
 
 
 def test_seed_takes_an_int_or_a_generator_everywhere():
@@ -22,51 +20,36 @@ def test_seed_takes_an_int_or_a_generator_everywhere():
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "old"),
     [
-        lambda m, s: ReBasin(m, s, noise=0.2),
-        lambda m, s: ReBasin(m, s, generator=torch.Generator().manual_seed(0)),
-        lambda m, s: random_permutations(s, generator=torch.Generator().manual_seed(0)),
-        lambda m, s: weight_matching(m, m, s, max_iter=2),
-        lambda m, s: align(m, m, spec=s, noise=0.05, steps=1, progress=False),
-        lambda m, s: trace_spec(m, torch.randn(2, 4), generator=torch.Generator().manual_seed(0)),
-        lambda m, s: RndCost(torch.nn.functional.mse_loss, generator=torch.Generator().manual_seed(0)),
-        lambda m, s: ReBasinIncremental(m, spec=s, generator=torch.Generator().manual_seed(0)),
+        (lambda m, s: ReBasin(m, s, noise=0.2), "noise"),
+        (lambda m, s: ReBasin(m, s, generator=torch.Generator().manual_seed(0)), "generator"),
+        (lambda m, s: random_permutations(s, generator=torch.Generator().manual_seed(0)), "generator"),
+        (lambda m, s: weight_matching(m, m, s, max_iter=2), "max_iter"),
+        (lambda m, s: align(m, m, spec=s, noise=0.05, steps=1, progress=False), "noise"),
+        (lambda m, s: trace_spec(m, torch.randn(2, 4), generator=torch.Generator().manual_seed(0)), "generator"),
+        (lambda m, s: RndCost(torch.nn.functional.mse_loss, generator=torch.Generator().manual_seed(0)), "generator"),
+        (lambda m, s: ReBasinIncremental(m, spec=s, generator=torch.Generator().manual_seed(0)), "generator"),
+        (lambda m, s: weight_matching(m, m, s, _checked=True), "_checked"),
     ],
     ids=["ReBasin-noise", "ReBasin-generator", "random_permutations", "weight_matching", "align", "trace_spec",
-         "RndCost", "ReBasinIncremental"],
+         "RndCost", "ReBasinIncremental", "weight_matching-_checked"],
 )  # fmt: skip
-def test_old_names_still_work_with_a_future_warning(call):
+def test_names_never_released_are_refused(call, old):
+    """The package was never released: the pre-release keyword names are gone (CHANGELOG.md), and passing
+    one is Python's own TypeError naming it, not a silent default."""
     model = mlp([4, 8, 3], seed=0)
-    with pytest.warns(FutureWarning, match="is deprecated"):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{old}'"):
         call(model, mlp_spec(model))
 
 
-def test_old_and_new_name_together_is_an_error():
-    model = mlp([4, 8, 3], seed=0)
-    with pytest.raises(TypeError, match="pass init_noise= only"):
-        ReBasin(model, mlp_spec(model), noise=0.1, init_noise=0.2)
-
-
-def test_renamed_arguments_is_silent_for_the_new_name():
-    @renamed_arguments(old="new")
-    def f(*, new: int = 0) -> int:
-        return new
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert f(new=2) == 2
-    with pytest.warns(FutureWarning, match="f: old= is deprecated and will be removed; use new="):
-        assert f(old=3) == 3
-
-
-def test_lmc_and_monitor_old_data_names():
+def test_lmc_and_monitor_old_data_names_are_refused():
     from rebasin_callbacks.lightning import LMCMonitor
     from rebasin_callbacks.lmc import lmc_curve
 
     a, b = mlp([4, 8, 3], seed=0), mlp([4, 8, 3], seed=1)
     batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
-    with pytest.warns(FutureWarning, match="train_data= is deprecated"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'train_data'"):
         lmc_curve(a, b, batches, n_points=2, reset_bn=True, train_data=batches, progress=False)
-    with pytest.warns(FutureWarning, match="dataloader= is deprecated"):
-        assert LMCMonitor(b, dataloader="train").data == "train"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dataloader'"):
+        LMCMonitor(b, dataloader="train")

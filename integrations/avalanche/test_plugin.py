@@ -211,23 +211,6 @@ def test_released_replay_rejects_bad_sizes(n: int, per: int) -> None:
         released_replay(n, per)
 
 
-def test_readme_avalanche_snippet_runs() -> None:
-    """The README's Avalanche snippet, run as written on a tiny two-experience benchmark."""
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
-    (snippet,) = [b for b in blocks if "ReBasinPlugin(" in b]
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(40, 784, generator=g), torch.randint(0, 10, (40,), generator=g)) for _ in range(2)]
-    namespace: dict[str, Any] = {"benchmark": tensors_benchmark(data, data, task_labels=[0, 0])}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exec(compile(snippet, "README.md", "exec"), namespace)
-    assert namespace["rebasin"].incremental.episodes_done == 1
-    assert namespace["strategy"].train_mb_size == 500
-
-
 def test_released_settings_clamp_is_a_keyword() -> None:
     assert released_settings()["incremental_kwargs"]["delta_grad_clip"] == 1e-3
     assert released_settings(delta_grad_clip=None)["incremental_kwargs"]["delta_grad_clip"] is None
@@ -248,3 +231,23 @@ def test_without_spec_or_example_inputs_the_first_batch_is_traced(caplog: pytest
     assert "traced from the first training batch (inputs of shape (2, 6))" in caplog.text
     assert strategy.incremental.episodes_done == 1
     assert len(strategy.incremental.spec) == 1  # the hidden layer's group
+
+
+def test_rebasin_metrics_are_printed_during_their_own_experience_and_for_the_last() -> None:
+    net, spec = _mlp()
+    text = io.StringIO()
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(experience=True), loggers=[TextLogger(text)], strict_checks=False
+    )
+    strategy = Naive(
+        model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), criterion=nn.CrossEntropyLoss(),
+        train_mb_size=16, train_epochs=1, evaluator=evaluator, plugins=[ReBasinPlugin(spec=spec)],
+    )  # fmt: skip
+    _train(strategy, _bench(n_exp=3))  # no evaluation: nothing else makes the text logger print
+    out = text.getvalue()
+    starts = [out.index(f"training on experience {k}") for k in (1, 2)]
+    for exp, (begin, end) in ((1, (starts[0], starts[1])), (2, (starts[1], len(out)))):
+        for key in ("cost", "units_moved", "moved_fraction", "delta_norm"):
+            name = f"ReBasin/{key}/Exp{exp:03d}"
+            assert out.count(name) == 1, (name, out)
+            assert begin < out.index(name) < end, (name, out)  # printed inside its own experience

@@ -10,8 +10,14 @@ of ``timm:`` / ``torchvision:`` architectures are read from MODEL_A (printed; ``
 writable folder) and written atomically; nothing is written when the result would not compute what A
 computes.
 
-Exit status: 0 on success, 2 for a missing / unreadable file or a bad option, 3 when a checkpoint does not
-fit the architecture (the first mismatching key and shapes are named).
+The input shape is printed (``--input-shape``, else the architecture's default, or with ``--data`` the
+data's own image size). The checkpoint's dtype is kept (float64, float16, bfloat16). ``--out`` is a plain
+state dict, ``--perms`` the permutations ``{group: LongTensor}``, ``--json`` a summary (distances, cost
+history, input shape, dtype, seconds; strict JSON).
+
+Exit status: 0 on success, 2 for a missing / unreadable file, NaN or infinite weights, a malformed
+``--spec``, a ``--submodule`` the checkpoint lacks or a bad option, 3 when a checkpoint does not fit the
+architecture (the first mismatching key and shapes are named).
 
 Example:
     $ rebasin align a.pt b.pt --arch torchvision:resnet18 --out a_aligned.pt   # head size read from a.pt
@@ -22,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -33,10 +38,13 @@ from rebasin_callbacks.commands.common import (
     add_data_arguments,
     add_model_arguments,
     align_kwargs,
+    check_inputs,
+    check_options,
     check_outputs,
+    describe_shape,
     example_input,
     guarded,
-    input_shape,
+    input_shape_and_source,
     load_models,
     load_spec,
     make_loader,
@@ -46,11 +54,25 @@ from rebasin_callbacks.commands.common import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["add_arguments", "run", "l2_distance", "stop_reason"]
+__all__ = ["add_arguments", "run", "l2_distance", "stop_reason", "function_tolerance"]
 
 #: Largest ``max |out(A) - out(aligned)| / max |out(A)|`` accepted before saving (float32 round-off is
 #: ~1e-6; CUDA's TF32 convolutions ~1e-3); a wrong spec gives errors of order 1.
 FUNCTION_RTOL = {"cpu": 1e-3, "cuda": 1e-2}
+#: The same for checkpoints in a half-precision dtype, whose own round-off is ~1e-3 (float16) / ~1e-2 (bfloat16).
+HALF_RTOL = {"float16": 2e-2, "bfloat16": 1e-1}
+
+
+def function_tolerance(device: torch.device, dtype: torch.dtype) -> float:
+    """The largest relative output difference accepted between A and the aligned A, for a device and dtype.
+
+    Example:
+        >>> import torch
+        >>> function_tolerance(torch.device("cpu"), torch.bfloat16)
+        0.1
+    """
+    base = FUNCTION_RTOL["cuda" if device.type == "cuda" else "cpu"]
+    return max(base, HALF_RTOL.get(str(dtype).removeprefix("torch."), 0.0))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,28 +135,27 @@ def stop_reason(result: Any, max_steps: int) -> str:
 @guarded("align")
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rebasin align``."""
+    check_options(args)
+    check_inputs(args)
     check_outputs(args, {"--out": args.out, "--perms": args.perms, "--json": args.json})
     import torch
 
     from rebasin_callbacks.align import align
     from rebasin_callbacks.checkpoints import save_state_dict
-    from rebasin_callbacks.io import atomic_torch_save, atomic_write_text
+    from rebasin_callbacks.io import atomic_torch_save, atomic_write_json
 
     kwargs = align_kwargs(args)
-    if args.cost in ("mid", "rnd") and args.data == "none":
-        raise CommandError(f"--cost {args.cost} needs data: add --data mnist (or digits)")
     say(f"loading {args.model_a} and {args.model_b} as {args.arch}")
     model_a, model_b = load_models(args)
-    shape = input_shape(args, model_a)
+    shape, source = input_shape_and_source(args, model_a)
     x = example_input(model_a, args.arch, shape)
-    say(
-        "reading the permutation spec" if args.spec else f"tracing the permutation spec (input {list(shape)})"
-    )
+    say(describe_shape(shape, source))
+    say(f"reading the permutation spec {args.spec}" if args.spec else "tracing the permutation spec")
     spec = load_spec(args, model_a, x)
     device = x.device
     data = None
     if args.cost in ("mid", "rnd"):
-        data = make_loader(args, shape, train=True, device=device)
+        data = make_loader(args, shape, train=True, device=device, dtype=x.dtype)
         kwargs["loss_fn"] = torch.nn.functional.cross_entropy
     plan = (
         "weight matching only"
@@ -153,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         out_a, out_aligned = model_a(x), result.model(x)
     diff = float((out_a - out_aligned).abs().max() / out_a.abs().max().clamp_min(1e-12))
-    tol = FUNCTION_RTOL["cuda" if device.type == "cuda" else "cpu"]
+    tol = function_tolerance(device, x.dtype)
     if not diff <= tol:  # also catches NaN
         raise CommandError(
             f"the aligned model does not compute what {args.model_a} computes (max relative output difference "
@@ -170,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         "arch": args.arch,
         "num_classes": args.num_classes,
         "in_chans": getattr(args, "in_chans", None),
+        "input_shape": list(shape),
+        "dtype": str(x.dtype).removeprefix("torch."),
         "groups": len(spec),
         "cost": args.cost,
         "steps": result.steps,
@@ -182,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         "out": str(out),
     }
     if args.json:
-        atomic_write_text(args.json, json.dumps({**summary, "history": result.history}, indent=1))
+        atomic_write_json(args.json, {**summary, "history": result.history})
     print(
         f"L2 distance to B: {before:.4g} -> {after:.4g}  ({result.steps} Sinkhorn steps, {result.seconds:.1f} s)"
     )

@@ -1,24 +1,30 @@
 """``rebasin lmc``: loss and accuracy on the straight line between two checkpoints, barrier and AUC.
 
-Evaluates ``(1 - lam) * A + lam * B`` on the test split of ``--data`` and reports the loss / accuracy
-barrier (supplement Eq. 2) and AUC (Eq. 3). With ``--align``, model A is also re-based to B (Sinkhorn,
-as ``rebasin align``) and weight-matched (Git Re-Basin), giving three curves: naive, re-based, weight
-matching. ``--reset-bn`` recomputes BatchNorm statistics at every point and ``--repair`` applies REPAIR
-(both on the training split).
+Evaluates ``(1 - lam) * A + lam * B``, lam from 0 (model A) to 1 (model B), on the test split of ``--data``
+and reports the loss / accuracy barrier (supplement Eq. 2) and AUC (Eq. 3), and the endpoints' own loss and
+accuracy. With ``--align``, model A is also re-based to B (Sinkhorn, as ``rebasin align``) and weight-matched
+(Git Re-Basin), giving three curves: naive, re-based, weight matching (two with ``--steps 0``: naive and
+weight matching). ``--reset-bn`` recomputes BatchNorm statistics at every point and ``--repair`` applies
+REPAIR (both on the training split).
 
-Exit status: 0 on success, 2 for a missing / unreadable file or a bad option, 3 when a checkpoint does not
-fit the architecture.
+The input shape is printed: ``--input-shape``, else the data's own image size with the stem's channels
+(MNIST: 28 x 28), else the architecture's default. ``--plot`` writes a PNG of the curves (test loss and
+accuracy against lambda, each curve's barrier in the legend); ``--json`` the curves, barriers and AUCs
+(strict JSON: NaN is written as null).
+
+Exit status: 0 on success, 2 for a missing / unreadable file, NaN or infinite weights, a malformed
+``--spec``, a ``--submodule`` the checkpoint lacks or a bad option, 3 when a checkpoint does not fit the
+architecture.
 
 Example:
     $ rebasin lmc a.pt b.pt --arch mypackage.models:mlp --data mnist --align --plot lmc.png
-    $ rebasin lmc a.ckpt b.ckpt --arch torchvision:resnet18 --num-classes 10 --input-shape 3 32 32 \\
-          --data mnist --align --reset-bn --plot lmc.png --json lmc.json
+    $ rebasin lmc a.ckpt b.ckpt --arch torchvision:resnet18 --data mnist --align --reset-bn \\
+          --plot lmc.png --json lmc.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any
 
 from rebasin_callbacks.commands.common import (
@@ -28,10 +34,13 @@ from rebasin_callbacks.commands.common import (
     add_data_arguments,
     add_model_arguments,
     align_kwargs,
+    check_inputs,
+    check_options,
     check_outputs,
+    describe_shape,
     example_input,
     guarded,
-    input_shape,
+    input_shape_and_source,
     load_models,
     load_spec,
     make_loader,
@@ -106,57 +115,88 @@ def describe_endpoints(curve: Any, name_a: str, name_b: str, *, n_classes: int) 
 @guarded("lmc")
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rebasin lmc``."""
+    check_options(args)
+    check_inputs(args)
     check_outputs(args, {"--plot": args.plot, "--json": args.json})
     import torch
 
-    from rebasin_callbacks.align import align
-    from rebasin_callbacks.io import atomic_write_text
+    from rebasin_callbacks.io import atomic_write_json
     from rebasin_callbacks.lmc import lmc_curve, plot_lmc
-    from rebasin_callbacks.matching import weight_matching
-    from rebasin_callbacks.permute import permute
 
-    if args.n_points < 2:
-        raise CommandError(f"--n-points must be >= 2, got {args.n_points}")
     kwargs = align_kwargs(args)
     say(f"loading {args.model_a} and {args.model_b} as {args.arch}")
     model_a, model_b = load_models(args)
-    shape = input_shape(args, model_a)
+    shape, source = input_shape_and_source(args, model_a)
+    say("evaluating at " + describe_shape(shape, source))
     x = example_input(model_a, args.arch, shape)
-    test = make_loader(args, shape, train=False, device=x.device)
-    train = make_loader(args, shape, train=True, device=x.device) if (args.reset_bn or args.repair) else None
+    loader: dict[str, Any] = {"device": x.device, "dtype": x.dtype}
+    test = make_loader(args, shape, train=False, **loader)
+    train = make_loader(args, shape, train=True, **loader) if (args.reset_bn or args.repair) else None
     options = dict(
         n_points=args.n_points, reset_bn=args.reset_bn, repair=args.repair, bn_data=train,
         progress=not args.no_progress,
     )  # fmt: skip
     versions: dict[str, torch.nn.Module] = {"naive": model_a}
     if args.align:
-        say(
-            "reading the permutation spec"
-            if args.spec
-            else f"tracing the permutation spec (input {list(shape)})"
-        )
+        say(f"reading the permutation spec {args.spec}" if args.spec else "tracing the permutation spec")
         spec = load_spec(args, model_a, x)
         if args.cost in ("mid", "rnd"):
-            kwargs.update(data=make_loader(args, shape, train=True, device=x.device),
+            kwargs.update(data=make_loader(args, shape, train=True, **loader),
                           loss_fn=torch.nn.functional.cross_entropy)  # fmt: skip
-        say(f"aligning {args.model_a} to {args.model_b} (Sinkhorn, then weight matching)")
-        try:
-            versions["re-based (Sinkhorn)"] = align(model_a, model_b, spec=spec, **kwargs).model
-            versions["weight matching"] = permute(
-                model_a, spec, weight_matching(model_a, model_b, spec, seed=args.seed)
-            )
-        except ValueError as exc:
-            raise CommandError(f"align failed: {exc}", EXIT_MISMATCH) from None
+        versions.update(_aligned_versions(args, model_a, model_b, spec, kwargs))
     curves: dict[str, Any] = {}
     for label, model in versions.items():
         say(f"evaluating {args.n_points} points of the {label} curve")
         curves[label] = lmc_curve(model, model_b, test, label=label, **options)
     print(format_table(curves))
+    for label, c in curves.items():
+        for metric, lambdas in (getattr(c, "nonfinite", None) or {}).items():
+            print(f"warning: the {label} curve's {metric} is NaN or infinite at lambda {lambdas}: its {metric} "
+                  "barrier and AUC are NaN (null in --json), not a measurement")  # fmt: skip
     print(describe_endpoints(next(iter(curves.values())), args.model_a, args.model_b, n_classes=10))
     if args.plot:
-        plot_lmc(curves, title=f"{args.arch}: A -> B", path=args.plot)  # written atomically
+        data = {"mnist": "MNIST", "digits": "digits"}.get(args.data, args.data)
+        fix = (
+            ", BatchNorm reset at each point"
+            if args.reset_bn
+            else ", REPAIR at each point"
+            if args.repair
+            else ""
+        )
+        title = f"{args.arch}: A -> B, input {'x'.join(map(str, shape))}{fix}"
+        plot_lmc(curves, title=title, path=args.plot, split=f"{data} test")  # written atomically
         print(f"plot: {args.plot}")
     if args.json:
-        atomic_write_text(args.json, json.dumps({k: c.to_dict() for k, c in curves.items()}, indent=1))
+        atomic_write_json(args.json, {k: c.to_dict() for k, c in curves.items()})  # strict: NaN -> null
         print(f"json: {args.json}")
     return 0
+
+
+def _aligned_versions(
+    args: argparse.Namespace, model_a: torch.nn.Module, model_b: torch.nn.Module, spec: Any, kwargs: dict
+) -> dict[str, torch.nn.Module]:
+    """The re-based (Sinkhorn) and weight-matching versions of A; weight matching only with ``--steps 0``
+    (the re-based one would be the same model)."""
+    from rebasin_callbacks.align import align
+    from rebasin_callbacks.matching import weight_matching
+    from rebasin_callbacks.permute import permute
+
+    try:
+        if args.steps == 0:
+            say(f"aligning {args.model_a} to {args.model_b} (weight matching only, --steps 0)")
+            return {
+                "weight matching": permute(
+                    model_a, spec, weight_matching(model_a, model_b, spec, seed=args.seed)
+                )
+            }
+        say(
+            f"aligning {args.model_a} to {args.model_b} (Sinkhorn, up to {args.steps} steps; then weight matching)"
+        )
+        return {
+            "re-based (Sinkhorn)": align(model_a, model_b, spec=spec, **kwargs).model,
+            "weight matching": permute(
+                model_a, spec, weight_matching(model_a, model_b, spec, seed=args.seed)
+            ),
+        }
+    except ValueError as exc:
+        raise CommandError(f"align failed: {exc}", EXIT_MISMATCH) from None

@@ -137,15 +137,15 @@ def _check_args(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace) -> list[Any]:
     """Every checkpoint loaded strictly into ``--arch`` (head size / stem read from the first one)."""
     from rebasin_callbacks.commands.common import (
-        _load_checkpoint,
-        _read_checkpoint,
         build_model,
         infer_arch_options,
+        load_checkpoint,
+        read_checkpoint,
         resolve_device,
     )
 
     device = resolve_device(args.device)
-    states = [_read_checkpoint(p, f"MODEL {i}") for i, p in enumerate(args.models, 1)]
+    states = [read_checkpoint(p, f"MODEL {i}") for i, p in enumerate(args.models, 1)]
     if args.num_classes is None or args.in_chans is None:
         found, notes = infer_arch_options(args.arch, states[0], submodule=args.submodule)
         for name, value in found.items():
@@ -160,7 +160,7 @@ def _load(args: argparse.Namespace) -> list[Any]:
     models = []
     for i, (path, state) in enumerate(zip(args.models, states), 1):
         model = build_model(args.arch, args.num_classes, args.in_chans)
-        _load_checkpoint(model, state, args, path, f"MODEL {i}")
+        load_checkpoint(model, state, args, path, f"MODEL {i}")
         models.append(model.to(device).eval())
     return models
 

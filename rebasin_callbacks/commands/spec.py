@@ -3,7 +3,7 @@
 The spec is traced with :func:`~rebasin_callbacks.trace_spec` on a random input of ``--input-shape`` and
 verified (random permutations must not change the outputs). Boundaries (constructs no permutation crosses)
 are listed. ``--json`` writes the spec in Git Re-Basin's format, for ``--spec`` of ``rebasin align`` /
-``rebasin lmc`` or for editing by hand.
+``rebasin lmc`` or for editing by hand (its ``"sizes"`` may be left out: they are read from the model).
 
 Example:
     $ rebasin spec --arch timm:resnet18 --input-shape 3 32 32
@@ -17,10 +17,13 @@ import argparse
 from rebasin_callbacks.commands.common import (
     add_model_arguments,
     build_model,
+    check_inputs,
+    check_options,
     check_outputs,
+    describe_shape,
     example_input,
     guarded,
-    input_shape,
+    input_shape_and_source,
     load_spec,
     resolve_device,
 )
@@ -52,17 +55,19 @@ def describe(spec, state, max_groups: int = 50) -> str:  # type: ignore[no-untyp
 @guarded("spec")
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``rebasin spec``."""
+    check_options(args)
+    check_inputs(args)
     check_outputs(args, {"--json": args.json})
     from rebasin_callbacks.io import atomic_write_text
 
     model = build_model(args.arch, args.num_classes, args.in_chans).to(resolve_device(args.device)).eval()
-    shape = input_shape(args, model)
+    shape, source = input_shape_and_source(args, model)
     x = example_input(model, args.arch, shape)
     spec = load_spec(args, model, x)
     state = model.state_dict()
     n_params = sum(v.numel() for v in state.values() if v.is_floating_point())
     print(
-        f"{args.arch}: input {list(shape)}, {n_params:,} floating-point values in {len(state)} state entries"
+        f"{args.arch}: {describe_shape(shape, source)}, {n_params:,} floating-point values in {len(state)} state entries"
     )
     print(describe(spec, state, args.max_groups))
     print(f"{len(spec)} groups; {spec.coverage(state):.1%} of the values lie on a permuted axis")

@@ -211,8 +211,9 @@ def test_two_candidate_submodules_are_an_error_naming_both_and_the_flag(rebasin,
     assert "ema_model.*" in err and "model.*" in err and "--submodule" in err
     assert not (ckpts / "c.pt").exists()
     code, out, err = rebasin(
-        "align", "two.ckpt", "b.ckpt", *BASE, "--steps", "0", "--submodule", "ema_model", "--out", "c.pt"
-    )
+        "align", "two.ckpt", "b.ckpt", *BASE, "--steps", "0", "--submodule", "ema_model", "--submodule-b", "model",
+        "--out", "c.pt",
+    )  # fmt: skip
     assert code == 0, err
     with pytest.raises(AmbiguousReferenceError, match="ema_model"):
         match_reference(both, _mlp())
@@ -265,3 +266,216 @@ def test_messages_say_which_side_is_the_file_and_which_the_architecture(rebasin,
         "checkpoint wide.pt (MODEL_B): '1.weight' has shape (32, 64); architecture models:mlp expects (24, 64)"
         in err
     )
+
+
+# ------------------------------------------------------------------ dtype kept, non-finite refused
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_align_keeps_the_checkpoints_dtype(rebasin, ckpts, dtype):
+    a = torch.load(ckpts / "a.pt", weights_only=True)
+    b = torch.load(ckpts / "b.ckpt", weights_only=True)["state_dict"]
+    torch.save({k: v.to(dtype) for k, v in a.items()}, ckpts / "a_x.pt")
+    torch.save({k: v.to(dtype) for k, v in b.items()}, ckpts / "b_x.pt")
+    code, out, err = rebasin("align", "a_x.pt", "b_x.pt", *BASE, "--out", "c.pt", "--json", "c.json")
+    assert code == 0, err
+    c = torch.load(ckpts / "c.pt", weights_only=True)
+    assert {v.dtype for v in c.values()} == {dtype}
+    # the aligned model holds A's values, only moved: each row of the first layer is one of A's rows, exactly
+    rows = {tuple(r.tolist()) for r in a["1.weight"].to(dtype).float()}
+    assert {tuple(r.tolist()) for r in c["1.weight"].float()} == rows
+
+
+def test_lmc_runs_a_float64_pair_in_float64(rebasin, ckpts):
+    a = torch.load(ckpts / "a.pt", weights_only=True)
+    torch.save({k: v.double() for k, v in a.items()}, ckpts / "a64.pt")
+    code, out, err = rebasin("lmc", "a64.pt", "b.ckpt", *BASE, "--data", "digits", "--n-points", "3",
+                             "--max-batches", "1", "--json", "l.json")  # fmt: skip
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("command", ["align", "lmc"])
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_non_finite_checkpoints_are_refused_naming_the_key(rebasin, ckpts, bad, command, side):
+    if side == "a":
+        state = torch.load(ckpts / "a.pt", weights_only=True)
+        state["3.weight"][2, 5] = bad
+        torch.save(state, ckpts / "a.pt")
+    else:
+        ckpt = torch.load(ckpts / "b.ckpt", weights_only=True)
+        ckpt["state_dict"]["model.3.weight"][2, 5] = bad
+        torch.save(ckpt, ckpts / "b.ckpt")
+    before = _snapshot(ckpts)
+    extra = ["--out", "c.pt"] if command == "align" else ["--data", "digits", "--json", "l.json"]
+    code, out, err = rebasin(command, "a.pt", "b.ckpt", *BASE, *extra)
+    assert code == EXIT_USAGE, (out, err)
+    assert "3.weight" in err and "non-finite" in err and "Traceback" not in err
+    assert ("MODEL_A" if side == "a" else "MODEL_B") in err
+    assert _snapshot(ckpts) == before
+
+
+def test_json_outputs_are_strict_json(tmp_path):
+    import json
+
+    from rebasin_callbacks.io import atomic_write_json
+
+    path = atomic_write_json(tmp_path / "r.json", {"barrier": float("nan"), "values": [1.0, float("-inf")]})
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"barrier": None, "values": [1.0, None]}
+
+
+def test_lmc_json_is_strict_json(rebasin, ckpts):
+    import json
+
+    code, out, err = rebasin("lmc", "a.pt", "b.ckpt", *BASE, "--data", "digits", "--n-points", "3",
+                             "--max-batches", "1", "--json", "l.json")  # fmt: skip
+    assert code == 0, err
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    assert json.loads((ckpts / "l.json").read_text(), parse_constant=refuse)
+
+
+# ------------------------------------------------------------------ --submodule that is not there
+@pytest.mark.parametrize("command", ["align", "lmc"])
+def test_a_submodule_absent_from_the_checkpoint_is_refused_naming_what_is_there(rebasin, ckpts, command):
+    extra = ["--out", "c.pt"] if command == "align" else ["--data", "digits"]
+    code, out, err = rebasin(command, "b.ckpt", "b.ckpt", *BASE, "--submodule", "ema_model", *extra)
+    assert code == EXIT_USAGE, (out, err)
+    assert "--submodule ema_model" in err and "model.* (6 entries)" in err and "Traceback" not in err
+    assert not (ckpts / "c.pt").exists()
+    # a plain state dict has no such prefix either
+    code, out, err = rebasin(command, "a.pt", "b.ckpt", *BASE, "--submodule", "model", *extra)
+    assert code == EXIT_USAGE and "MODEL_A a.pt" in err and "6 entries without a prefix" in err, err
+
+
+def test_submodule_b_chooses_model_b_s_own(rebasin, ckpts):
+    code, out, err = rebasin("align", "a.pt", "b.ckpt", *BASE, "--submodule", "model", "--out", "c.pt")
+    assert code == EXIT_USAGE  # a.pt has no model.*
+    code, out, err = rebasin("align", "a.pt", "b.ckpt", *BASE, "--submodule-b", "model", "--out", "c.pt")
+    assert code == 0, err
+
+
+# ------------------------------------------------------------------ malformed or size-less --spec
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ('{"axes_to_perm": {"1.weight": ["P", 3]}}', "axes_to_perm['1.weight'][1] is 3"),
+        ('[["1.weight", "P"]]', "got a list"),
+        ('{"axes_to_perm": {"1.weight": "P"}}', "axes_to_perm['1.weight'] is 'P'"),
+        ('{"axes_to_perm": {}}', "non-empty"),
+        ('{"sizes": {"P": 24}}', '"axes_to_perm" must be'),
+        ('{"axes_to_perm": {"1.weight": ["P", null]}, "sizes": {"P": "24"}}', "sizes['P'] is \"24\""),
+        ('{"axes_to_perm": {"1.weight": ["P", null]}, "sizes": [24]}', '"sizes" must be an object'),
+        ('{"axes_to_perm": {"1.weight": [["P", 0]]}}', "list of blocks"),
+        ("{not json", "not JSON"),
+        ("", "not JSON"),
+    ],
+)
+def test_a_malformed_spec_is_one_line_and_exit_2(rebasin, ckpts, text, needle):
+    (ckpts / "s.json").write_text(text)
+    code, out, err = rebasin("align", "a.pt", "b.ckpt", *BASE, "--spec", "s.json", "--out", "c.pt")
+    assert code == EXIT_USAGE, (out, err)
+    assert needle in err and "--spec s.json" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (ckpts / "c.pt").exists()
+
+
+def test_a_spec_without_sizes_is_valid(rebasin, ckpts):
+    import json
+
+    a = _mlp()
+    spec = json.loads(trace_spec(a, torch.randn(2, 64)).to_json())
+    del spec["sizes"]
+    (ckpts / "s.json").write_text(json.dumps(spec))
+    code, out, err = rebasin("align", "a.pt", "b.ckpt", *BASE, "--spec", "s.json", "--out", "c.pt")
+    assert code == 0, err
+
+
+def test_a_spec_naming_a_missing_key_is_a_mismatch(rebasin, ckpts):
+    (ckpts / "s.json").write_text('{"axes_to_perm": {"9.weight": ["P", null]}}')
+    code, out, err = rebasin("align", "a.pt", "b.ckpt", *BASE, "--spec", "s.json", "--out", "c.pt")
+    assert code == EXIT_MISMATCH and "9.weight" in err and "Traceback" not in err, err
+
+
+# ------------------------------------------------------------------ every input file
+def test_a_whole_pickled_model_gets_one_plain_line_saying_what_to_save(rebasin, ckpts):
+    torch.save(_mlp(), ckpts / "whole.pt")
+    code, out, err = rebasin("align", "whole.pt", "b.ckpt", *BASE, "--out", "c.pt")
+    assert code == EXIT_USAGE, (out, err)
+    assert "\x1b" not in err and "weights_only=False" not in err and "add_safe_globals" not in err
+    assert "whole pickled model" in err and "torch.save(model.state_dict()" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: p.mkdir(), "is not a file"),
+        (lambda p: p.write_text("not a checkpoint"), "not a readable torch checkpoint"),
+        (lambda p: torch.save({"w": 1.5}, p), "not a tensor"),
+        (lambda p: torch.save([torch.ones(2)], p), "not a state dict"),
+    ],
+)
+def test_every_unreadable_input_is_named(rebasin, ckpts, make, needle):
+    make(ckpts / "x.pt")
+    for argv in (
+        ["align", "x.pt", "b.ckpt", *BASE, "--out", "c.pt"],
+        ["align", "a.pt", "x.pt", *BASE, "--out", "c.pt"],
+    ):
+        code, out, err = rebasin(*argv)
+        assert code == EXIT_USAGE, (argv, out, err)
+        assert "x.pt" in err and needle in err and "Traceback" not in err and "\x1b" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--spec", "nope.json"], "--spec: no such file: nope.json"),
+        (["--spec", "."], "--spec: . is not a file"),
+        (["--data", "digits", "--data-root", "nowhere"], "--data-root: no such folder: nowhere"),
+    ],
+)
+def test_other_missing_inputs_are_named_before_any_work(rebasin, ckpts, monkeypatch, argv, needle):
+    _no_work(monkeypatch)
+    code, out, err = rebasin("align", "a.pt", "b.ckpt", *BASE, *argv, "--out", "c.pt")
+    assert code == EXIT_USAGE and needle in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--out", "a.pt"], "--out a.pt: is a file"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--device", "nosuch"], "--device 'nosuch'"),
+    ],
+)
+def test_demo_checks_its_options_and_output_folder_before_training(rebasin, ckpts, monkeypatch, argv, needle):
+    from rebasin_callbacks import demo
+
+    def boom(*_a, **_k):
+        raise AssertionError("the demo started training before checking its options")
+
+    monkeypatch.setattr(demo, "run_demo", boom)
+    code, out, err = rebasin("demo", "--smoke", *argv)
+    assert code == EXIT_USAGE and needle in err and "Traceback" not in err, err
+
+
+def test_a_curve_that_overflows_is_reported_not_turned_into_a_barrier(rebasin, ckpts):
+    """Finite float16 weights whose interpolation overflows: the table says so, the JSON holds null."""
+    import json
+
+    a = torch.load(ckpts / "a.pt", weights_only=True)
+    b = torch.load(ckpts / "b.ckpt", weights_only=True)["state_dict"]
+    big = {k: (v * 3e3).half() if k.endswith("weight") else v.half() for k, v in a.items()}
+    torch.save(big, ckpts / "a16.pt")
+    torch.save({k: v.half() for k, v in b.items()}, ckpts / "b16.pt")
+    code, out, err = rebasin("lmc", "a16.pt", "b16.pt", *BASE, "--data", "digits", "--n-points", "3",
+                             "--max-batches", "1", "--json", "l.json")  # fmt: skip
+    assert code == 0, err
+    assert "NaN or infinite at lambda" in out, out
+    data = json.loads((ckpts / "l.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert data["naive"]["barrier"] is None

@@ -130,7 +130,7 @@ def test_abort_episode_alone_is_enough_to_recover() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "width", "match"),
     [
-        (dict(incremental_kwargs=dict(tau=-1.0)), 16, "tau must be a finite number > 0"),
+        (dict(incremental_kwargs=dict(tau=-1.0)), 16, r"tau must be a number in \[0.001, 1000.0\]"),
         (dict(incremental_kwargs=dict(n_iters=0)), 16, "n_iters must be an int >= 1"),
         ({}, 0, "no permutation groups"),  # a model without hidden units
     ],

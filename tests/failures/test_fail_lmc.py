@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -80,3 +82,50 @@ def test_interpolate_does_not_modify_a_model_on_another_dtype():
     interpolate(a, b, 0.3)
     lmc_curve(a, b, _data(), n_points=3, reset_bn=True, progress=False)
     assert _same(b, snap) and b[0].weight.dtype == torch.float64
+
+
+# --------------------------------------------------------------------------- non-finite values on a curve
+def _linear(seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(4, 3)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("which", ["model_a", "model_b"])
+def test_lmc_curve_refuses_non_finite_weights_naming_model_and_key(which, value):
+    a, b = _linear(0), _linear(1)
+    with torch.no_grad():
+        (a if which == "model_a" else b).bias[1] = value
+    calls: list[int] = []
+
+    def evaluate(m: nn.Module) -> float:
+        calls.append(1)
+        return 0.0
+
+    with pytest.raises(ValueError, match=rf"lmc_curve: {which}: 'bias' holds 1 NaN/inf"):
+        lmc_curve(a, b, evaluate, n_points=3, progress=False)
+    assert not calls
+
+
+def test_overflowing_outputs_give_nan_accuracy_and_barriers_never_zero():
+    # finite weights whose logits overflow float32: every loss is NaN/inf, accuracy must not look fine
+    a, b = _linear(0), _linear(1)
+    with torch.no_grad():
+        a.weight.fill_(3e38)
+        b.weight.fill_(-3e38)
+    data = [(torch.full((8, 4), 10.0), torch.randint(0, 3, (8,)))]
+    metrics = evaluate_model(a, data)
+    assert math.isnan(metrics["accuracy"])
+    with pytest.warns(RuntimeWarning, match="NaN/inf"):
+        result = lmc_curve(a, b, data, n_points=3, progress=False)
+    assert math.isnan(result.barrier) and math.isnan(result.barriers["accuracy"])
+    assert result.nonfinite["accuracy"] == [0.0, 1.0]  # the midpoint's weights are 0
+    with pytest.raises(ValueError, match=r"non-finite \[.*'accuracy'\] at lam=0.0"):
+        lmc_curve(a, b, data, n_points=3, progress=False, on_nan="raise")
+
+
+def test_one_nan_output_row_makes_accuracy_nan():
+    model = _linear(0)
+    x = torch.randn(8, 4)
+    x[3, 0] = float("nan")
+    assert math.isnan(evaluate_model(model, [(x, torch.zeros(8, dtype=torch.long))])["accuracy"])

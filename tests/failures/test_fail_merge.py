@@ -101,7 +101,7 @@ MODELS = textwrap.dedent(
 @pytest.fixture
 def files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "models.py").write_text(MODELS)
+    (tmp_path / "merge_fail_models.py").write_text(MODELS)
     for i in range(3):
         torch.save(_mlp().state_dict(), tmp_path / f"m{i}.pt")
     torch.save(_mlp(width=16).state_dict(), tmp_path / "wide.pt")
@@ -112,7 +112,7 @@ def files(tmp_path, monkeypatch):
     return tmp_path
 
 
-BASE = ["--arch", "models:mlp", "--input-shape", "4", "--no-progress"]
+BASE = ["--arch", "merge_fail_models:mlp", "--input-shape", "4", "--no-progress"]
 
 
 @pytest.mark.parametrize(

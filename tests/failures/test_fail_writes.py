@@ -58,3 +58,47 @@ def test_plot_failure_keeps_the_previous_picture(tmp_path: Path, monkeypatch: py
     monkeypatch.undo()
     plot_lmc([curve], path=path)
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 128 + 15), ("SIGHUP", 128 + 1), ("SIGINT", None)])
+def test_a_signal_during_a_write_leaves_no_partial_file(
+    tmp_path: Path, signame: str, status: int | None
+) -> None:
+    """A write interrupted by a signal leaves the previous file and no ``*.tmp`` (a subprocess is killed)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"previous")
+    ready = tmp_path / "ready"
+    code = f"""
+import time, pathlib
+from rebasin_callbacks.io import atomic_write
+def write(f):
+    f.write(b"partial" * 1000); f.flush()
+    pathlib.Path({str(ready)!r}).write_text("1")
+    time.sleep(60)
+atomic_write({str(target)!r}, write)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stderr.read() if proc.stderr else ""
+            )
+            time.sleep(0.05)
+        assert list(tmp_path.glob("*.tmp")) or list(tmp_path.glob(".*.tmp"))  # the write is under way
+        proc.send_signal(getattr(signal, signame))
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    assert target.read_bytes() == b"previous"
+    if status is not None:
+        assert proc.returncode == status
+    else:
+        assert proc.returncode != 0

@@ -1,0 +1,165 @@
+"""Does aligning attention heads as units lower the barrier between two independently trained ViTs?
+
+Pairs of small timm ``VisionTransformer`` (patch 7 on 28x28 MNIST: 16 tokens, 4 blocks, 4 heads, width 96)
+are trained from different seeds on full MNIST and the second of each pair is permuted into the first one's
+basin by
+
+* ``naive``: nothing (the straight line between the two as trained);
+* ``wm flat``: weight matching with the spec without head groups (units move inside a head only);
+* ``wm heads``: weight matching with the spec that permutes whole heads too (``trace_spec``'s default);
+* ``align heads``: :func:`rebasin_callbacks.align`, data-free, from the spec with heads;
+* ``align mid flat`` / ``align mid heads``: ``align(cost="mid")`` (only with ``--mid``: slow on a CPU).
+
+Reported per pair and method: the loss barrier on the test split along the straight line, and wall time.
+Trained models are cached under ``.data/vit/`` so a second run only measures.
+
+Usage::
+
+    REBASIN_DATA=/path/to/torchvision/data python benchmarks/quality_vit.py --seeds 2 --epochs 1
+    python benchmarks/quality_vit.py --train-only --seeds 3   # train and cache the models
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from rebasin_callbacks.align import align
+from rebasin_callbacks.data import mnist
+from rebasin_callbacks.lmc import lmc_curve
+from rebasin_callbacks.matching import weight_matching
+from rebasin_callbacks.permute import permute
+from rebasin_callbacks.trace import trace_spec
+
+CACHE = Path(__file__).resolve().parent.parent / ".data" / "vit"
+
+
+def make_vit() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=96, depth=4, num_heads=4,
+        mlp_ratio=2.0, global_pool="avg", class_token=False,
+    )  # fmt: skip
+
+
+def train(seed: int, data: TensorDataset, epochs: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = make_vit()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    loader = DataLoader(data, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()
+
+
+def trained(seed: int, data: TensorDataset, epochs: int) -> nn.Module:
+    """The model of ``seed``, from the cache when it is there."""
+    path = CACHE / f"vit_s{seed}_e{epochs}.pt"
+    if path.exists():
+        model = make_vit()
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    t0 = time.perf_counter()
+    model = train(seed, data, epochs)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    from rebasin_callbacks.io import atomic_torch_save
+
+    atomic_torch_save(model.state_dict(), path)
+    print(f"trained seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return model
+
+
+METHODS = ("naive", "wm flat", "wm heads", "align flat", "align heads")
+MID = ("align mid flat", "align mid heads")
+
+
+def rebase(method: str, model: nn.Module, reference: nn.Module, specs: dict, loader: DataLoader, seed: int):
+    """``model`` permuted into ``reference``'s basin by ``method``."""
+    if method == "naive":
+        return model
+    spec = specs[method.split()[-1]]
+    if method.startswith("wm"):
+        return permute(model, spec, weight_matching(model, reference, spec, seed=seed))
+    kwargs: dict = {"spec": spec, "seed": seed, "progress": False}
+    if " mid " in method:
+        kwargs.update(cost="mid", data=loader, loss_fn=F.cross_entropy)
+    return align(model, reference, **kwargs).model
+
+
+def evaluate_pair(pair: int, a: nn.Module, b: nn.Module, train_loader, test_loader, methods) -> list[dict]:
+    example = next(iter(test_loader))[0][:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        specs = {"heads": trace_spec(b, example), "flat": trace_spec(b, example, heads=False)}
+    rows = []
+    for method in methods:
+        t0 = time.perf_counter()
+        rebased = rebase(method, b, a, specs, train_loader, pair)
+        seconds = time.perf_counter() - t0
+        curve = lmc_curve(
+            a, rebased, (test_loader, F.cross_entropy), n_points=5, progress=False, label=method
+        )
+        rows.append(
+            {"pair": pair, "method": method, "loss_barrier": curve.barriers["loss"], "seconds": seconds}
+        )
+        print(
+            f"pair {pair} {method:16s} loss barrier {curve.barriers['loss']:.4f}  {seconds:.2f} s", flush=True
+        )
+    return rows
+
+
+def markdown(rows: list[dict], methods, command: str) -> str:
+    pairs = sorted({r["pair"] for r in rows})
+    head = (
+        "| method | " + " | ".join(f"pair {p} barrier" for p in pairs) + " | median barrier | median time |"
+    )
+    lines = [f"Command: `{command}` (CPU, 2 cores, shared)", "", head, "|" + "---|" * (len(pairs) + 3)]
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        cells = " | ".join(f"{r['loss_barrier']:.3f}" for r in rs)
+        med_b = statistics.median(r["loss_barrier"] for r in rs)
+        med_t = statistics.median(r["seconds"] for r in rs)
+        lines.append(f"| {m} | {cells} | {med_b:.3f} | {med_t:.2f} s |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=2, help="pairs: seeds (0, 1), (2, 3), ...")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--train-only", action="store_true")
+    p.add_argument("--mid", action="store_true", help='also align(cost="mid") (slow on a CPU)')
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    data = mnist(train=True)
+    models = [trained(s, data, args.epochs) for s in range(2 * args.seeds)]
+    if args.train_only:
+        return
+    test = mnist(train=False)
+    test_loader = DataLoader(test, batch_size=1000)
+    train_loader = DataLoader(data, batch_size=256, shuffle=True, generator=torch.Generator().manual_seed(0))
+    methods = list(METHODS) + (list(MID) if args.mid else [])
+    rows: list[dict] = []
+    for pair in range(args.seeds):
+        rows += evaluate_pair(
+            pair, models[2 * pair], models[2 * pair + 1], train_loader, test_loader, methods
+        )
+    print(markdown(rows, methods, "python benchmarks/quality_vit.py " + " ".join(argv or sys.argv[1:])))
+
+
+if __name__ == "__main__":
+    main()
