@@ -349,6 +349,11 @@ def test_lightning_merge_writes_back_only_when_asked_and_refuses_bad_others_at_s
     callback = ReBasinMerge(others, submodule="model", write_back=True, method="merge_many")
     _fit(module, [callback], tmp_path, epochs=1)
     assert callback.merged_model is not None and _states_equal(module.model, callback.merged_model)
+    # the merged weights travel in the callback's checkpoint state and come back on resume
+    resumed = ReBasinMerge(others, submodule="model")
+    resumed.load_state_dict(callback.state_dict())
+    resumed.on_train_start(None, _lit(5))  # type: ignore[arg-type]
+    assert resumed.merges == 1 and _states_equal(resumed.merged_model, callback.merged_model)
 
     bad = ReBasinMerge([_mlp(width=16)], submodule="model")
     fresh = _lit(0)
