@@ -15,50 +15,49 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import math
-import os
-import random
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
-import torch
-import torch.fx
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from rebasin_callbacks.batches import split_batch
 from rebasin_callbacks.checkpoints import ReferenceLike, load_reference_state, match_reference
+from rebasin_callbacks.devices import follow, module_device
 from rebasin_callbacks.lightning_fusion import ReBasinFusion
-from rebasin_callbacks.lightning_guards import (
-    averaged_modules,
-    check_weight_holders,
-    refuse_sharded,
-    trainer_callbacks,
-    weight_copies,
+from rebasin_callbacks.lightning_guards import check_weight_holders, refuse_sharded
+from rebasin_callbacks.lightning_sharing import (
+    Alignment,
+    StepAlignments,
+    find,
+    inverse,
+    same_reference,
+    step_records,
+)
+from rebasin_callbacks.lightning_spec import LazySpec
+from rebasin_callbacks.lightning_weights import (
+    own_averages,
+    permute_training_state,
+    target_module,
+    wrapped_target,
 )
 from rebasin_callbacks.lmc import Evaluator, LMCResult
-from rebasin_callbacks.permute import invert_permutation, permute, permute_state_dict
-from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
-from rebasin_callbacks.utils import (
-    check_finite,
-    follow,
-    l2_distance,
-    module_device,
-    module_dtype,
-    split_batch,
-    thread_limit,
-    to_device,
-)
+from rebasin_callbacks.permute import permute, permute_state_dict
+from rebasin_callbacks.rasterise import figure_rgb
+from rebasin_callbacks.rng import preserved_rng
+from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.spec_source import SpecLike
+from rebasin_callbacks.states import check_finite, l2_distance
+from rebasin_callbacks.threads import thread_limit
 
 __all__ = [
     "ReBasinAlign",
@@ -81,46 +80,11 @@ def _reference_module(reference: ReferenceLike, model: nn.Module, submodule: str
     return ref.eval()
 
 
-def _wrapped_target(pl_module: nn.Module, submodule: str | None) -> nn.Module:
-    """The submodule as the LightningModule holds it (maybe a ``torch.compile`` wrapper)."""
-    if submodule is None:
-        return pl_module
-    try:
-        return pl_module.get_submodule(submodule)
-    except AttributeError:
-        names = [n for n, _ in pl_module.named_children()]
-        raise AttributeError(
-            f"submodule={submodule!r}: {type(pl_module).__name__} has no such submodule (children: {names})"
-        ) from None
-
-
-def _target(pl_module: nn.Module, submodule: str | None) -> nn.Module:
-    """The module that is aligned: the submodule, inside ``torch.compile``'s ``OptimizedModule`` (whose
-    weights are the wrapped module's), as :func:`~rebasin_callbacks.align` unwraps it; the same module at
-    every epoch, so the spec and the reference keep their keys."""
-    module = _wrapped_target(pl_module, submodule)
-    while isinstance(inner := getattr(module, "_orig_mod", None), nn.Module):
-        module = inner
-    return module
-
-
 def _check_every_n_epochs(every_n_epochs: int) -> None:
     if not isinstance(every_n_epochs, int) or every_n_epochs < 0:
         raise ValueError(
             f"every_n_epochs must be an int >= 0 (0 = never at epoch end), got {every_n_epochs!r}"
         )
-
-
-def _generators(loader: Any) -> list[torch.Generator]:
-    """The ``torch.Generator`` objects a DataLoader draws from when iterated (its own, its samplers')."""
-    found: list[torch.Generator] = []
-    sampler = getattr(loader, "sampler", None)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    for obj in (loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
-        gen = getattr(obj, "generator", None)
-        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
-            found.append(gen)
-    return found
 
 
 def _trainer_loader(trainer: pl.Trainer, which: str, who: str) -> Any:
@@ -164,90 +128,16 @@ def _trainer_loaders(trainer: pl.Trainer) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _isolated(pl_module: nn.Module, loaders: list[Any] = ()) -> Iterator[None]:  # type: ignore[assignment]
-    """Keep the training run untouched: every global random state a training step or a dataset may draw
-    from (Python's ``random``, NumPy's global generator, torch's CPU generator and every initialised CUDA
-    device's), the given DataLoaders' own generators (shuffling order), and every submodule's train flag."""
+def _isolated(pl_module: nn.Module, loaders: Iterable[Any] = ()) -> Iterator[None]:
+    """Keep the training run untouched: every random state (:func:`~rebasin_callbacks.rng.preserved_rng`:
+    global generators and the given DataLoaders' own) and every submodule's train flag."""
     modes = {m: m.training for m in pl_module.modules()}
-    gens = [g for loader in loaders for g in _generators(loader)]
-    states = [g.get_state() for g in gens]
-    py_state, np_state = random.getstate(), np.random.get_state()
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=cuda):
-        try:
+    try:
+        with preserved_rng(loaders):
             yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            for g, state in zip(gens, states):
-                g.set_state(state)
-            for m, training in modes.items():
-                m.training = training
-
-
-def _head(value: Any, n: int = 2) -> Any:
-    """The first ``n`` rows of every tensor in ``value`` (detached copies): a small tracing example."""
-    if isinstance(value, Tensor):
-        return value[:n].detach().clone() if value.ndim > 0 else value.detach().clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_head(v, n) for v in value)
-    if isinstance(value, Mapping):
-        return {k: _head(v, n) for k, v in value.items()}
-    return value
-
-
-def _has_proxy(value: Any) -> bool:
-    if isinstance(value, torch.fx.Proxy):
-        return True
-    if isinstance(value, (tuple, list)):
-        return any(_has_proxy(v) for v in value)
-    if isinstance(value, Mapping):
-        return any(_has_proxy(v) for v in value.values())
-    return False
-
-
-class _SpecSource:
-    """Finds the permutation spec once: given, or traced on example inputs. Without ``example_inputs`` they
-    are the inputs the aligned module really receives in the first training step (a forward pre-hook), so a
-    submodule is traced with its own inputs, not the LightningModule's batch."""
-
-    def __init__(self, spec: PermutationSpec | str | None, example_inputs: Any):
-        self.spec = PermutationSpec.from_json(spec) if isinstance(spec, (str, os.PathLike)) else spec
-        self.example_inputs = example_inputs
-        self._hook: Any = None
-
-    def attach(self, target: nn.Module) -> None:
-        if self.spec is None and self.example_inputs is None and self._hook is None:
-            self._hook = target.register_forward_pre_hook(self._record, with_kwargs=True)
-
-    def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        inputs = args if args or not kwargs else kwargs
-        if _has_proxy(inputs):  # a symbolic trace (e.g. another callback tracing the model): wait for data
-            return
-        if self.example_inputs is None:
-            self.example_inputs = _head(inputs)
-        self.detach()
-
-    def detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def get(self, model: nn.Module, pl_module: pl.LightningModule) -> PermutationSpec:
-        if self.spec is None:
-            from rebasin_callbacks.trace import trace_spec
-
-            example = self.example_inputs
-            if example is None and model is pl_module:
-                example = pl_module.example_input_array
-            if example is None:
-                raise ValueError(
-                    "no permutation spec and no example inputs (no training step ran): pass spec=... or "
-                    "example_inputs=..."
-                )
-            example = to_device(example, module_device(model), module_dtype(model))
-            self.spec = trace_spec(model, example)
-        return self.spec
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _join(prefix: str | None, name: str) -> str:
@@ -255,16 +145,16 @@ def _join(prefix: str | None, name: str) -> str:
 
 
 def _prepare(
-    spec: _SpecSource, reference: ReferenceLike, pl_module: pl.LightningModule, submodule: str | None
+    spec: LazySpec, reference: ReferenceLike, pl_module: pl.LightningModule, submodule: str | None
 ) -> nn.Module:
     """Setup-time checks (before any training time is spent): the submodule exists, the reference loads and
     fits it, and the spec fits it (traced now when example inputs are already known). Returns the
     reference module."""
-    target = _target(pl_module, submodule)
+    target = target_module(pl_module, submodule)
     compiled = [
         n for n, m in target.named_modules() if n and isinstance(getattr(m, "_orig_mod", None), nn.Module)
     ]
-    if compiled and spec.spec is None:
+    if compiled and spec.source is None:
         # the tracer cannot look inside a compiled module: it would find nothing to permute there
         raise ValueError(
             f"submodule={submodule!r}: {type(target).__name__}.{compiled[0]} is a torch.compile'd module, "
@@ -272,13 +162,16 @@ def _prepare(
             "callbacks align the module it wraps) or spec=..."
         )
     ref = _reference_module(reference, target, submodule)
-    if spec.spec is None and (spec.example_inputs is not None or target is pl_module):
-        if spec.example_inputs is not None or pl_module.example_input_array is not None:
-            spec.get(target, pl_module)
-    if spec.spec is not None:
-        spec.spec.validate(target.state_dict(), name=type(target).__name__)
-    spec.attach(_wrapped_target(pl_module, submodule))  # a compiled module's own hooks run eagerly
+    if spec.ready(target, pl_module):
+        spec.get(target, pl_module)  # resolved (and checked against the module) now
+    spec.attach(wrapped_target(pl_module, submodule))  # a compiled module's own hooks run eagerly
     return ref
+
+
+def _epoch(trainer: pl.Trainer, in_loop: bool) -> int:
+    """The epoch a callback's work belongs to: the current one inside the loop; after it (``on_train_end``)
+    Lightning's counter has moved past the last epoch, whose number this is (as in the loggers' rows)."""
+    return trainer.current_epoch if in_loop else max(trainer.current_epoch - 1, 0)
 
 
 def _log(
@@ -291,7 +184,7 @@ def _log(
             pl_module.log(name, float(value), rank_zero_only=True, on_epoch=True, on_step=False)
     elif trainer.is_global_zero:
         # after the loop Lightning's epoch counter has moved past the last epoch: its row is the last one's
-        row = {**metrics, "epoch": float(max(trainer.current_epoch - 1, 0))}
+        row = {**metrics, "epoch": float(_epoch(trainer, in_loop))}
         for logger in trainer.loggers:
             logger.log_metrics(row, step=trainer.global_step)
 
@@ -331,78 +224,6 @@ def _compute_perms(
     return received
 
 
-# --------------------------------------------------------------------------- one alignment per step, shared
-_order = itertools.count()
-
-
-@dataclass
-class _Alignment:
-    """One alignment computed by a callback at a training step, kept so the other callbacks reuse it."""
-
-    target: weakref.ref[nn.Module]  # the aligned module (weak: a record never keeps a model alive)
-    step: int  # trainer.global_step when it was computed
-    version: int  # how many in-place alignments of this step the aligned weights had already received
-    reference: nn.Module
-    spec: PermutationSpec
-    cost: Any
-    kwargs: dict
-    perms: dict[str, Tensor]
-    before: float
-    after: float
-    applied: bool  # applied in place to the trained module
-    owner: str
-    order: int = field(default_factory=lambda: next(_order))
-
-
-def _records(trainer: pl.Trainer, target: nn.Module, step: int) -> list[_Alignment]:
-    """This step's alignments of ``target`` by every callback of the Trainer, oldest first (each callback
-    keeps its own; older steps are dropped as stale)."""
-    found: list[_Alignment] = []
-    for callback in trainer_callbacks(trainer):
-        if isinstance(callback, _EpochEndCallback):
-            callback._alignments = [r for r in callback._alignments if r.step == step]
-            found += [r for r in callback._alignments if r.target() is target]
-    return sorted(found, key=lambda r: r.order)
-
-
-def _same_reference(a: nn.Module, b: nn.Module) -> bool:
-    if a is b:
-        return True
-    sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys():
-        return False
-    return all(
-        v.shape == sb[k].shape and torch.equal(v, sb[k].to(device=v.device, dtype=v.dtype))
-        for k, v in sa.items()
-    )
-
-
-def _find(
-    records: list[_Alignment],
-    version: int,
-    reference: nn.Module,
-    spec: PermutationSpec,
-    cost: Any,
-    kwargs: dict,
-) -> _Alignment | None:
-    """A not-applied alignment of the same weights, reference, spec, cost and settings."""
-    for r in records:
-        if (
-            not r.applied
-            and r.version == version
-            and r.cost == cost
-            and r.kwargs == kwargs
-            and r.spec.axes_to_perm == spec.axes_to_perm
-            and _same_reference(r.reference, reference)
-        ):
-            return r
-    return None
-
-
-def _inverse(perms: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {g: invert_permutation(p) for g, p in perms.items()}
-
-
 def _show_progress(trainer: pl.Trainer, enabled: bool) -> bool:
     return enabled and trainer.is_global_zero and trainer.progress_bar_callback is not None
 
@@ -413,79 +234,6 @@ def _reference_for(callback: Any, target: nn.Module) -> nn.Module:
     return follow(callback._reference, target)
 
 
-# --------------------------------------------------------------------------- everything that holds the weights
-class _OptimizerStates:
-    """Every optimizer's per-parameter state as one ``state`` mapping, so that :func:`permute` checks all of
-    them before it changes anything (all-or-nothing across optimizers)."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        self.state = {p: s for opt in optimizers for p, s in opt.state.items()}
-
-
-def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def _own_averages(
-    pl_module: nn.Module, target: nn.Module, submodule: str | None
-) -> list[tuple[str, nn.Module]]:
-    """The ``AveragedModel`` copies of ``target`` the LightningModule keeps itself (same keys and shapes).
-    One that averages a part of ``target`` in another layout is refused: it would average two bases."""
-    found = []
-    shapes = _shapes(target)
-    for name, held in averaged_modules(pl_module):
-        inner = _target(held, None)
-        if inner is not target and _shapes(inner) == shapes:
-            found.append((f"{type(pl_module).__name__}.{name}", inner))
-        elif submodule is None or name == submodule or name.startswith(submodule + "."):
-            raise MisconfigurationException(
-                f"ReBasinAlign(submodule={submodule!r}): {type(pl_module).__name__}.{name} is an AveragedModel "
-                "inside the aligned module whose copy is not of the aligned module, so it cannot be permuted "
-                "with it; align the module it averages (submodule=...) or use mode='copy'"
-            )
-    return found
-
-
-def _permute_training_state(
-    trainer: pl.Trainer,
-    pl_module: nn.Module,
-    target: nn.Module,
-    spec: PermutationSpec,
-    perms: dict[str, Tensor],
-    submodule: str | None,
-) -> None:
-    """Permute, all or nothing, everything in the Trainer that holds the aligned weights: the module's
-    parameters and buffers, their pending gradients (gradient accumulation), every optimizer's state, and
-    the averaged copies kept by weight-averaging callbacks. Every new value is computed (and every entry
-    checked) before anything is written."""
-    state = target.state_dict(keep_vars=True)
-    grads = {k: v.grad for k, v in state.items() if isinstance(v, nn.Parameter) and v.grad is not None}
-    new_grads: dict[str, Tensor] = {}
-    if grads:
-        source = {**{k: v.detach() for k, v in state.items()}, **grads}
-        permuted = permute_state_dict(source, spec, perms)
-        new_grads = {k: permuted[k] for k in grads if k in spec.axes_to_perm}
-    copies = []
-    held_copies = weight_copies(trainer, submodule, _target) + _own_averages(pl_module, target, submodule)
-    for name, held in held_copies:
-        held_state = held.state_dict(keep_vars=True)
-        if _shapes(held) != _shapes(target):
-            raise SpecMismatchError(
-                f"ReBasinAlign: {name}'s copy of the weights does not have the model's keys and shapes; "
-                "nothing was changed"
-            )
-        new = permute_state_dict({k: v.detach() for k, v in held_state.items()}, spec, perms)
-        copies.append((held_state, new))
-    optimizers = cast(torch.optim.Optimizer, _OptimizerStates(list(trainer.optimizers)))
-    permute(target, spec, perms, optimizer=optimizers, inplace=True)  # checks, then writes
-    with torch.no_grad():
-        for key, value in new_grads.items():
-            grads[key].copy_(value)
-        for held_state, new in copies:
-            for key in spec.axes_to_perm:
-                held_state[key].copy_(new[key])
-
-
 # --------------------------------------------------------------------------- ReBasinAlign
 class _EpochEndCallback(Callback):
     """What both callbacks share: their settings, the reference prepared at ``setup`` (errors before any
@@ -494,6 +242,8 @@ class _EpochEndCallback(Callback):
 
     #: settings that are part of ``state_key`` (they tell several instances apart in a checkpoint)
     _key_settings: tuple[str, ...] = ("submodule", "every_n_epochs")
+    #: the name in messages and in the alignment records other callbacks read
+    _name = "callback"
 
     def __init__(
         self,
@@ -503,7 +253,7 @@ class _EpochEndCallback(Callback):
         submodule: str | None,
         cost: str,
         align_kwargs: dict[str, Any] | None,
-        spec: PermutationSpec | str | None,
+        spec: SpecLike,
         example_inputs: Any,
         progress: bool,
         threads: int | str | None,
@@ -516,12 +266,12 @@ class _EpochEndCallback(Callback):
         self.align_kwargs = dict(align_kwargs or {})
         self.progress = progress
         self.threads = threads
-        self._spec = _SpecSource(spec, example_inputs)
+        self._spec = LazySpec(spec, example_inputs)
         self._reference: nn.Module | None = None
         #: one entry per alignment / evaluation (what ``state_dict`` saves)
         self.history: list[dict[str, float]] = []
         self._last_epoch = -1
-        self._alignments: list[_Alignment] = []  # this step's, for the other callbacks (``_records``)
+        self._alignments = StepAlignments()  # this step's, for the other callbacks (``step_records``)
 
     @property
     @override
@@ -535,7 +285,7 @@ class _EpochEndCallback(Callback):
             return
         refuse_sharded(trainer, type(self).__name__)
         self._reference = _prepare(self._spec, self.reference, pl_module, self.submodule)
-        self._alignments = []  # a new fit's step counter starts again
+        self._alignments = StepAlignments()  # a new fit's step counter starts again
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -563,6 +313,41 @@ class _EpochEndCallback(Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         raise NotImplementedError
+
+    def _alignment_of(
+        self,
+        trainer: pl.Trainer,
+        target: nn.Module,
+        model: nn.Module,
+        reference: nn.Module,
+        spec: PermutationSpec,
+        candidates: list[Alignment],
+        version: int,
+    ) -> Alignment:
+        """The alignment of ``model`` (``target``'s weights after ``version`` in-place alignments of this
+        step) to ``reference``: one of ``candidates`` when it matches (same weights, reference, spec, cost
+        and settings), else a new one, computed on rank 0 and broadcast, which the caller records."""
+        shared = find(candidates, version, reference, spec, self.cost, self.align_kwargs)
+        if shared is not None:
+            return shared
+        kwargs = _align_kwargs(trainer, self.cost, self.align_kwargs, self._name)
+        progress = _show_progress(trainer, self.progress)
+        perms, before, after = _compute_perms(trainer, model, reference, spec, self.cost, kwargs, progress)
+        settings = dict(self.align_kwargs)
+        return Alignment(
+            weakref.ref(target),
+            trainer.global_step,
+            version,
+            reference,
+            spec,
+            self.cost,
+            settings,
+            perms,
+            before,
+            after,
+            applied=False,
+            owner=self._name,
+        )
 
     def _settings(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._key_settings}
@@ -649,8 +434,10 @@ class ReBasinAlign(_EpochEndCallback):
         at_fit_end: also align when fitting ends.
         align_kwargs: further keyword arguments for :func:`~rebasin_callbacks.align` (``steps``, ``lr``,
             ``init``, ``seed``, ...).
-        spec: a :class:`~rebasin_callbacks.PermutationSpec` (or a path to its JSON); traced by default from
-            ``example_inputs`` or from the inputs the module receives in its first forward pass of the fit.
+        spec: a :class:`~rebasin_callbacks.PermutationSpec`, a path to its JSON, or a function
+            ``module -> spec`` (resolved once by :func:`~rebasin_callbacks.spec_source.resolve_spec`);
+            traced by default from ``example_inputs`` or from the inputs the module receives in its first
+            forward pass of the fit.
         example_inputs: inputs to trace the spec with.
         progress: show the alignment's progress (when the Trainer shows a progress bar).
         threads: CPU intra-op threads inside the alignment (:func:`~rebasin_callbacks.utils.thread_limit`):
@@ -688,7 +475,7 @@ class ReBasinAlign(_EpochEndCallback):
         submodule: str | None = None,
         at_fit_end: bool = False,
         align_kwargs: dict[str, Any] | None = None,
-        spec: PermutationSpec | str | None = None,
+        spec: SpecLike = None,
         example_inputs: Any = None,
         progress: bool = True,
         threads: int | str | None = "auto",
@@ -721,6 +508,7 @@ class ReBasinAlign(_EpochEndCallback):
         return self._spec.spec
 
     _key_settings = ("submodule", "mode", "every_n_epochs")
+    _name = "ReBasinAlign"
 
     def _load_changed(self, state: dict[str, Any], changed: dict[str, tuple[Any, Any]]) -> list[str]:
         dropped = []
@@ -735,7 +523,7 @@ class ReBasinAlign(_EpochEndCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.mode == "inplace":
             check_weight_holders(trainer, "ReBasinAlign", "mode='copy'")
-            _own_averages(pl_module, _target(pl_module, self.submodule), self.submodule)  # refused now
+            own_averages(pl_module, target_module(pl_module, self.submodule), self.submodule)  # refused now
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         self._align(trainer, pl_module, in_loop=in_loop)
@@ -748,57 +536,48 @@ class ReBasinAlign(_EpochEndCallback):
 
     def _align(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool) -> None:
         assert self._reference is not None, "setup() was not called"
-        target = _target(pl_module, self.submodule)
+        target = target_module(pl_module, self.submodule)
         reference = _reference_for(self, target)
         start = time.perf_counter()
         with _isolated(pl_module, _trainer_loaders(trainer)), thread_limit(self.threads):
             spec = self._spec.get(target, pl_module)
-            records = _records(trainer, target, trainer.global_step)
-            version = sum(r.applied for r in records)
-            shared = _find(records, version, reference, spec, self.cost, self.align_kwargs)
-            if shared is not None:  # LMCMonitor already aligned these very weights: reuse, do not re-align
-                perms, before, after = shared.perms, shared.before, shared.after
-                rank_zero_info(f"ReBasinAlign: reusing the alignment {shared.owner} computed at this step")
-            else:
-                perms, before, after = _compute_perms(
-                    trainer,
-                    target,
-                    reference,
-                    spec,
-                    self.cost,
-                    _align_kwargs(trainer, self.cost, self.align_kwargs, "ReBasinAlign"),
-                    _show_progress(trainer, self.progress),
-                )
+            candidates = step_records(trainer, target, trainer.global_step)
+            version = sum(r.applied for r in candidates)
+            found = self._alignment_of(trainer, target, target, reference, spec, candidates, version)
+            if any(found is r for r in candidates):  # LMCMonitor already aligned these very weights: reuse
+                rank_zero_info(f"ReBasinAlign: reusing the alignment {found.owner} computed at this step")
             if self.mode == "inplace":
-                _permute_training_state(trainer, pl_module, target, spec, perms, self.submodule)
+                permute_training_state(trainer, pl_module, target, spec, found.perms, self.submodule)
             else:
-                self.aligned_model = permute(target, spec, perms)
+                self.aligned_model = permute(target, spec, found.perms)
                 self.aligned_model.requires_grad_(False)
-            self._alignments.append(
-                _Alignment(
-                    weakref.ref(target),
-                    trainer.global_step,
-                    version,
-                    reference,
-                    spec,
-                    self.cost,
-                    dict(self.align_kwargs),
-                    perms,
-                    before,
-                    after,
-                    applied=self.mode == "inplace",
-                    owner="ReBasinAlign",
-                )
+            settings = dict(self.align_kwargs)
+            applied = self.mode == "inplace"
+            kept = replace(
+                found, reference=reference, spec=spec, kwargs=settings, applied=applied, owner=self._name
             )
-        seconds = time.perf_counter() - start
-        self.last_perms = perms
-        record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "l2_before": before}
+            self._alignments.add(kept)
+        self._report(trainer, pl_module, found, time.perf_counter() - start, in_loop)
+
+    def _report(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        found: Alignment,
+        seconds: float,
+        in_loop: bool,
+    ) -> None:
+        """Keep the alignment in :attr:`last_perms` and :attr:`history`, log it and say it."""
+        before, after = found.before, found.after
+        self.last_perms = found.perms
+        epoch = _epoch(trainer, in_loop)
+        record = {"epoch": epoch, "step": trainer.global_step, "l2_before": before}
         record.update(l2_after=after, seconds=seconds)
         self.history.append(record)
         metrics = {"rebasin/l2_before": before, "rebasin/l2_after": after, "rebasin/align_seconds": seconds}
         _log(trainer, pl_module, metrics, in_loop)
         rank_zero_info(
-            f"ReBasinAlign: epoch {trainer.current_epoch}: L2 distance to the reference {before:.4g} -> "
+            f"ReBasinAlign: epoch {epoch}: L2 distance to the reference {before:.4g} -> "
             f"{after:.4g} ({seconds:.2f} s)"
         )
 
@@ -818,20 +597,19 @@ class ReBasinAlign(_EpochEndCallback):
         return state
 
     @override
-    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_epoch = int(state_dict["last_epoch"])
         self.history = [dict(h) for h in state_dict["history"]]
         self.last_perms = state_dict.get("last_perms")
-        if state_dict.get("spec") is not None and self._spec.spec is None:
-            self._spec.spec = PermutationSpec.from_dict(state_dict["spec"])
+        if state_dict.get("spec") is not None and self._spec.spec is None and self._spec.source is None:
+            self._spec.source = PermutationSpec.from_dict(state_dict["spec"])
         self._pending_aligned_state = state_dict.get("aligned_state_dict")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the checkpoint's callback state is loaded after setup: rebuild the aligned copy from it
         if self._pending_aligned_state is not None:
-            model = copy.deepcopy(_target(pl_module, self.submodule))
+            model = copy.deepcopy(target_module(pl_module, self.submodule))
             model.load_state_dict(self._pending_aligned_state)
             self.aligned_model = model.requires_grad_(False)
             self._pending_aligned_state = None
@@ -937,6 +715,8 @@ class LMCMonitor(_EpochEndCallback):
         print(monitor.results[-1]["naive"].barrier, monitor.results[-1]["rebasin"].barrier)
     """
 
+    _name = "LMCMonitor"
+
     def __init__(
         self,
         reference: ReferenceLike,
@@ -951,7 +731,7 @@ class LMCMonitor(_EpochEndCallback):
         submodule: str | None = None,
         cost: str = "l2",
         align_kwargs: dict[str, Any] | None = None,
-        spec: PermutationSpec | str | None = None,
+        spec: SpecLike = None,
         example_inputs: Any = None,
         loss_fn: LossFn | None = None,
         max_batches: int | None = None,
@@ -1101,118 +881,95 @@ class LMCMonitor(_EpochEndCallback):
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, in_loop: bool = False) -> dict:
         """Evaluate (and log) the curves now; returns ``{"epoch", "naive", "rebasin", "rebasin_source"}``."""
-        from rebasin_callbacks.lmc import lmc_curve
-
         assert self._reference is not None, "setup() was not called"
-        target = _target(pl_module, self.submodule)
+        target = target_module(pl_module, self.submodule)
         reference = _reference_for(self, target)
         loader = self._loader(trainer)
         evaluate = Evaluator(
             loader, self.loss_fn, self._batch_limit(trainer, loader), trainer.strategy.reduce
         )
-        progress = _show_progress(trainer, self.progress)
-        kwargs: dict[str, Any] = {"n_points": self.n_points, "reset_bn": self.reset_bn, "repair": self.repair}
-        kwargs["progress"] = progress
-        if self.reset_bn or self.repair:
-            kwargs["bn_data"] = trainer.train_dataloader
-        out: dict[str, Any] = {"epoch": trainer.current_epoch}
+        epoch = _epoch(trainer, in_loop)
+        out: dict[str, Any] = {"epoch": epoch}
         broken = _non_finite(target)
         if broken is not None:  # a diverged run: say so, log NaN (never a curve that looks fine), go on
-            rank_zero_warn(
-                f"LMCMonitor: epoch {trainer.current_epoch}: {broken}; its curves are logged as NaN"
-            )
+            rank_zero_warn(f"LMCMonitor: epoch {epoch}: {broken}; its curves are logged as NaN")
             for name, label in (("naive", "naive"), ("rebasin", "re-based"))[: 2 if self.align else 1]:
                 out[name] = _nan_curve(self.n_points, label)
         else:
             with _isolated(pl_module, [loader, *_trainer_loaders(trainer)]), thread_limit(self.threads):
-                records = _records(trainer, target, trainer.global_step)
-                applied = [r for r in records if r.applied]
-                model = copy.deepcopy(target).eval()
-                for r in reversed(
-                    applied
-                ):  # naive: the model as it was before this step's in-place alignments
-                    model = permute(model, r.spec, _inverse(r.perms))
-                out["naive"] = lmc_curve(model, reference, evaluate, label="naive", **kwargs)
-                if self.align:
-                    last = applied[-1] if applied else None
-                    if (
-                        last is not None
-                        and last.cost == self.cost
-                        and _same_reference(last.reference, reference)
-                    ):
-                        rebased = copy.deepcopy(
-                            target
-                        ).eval()  # already aligned in place: reuse, no re-alignment
-                        out["rebasin_source"] = last.owner
-                        if not self._told_reuse:
-                            rank_zero_info(
-                                f"LMCMonitor: the re-based curve reuses {last.owner}'s in-place alignment of "
-                                "the same step (same reference and cost); 'naive' is the model before it"
-                            )
-                            self._told_reuse = True
-                    else:
-                        spec = self._spec.get(model, pl_module)
-                        shared = _find(records, 0, reference, spec, self.cost, self.align_kwargs)
-                        if shared is not None:
-                            perms, before, after, source = (
-                                shared.perms,
-                                shared.before,
-                                shared.after,
-                                shared.owner,
-                            )
-                        else:
-                            perms, before, after = _compute_perms(
-                                trainer,
-                                model,
-                                reference,
-                                spec,
-                                self.cost,
-                                _align_kwargs(trainer, self.cost, self.align_kwargs, "LMCMonitor"),
-                                progress,
-                            )
-                            source = "LMCMonitor"
-                            self._alignments.append(
-                                _Alignment(
-                                    weakref.ref(target),
-                                    trainer.global_step,
-                                    0,
-                                    reference,
-                                    spec,
-                                    self.cost,
-                                    dict(self.align_kwargs),
-                                    perms,
-                                    before,
-                                    after,
-                                    applied=False,
-                                    owner="LMCMonitor",
-                                )
-                            )
-                        rebased = permute(model, spec, perms)
-                        out["rebasin_source"] = source
-                    out["rebasin"] = lmc_curve(rebased, reference, evaluate, label="re-based", **kwargs)
+                out.update(self._curves(trainer, pl_module, target, reference, evaluate))
         metrics: dict[str, float] = {}
         for name in ("naive", "rebasin"):
             if name in out:
                 metrics.update(_curve_metrics(f"lmc/{name}", out[name]))
         self.results.append(out)
-        self.history.append({"epoch": float(trainer.current_epoch), **metrics})
+        self.history.append({"epoch": float(epoch), **metrics})
         _log(trainer, pl_module, metrics, in_loop)
-        self._log_figure(trainer, out)
+        self._log_figure(trainer, pl_module, out)
         return out
 
-    def _log_figure(self, trainer: pl.Trainer, out: dict[str, Any]) -> None:
+    def _curves(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        target: nn.Module,
+        reference: nn.Module,
+        evaluate: Evaluator,
+    ) -> dict[str, Any]:
+        """The naive curve (the model as it was before this step's in-place alignments) and the re-based
+        one, with the callback whose alignment it used."""
+        from rebasin_callbacks.lmc import lmc_curve
+
+        kwargs: dict[str, Any] = {"n_points": self.n_points, "reset_bn": self.reset_bn, "repair": self.repair}
+        kwargs["progress"] = _show_progress(trainer, self.progress)
+        if self.reset_bn or self.repair:
+            kwargs["bn_data"] = trainer.train_dataloader
+        candidates = step_records(trainer, target, trainer.global_step)
+        applied = [r for r in candidates if r.applied]
+        model = copy.deepcopy(target).eval()
+        for r in reversed(applied):  # undo this step's in-place alignments, newest first
+            model = permute(model, r.spec, inverse(r.perms))
+        out: dict[str, Any] = {"naive": lmc_curve(model, reference, evaluate, label="naive", **kwargs)}
+        if self.align:
+            last = applied[-1] if applied else None
+            if last is not None and last.cost == self.cost and same_reference(last.reference, reference):
+                rebased = copy.deepcopy(target).eval()  # already aligned in place: reuse, no re-alignment
+                self._tell_reuse(last.owner)
+                out["rebasin_source"] = last.owner
+            else:
+                spec = self._spec.get(model, pl_module)
+                found = self._alignment_of(trainer, target, model, reference, spec, candidates, 0)
+                if not any(found is r for r in candidates):
+                    self._alignments.add(found)
+                rebased = permute(model, spec, found.perms)
+                out["rebasin_source"] = found.owner
+            out["rebasin"] = lmc_curve(rebased, reference, evaluate, label="re-based", **kwargs)
+        return out
+
+    def _tell_reuse(self, owner: str) -> None:
+        if not self._told_reuse:
+            rank_zero_info(
+                f"LMCMonitor: the re-based curve reuses {owner}'s in-place alignment of the same step (same "
+                "reference and cost); 'naive' is the model before it"
+            )
+            self._told_reuse = True
+
+    def _log_figure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: dict[str, Any]) -> None:
         if not trainer.is_global_zero:
             return
         from rebasin_callbacks.lmc import plot_lmc
         from rebasin_callbacks.plotting import save_figure
 
         curves = [out[k] for k in ("naive", "rebasin") if k in out]
-        fig = plot_lmc(curves, title=f"epoch {out['epoch']}")  # a pyplot-free Figure: nothing to close
+        split = self.data if isinstance(self.data, str) else "given data"
+        model = type(target_module(pl_module, self.submodule)).__name__
+        title = f"{model} (A) at epoch {out['epoch']} -> reference (B), {split} split"
+        fig = plot_lmc(curves, title=title)  # a pyplot-free Figure: nothing to close
         logged = False
         for logger in trainer.loggers:
             log_image = getattr(logger, "log_image", None)
             if callable(log_image):  # Lightning's image API: W&B, Neptune, ...
-                log_image(key="lmc", images=[_figure_rgb(fig)], step=trainer.global_step)
+                log_image(key="lmc", images=[figure_rgb(fig)], step=trainer.global_step)
                 logged = True
                 continue
             experiment = getattr(logger, "experiment", None)
@@ -1246,16 +1003,6 @@ class LMCMonitor(_EpochEndCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_epoch = int(state_dict["last_epoch"])
         self.history = [dict(h) for h in state_dict["history"]]
-
-
-def _figure_rgb(fig: Any) -> Any:
-    """The figure as an ``(H, W, 3)`` uint8 array (what every logger's ``log_image`` accepts)."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _curve_metrics(prefix: str, result: Any) -> dict[str, float]:

@@ -49,6 +49,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from rebasin_callbacks.batches import to_device
+from rebasin_callbacks.devices import module_device, module_dtype
 from rebasin_callbacks.incremental import (
     Fusion,
     ReBasinIncremental,
@@ -57,7 +59,6 @@ from rebasin_callbacks.incremental import (
     check_non_negative,
 )
 from rebasin_callbacks.lightning_guards import refuse_sharded, weight_averagers
-from rebasin_callbacks.utils import module_device, module_dtype, to_device
 
 __all__ = ["ReBasinFusion"]
 

@@ -38,28 +38,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rebasin_callbacks.bn import bn_modules as _bn_modules
-from rebasin_callbacks.bn import collect_statistics as _collect
-from rebasin_callbacks.bn import repair, reset_bn_stats
-from rebasin_callbacks.bn import repair_points as _repair_points
-from rebasin_callbacks.bn import repair_with_statistics as _repair_with_stats
-from rebasin_callbacks.bn import reset_bn_stats_on as _reset_bn_on
+from rebasin_callbacks.batches import split_batch, take_batches, to_device
+from rebasin_callbacks.bn import (
+    bn_modules,
+    collect_statistics,
+    repair,
+    repair_points,
+    repair_with_statistics,
+    reset_bn_stats,
+    reset_bn_stats_on,
+)
+from rebasin_callbacks.devices import follow, module_device, module_dtype
+from rebasin_callbacks.modes import eval_mode
 from rebasin_callbacks.plotting import plot_lmc
 from rebasin_callbacks.spec import SpecMismatchError
-from rebasin_callbacks.states import check_lambda as _check_lambda
-from rebasin_callbacks.states import interpolate_state_dict
-from rebasin_callbacks.utils import (
-    check_compatible,
-    check_finite,
-    eval_mode,
-    follow,
-    module_device,
-    module_dtype,
-    split_batch,
-    take_batches,
-    thread_limit,
-    to_device,
-)
+from rebasin_callbacks.states import check_compatible, check_finite, check_lambda, interpolate_state_dict
+from rebasin_callbacks.threads import thread_limit
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -391,6 +385,38 @@ def _progress(items: Sequence[float], enabled: bool, label: str) -> Iterable[flo
     return tqdm(items, desc=f"LMC {label}".strip(), leave=False)
 
 
+def _lambdas(n_points: int, lambdas: Sequence[float] | None) -> list[float]:
+    """The curve's points: ``n_points`` evenly spaced ones, or the given ``lambdas`` checked."""
+    if lambdas is None:
+        if n_points < 2:
+            raise ValueError(f"n_points must be >= 2, got {n_points}")
+        return [i / (n_points - 1) for i in range(n_points)]
+    lams = [check_lambda(x) for x in lambdas]
+    if len(lams) < 2 or any(b <= a for a, b in zip(lams, lams[1:])):
+        raise ValueError(f"lambdas must be at least 2 strictly increasing values, got {lams}")
+    return lams
+
+
+def _bn_batches(
+    model: nn.Module, reset_bn: bool, repair: bool, source: Any, n_batches: int | None
+) -> list[Any]:
+    """The batches BatchNorm statistics are reset / repaired on (none when neither is asked for), on the
+    model's device and dtype."""
+    if not (reset_bn or repair):
+        return []
+    if source is None:
+        what = "reset_bn=True" if reset_bn else "repair=True"
+        raise ValueError(f"lmc_curve: {what} needs bn_data (evaluate is a callable, so it has no data)")
+    batches = take_batches(source, n_batches, module_device(model), "lmc_curve", dtype=module_dtype(model))
+    if reset_bn and not bn_modules(model):
+        warnings.warn(
+            "lmc_curve: reset_bn=True but the model has no BatchNorm layer",
+            RuntimeWarning,
+            stacklevel=3,  # lmc_curve's caller
+        )
+    return batches
+
+
 def lmc_curve(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -445,14 +471,7 @@ def lmc_curve(
     """
     if on_nan not in ("warn", "raise", "ignore"):
         raise ValueError(f"on_nan must be 'warn', 'raise' or 'ignore', got {on_nan!r}")
-    if lambdas is None:
-        if n_points < 2:
-            raise ValueError(f"n_points must be >= 2, got {n_points}")
-        lams = [i / (n_points - 1) for i in range(n_points)]
-    else:
-        lams = [_check_lambda(x) for x in lambdas]
-        if len(lams) < 2 or any(b <= a for a, b in zip(lams, lams[1:])):
-            raise ValueError(f"lambdas must be at least 2 strictly increasing values, got {lams}")
+    lams = _lambdas(n_points, lambdas)
     evaluator, eval_data = _make_evaluator(evaluate)
     _check_compatible(model_a.state_dict(), model_b.state_dict())
     for name, model in (("model_a", model_a), ("model_b", model_b)):
@@ -460,35 +479,21 @@ def lmc_curve(
     model_b = follow(model_b, model_a)  # computation follows model_a; model_b is copied, never mutated
 
     with thread_limit(threads):  # many small kernels: see utils.thread_limit
-        batches: list[Any] = []
-        if reset_bn or repair:
-            source = bn_data if bn_data is not None else eval_data
-            if source is None:
-                what = "reset_bn=True" if reset_bn else "repair=True"
-                raise ValueError(
-                    f"lmc_curve: {what} needs bn_data (evaluate is a callable, so it has no data)"
-                )
-            batches = take_batches(
-                source, n_batches, module_device(model_a), "lmc_curve", dtype=module_dtype(model_a)
-            )
-            if reset_bn and not _bn_modules(model_a):
-                warnings.warn(
-                    "lmc_curve: reset_bn=True but the model has no BatchNorm layer",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        batches = _bn_batches(
+            model_a, reset_bn, repair, bn_data if bn_data is not None else eval_data, n_batches
+        )
         if repair:
-            points = _repair_points(model_a, split_batch(batches[0])[0])
-            stats_a = _collect(model_a, points, batches)
-            stats_b = _collect(model_b, points, batches)
+            points = repair_points(model_a, split_batch(batches[0])[0])
+            stats_a = collect_statistics(model_a, points, batches)
+            stats_b = collect_statistics(model_b, points, batches)
 
         values: dict[str, list[float]] = {}
         for i, lam in enumerate(_progress(lams, progress, label)):
             model = interpolate(model_a, model_b, lam)
             if reset_bn:
-                _reset_bn_on(model, batches)
+                reset_bn_stats_on(model, batches)
             if repair:
-                _repair_with_stats(model, lam, points, stats_a, stats_b, batches, 1e-6)
+                repair_with_statistics(model, lam, points, stats_a, stats_b, batches, 1e-6)
             model.eval()
             with torch.no_grad():
                 metrics = evaluator(model)

@@ -1280,6 +1280,179 @@ def _m_multihead_attention(w: _Walker, node: fx.Node, m: nn.MultiheadAttention, 
     return w.multihead_attention(node, m)
 
 
+# Gate blocks stacked along the rows of a recurrent layer's weights (torch's order: LSTM i, f, g, o;
+# GRU r, z, n). A permutation of hidden units acts alike on every block: each gate is elementwise in them.
+_RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _live(node: fx.Node) -> bool:
+    """Whether anything reads ``node``'s value (unpacking alone, ``a, (b, c) = ...``, does not)."""
+    return any(u.target is not operator.getitem or _live(u) for u in node.users)
+
+
+def _reads_state(node: fx.Node) -> bool:
+    """Whether the returned final state (``h_n``, or ``(h_n, c_n)``) of a recurrent call is read."""
+    for u in node.users:
+        index = u.args[1] if u.target is operator.getitem and len(u.args) > 1 else None
+        if not isinstance(index, int):
+            return True  # the whole ``(output, state)`` pair goes somewhere the walk cannot split
+        if index % 2 == 1 and _live(u):
+            return True
+    return False
+
+
+# A tensor filled with one value (a zero initial state) is unchanged by any permutation: it constrains nothing.
+_FILLS = {torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like, torch.full_like}
+_FILL_METHODS = {"new_zeros", "new_ones", "new_full"}
+# ops that keep a filled tensor filled (casts, moves, shape changes)
+_KEEPS_FILLED = {
+    "to", "type_as", "cuda", "cpu", "float", "double", "half", "bfloat16", "detach", "contiguous", "clone",
+    "view", "reshape", "expand", "expand_as", "repeat", "unsqueeze", "squeeze", "permute", "transpose",
+}  # fmt: skip
+
+
+def _is_filled(value: Any) -> bool:
+    """Whether a graph value is a tensor filled with one value and never written to afterwards."""
+    node = value
+    while isinstance(node, fx.Node):
+        if any(
+            (u.op == "call_method" and str(u.target).endswith("_"))
+            or (u.op == "call_function" and getattr(u.target, "__name__", "").endswith(("_", "setitem")))
+            for u in node.users
+        ):
+            return False  # written in place: no longer known to be filled
+        if node.op == "call_function" and node.target in _FILLS:
+            return True
+        if node.op == "call_method" and node.target in _FILL_METHODS:
+            return True
+        if node.op == "call_method" and node.target in _KEEPS_FILLED and node.args:
+            node = node.args[0]
+            continue
+        return False
+    return False
+
+
+def _initial_state(w: _Walker, node: fx.Node, hx: Any, spaces: Sequence[DimLabel]) -> None:
+    """An initial state given to a recurrent call seeds the hidden units: its feature axis joins them."""
+    label = w.lab(hx)
+    if isinstance(hx, (list, tuple)):
+        parts = list(zip(hx, label))
+    elif isinstance(label, list):  # an LSTM's (h, c) as one value, e.g. another LSTM's final state
+        parts = [(None, lab) for lab in label]
+    else:
+        parts = [(hx, label)]
+    if len(parts) != len(spaces):
+        w.cut(node, [*spaces, label], "an initial state not understood")
+        return
+    for (value, lab), space in zip(parts, spaces):
+        if value is not None and _is_filled(value):
+            continue
+        if not isinstance(lab, tuple) or not lab:
+            w.cut(node, [space, lab], "an initial state not understood")
+            continue
+        w.cut(node, list(lab[:-1]), "an initial state's layer and batch positions")
+        if w.sp.resolve(lab[-1]) is None:  # a state given in a fixed basis (an input) pins the hidden units
+            w.cut(node, space, "an initial state in a fixed basis")
+        w.sp.merge(lab[-1], space)
+
+
+def _needs_state(hx: Any) -> bool:
+    """Whether an initial state is given that is not filled with one value (zeros)."""
+    parts = hx if isinstance(hx, (list, tuple)) else [hx]
+    return any(p is not None and not _is_filled(p) for p in parts)
+
+
+def _m_recurrent(w: _Walker, node: fx.Node, m: nn.RNNBase, x: Any) -> Any:
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: one group of hidden units per layer and direction.
+
+    It permutes the rows of every gate block of ``weight_ih_l{k}`` / ``weight_hh_l{k}`` and both biases, the
+    columns of ``weight_hh_l{k}`` (the recurrence reads its own output), and the next layer's input columns;
+    with ``proj_size`` a second group permutes the projected outputs (rows of ``weight_hr_l{k}``, columns
+    of ``weight_hh_l{k}``) while the hidden group permutes ``weight_hr_l{k}``'s columns. The output's feature
+    axis is the concatenation ``[forward, backward]`` of the last layer's groups. A final state that is read
+    (or an initial state that is given, unless it is filled with one value such as zeros) stacks every layer
+    and direction on one axis: they then share one permutation (cell states one, outputs another)."""
+    t, gates = str(node.target), _RECURRENT_GATES.get(str(m.mode))
+    lx, sx, structure = w.lab(x), w.shape(x), w.shapes.get(node)
+    if gates is None or lx is None or sx is None or len(sx) not in (2, 3) or not isinstance(structure, list):
+        return w.boundary(node, f"recurrent {type(m).__name__} (mode {m.mode!r}) on input {sx}")
+    w.cut(node, list(lx[:-1]), "a recurrence runs over the sequence positions")
+    hidden, proj = m.hidden_size, int(getattr(m, "proj_size", 0) or 0)
+    width = proj or hidden
+    directions = ("", "_reverse") if m.bidirectional else ("",)
+    cells: list[int] = []
+    outs: list[int] = []
+    feature: DimLabel = lx[-1]
+    for k in range(m.num_layers):
+        layer: list[int] = []
+        for d in directions:
+            h = w.sp.new(hidden, f"P_{t}.h{k}{d}")
+            o = w.sp.new(proj, f"P_{t}.proj{k}{d}") if proj else h
+            rows = Blocks(((h, hidden),) * gates)  # one block per gate (a single one for nn.RNN)
+            w.bind(f"{t}.weight_ih_l{k}{d}", 0, rows)
+            w.bind(f"{t}.weight_ih_l{k}{d}", 1, feature)
+            w.bind(f"{t}.weight_hh_l{k}{d}", 0, rows)
+            w.bind(f"{t}.weight_hh_l{k}{d}", 1, o)
+            if m.bias:
+                w.bind(f"{t}.bias_ih_l{k}{d}", 0, rows)
+                w.bind(f"{t}.bias_hh_l{k}{d}", 0, rows)
+            if proj:
+                w.bind(f"{t}.weight_hr_l{k}{d}", 0, o)
+                w.bind(f"{t}.weight_hr_l{k}{d}", 1, h)
+            cells.append(h)
+            outs.append(o)
+            layer.append(o)
+        feature = layer[0] if len(layer) == 1 else Blocks(tuple((o, width) for o in layer))
+    output = (None,) * (len(sx) - 1) + (feature,)
+    hx = w.arg(node, 1, "hx")
+    is_lstm = m.mode == "LSTM"
+    n_state = len(sx)  # (layers * directions, [batch,] features)
+    if not (_reads_state(node) or _needs_state(hx)):
+        unread = (None,) * n_state
+        return [output, [unread, unread] if is_lstm else unread]
+    shared_out: DimLabel = outs[0]
+    for o in outs[1:]:
+        shared_out = w.sp.merge(shared_out, o)
+    shared_cell: DimLabel = cells[0]
+    for c in cells[1:]:
+        shared_cell = w.sp.merge(shared_cell, c)
+    spaces = [shared_out, shared_cell] if is_lstm else [shared_out]
+    if hx is not None:
+        _initial_state(w, node, hx, spaces)
+    state_labels = [(None,) * (n_state - 1) + (s,) for s in spaces]
+    return [output, state_labels if is_lstm else state_labels[0]]
+
+
+def _m_recurrent_cell(w: _Walker, node: fx.Node, m: nn.RNNCellBase, x: Any) -> Any:
+    """``nn.LSTMCell`` / ``nn.GRUCell`` / ``nn.RNNCell`` (one step, called in an unrolled loop): one group of
+    hidden units per cell, shared by every call, on the gate blocks, ``weight_hh``'s columns and the state."""
+    t, sx, lx = str(node.target), w.shape(x), w.lab(x)
+    gates = 4 if isinstance(m, nn.LSTMCell) else 3 if isinstance(m, nn.GRUCell) else 1
+    if (
+        sx is None
+        or lx is None
+        or len(sx) not in (1, 2)
+        or not isinstance(m, (nn.LSTMCell, nn.GRUCell, nn.RNNCell))
+    ):
+        return w.boundary(node, f"recurrent cell {type(m).__name__} on input {sx}")
+    w.cut(node, list(lx[:-1]), "a recurrent cell's batch positions")
+    h = w.sp.new(m.hidden_size, f"P_{t}")
+    rows = Blocks(((h, m.hidden_size),) * gates)
+    w.bind(f"{t}.weight_ih", 0, rows)
+    w.bind(f"{t}.weight_ih", 1, lx[-1])
+    w.bind(f"{t}.weight_hh", 0, rows)
+    w.bind(f"{t}.weight_hh", 1, h)
+    if m.bias:
+        w.bind(f"{t}.bias_ih", 0, rows)
+        w.bind(f"{t}.bias_hh", 0, rows)
+    spaces = [h, h] if gates == 4 else [h]
+    hx = w.arg(node, 1, "hx")
+    if hx is not None:
+        _initial_state(w, node, hx, spaces)
+    state = (None,) * (len(sx) - 1) + (h,)
+    return [state, state] if gates == 4 else state
+
+
 _MODULE_HANDLERS: dict[type, ModuleHandler] = {
     nn.Linear: _m_linear,
     **dict.fromkeys((nn.Conv1d, nn.Conv2d, nn.Conv3d), _m_conv),
@@ -1295,6 +1468,8 @@ _MODULE_HANDLERS: dict[type, ModuleHandler] = {
     **dict.fromkeys((nn.Flatten, nn.Unflatten), _m_reshape),
     nn.Embedding: _m_embedding,
     nn.MultiheadAttention: _m_multihead_attention,
+    nn.RNNBase: _m_recurrent,
+    nn.RNNCellBase: _m_recurrent_cell,
 }
 
 

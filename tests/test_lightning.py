@@ -259,6 +259,26 @@ def test_submodule_spec_is_traced_on_its_own_inputs(tmp_path):
     assert cb.history[0]["l2_after"] < cb.history[0]["l2_before"]
 
 
+@pytest.mark.parametrize("source", ["spec", "function", "json"])
+def test_every_spec_source_is_resolved_once_and_the_given_spec_is_kept(tmp_path, source):
+    """A spec, a function of the module and a JSON path all resolve to the same bound spec; the user's spec
+    object is not modified (sizes are bound on a new one)."""
+    from rebasin_callbacks.spec import PermutationSpec
+
+    given = PermutationSpec.from_axes({"0.weight": ("P", None), "0.bias": ("P",), "2.weight": (None, "P")})
+    calls = []
+    path = tmp_path / "spec.json"
+    given.to_json(str(path))
+    spec = {"spec": given, "function": lambda m: calls.append(m) or given, "json": str(path)}[source]
+    cb = ReBasinAlign(_reference(), submodule="model", spec=spec, align_kwargs={"steps": 3})
+    model = _fit(tmp_path, [cb], max_epochs=2)
+    assert given.sizes == {}
+    assert cb.spec is not None and cb.spec is not given and cb.spec.sizes == {"P": 16}
+    assert len(cb.history) == 2 and cb.history[-1]["l2_after"] <= cb.history[-1]["l2_before"]
+    if source == "function":
+        assert calls == [model.model]  # resolved once, on the aligned submodule
+
+
 def test_copy_mode_keeps_training_weights_and_saves_the_copy(tmp_path):
     plain = _fit(tmp_path)
     cb = ReBasinAlign(_reference(), submodule="model", mode="copy", every_n_epochs=0, at_fit_end=True)
@@ -672,3 +692,28 @@ def test_data_cost_uses_the_training_loader_and_leaves_training_unchanged(tmp_pa
     x = _data(32, seed=7).tensors[0]
     with torch.no_grad():
         torch.testing.assert_close(cb.aligned_model.eval()(x), trained.model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_alignments_are_read_only_from_the_callbacks_that_share_them(tmp_path):
+    """Another callback that happens to have an ``_alignments`` attribute is neither read nor changed."""
+
+    class Other(pl.Callback):
+        def __init__(self):
+            self._alignments = ["not ours"]
+
+    other = Other()
+    cb = ReBasinAlign(_reference(), submodule="model", align_kwargs={"steps": 3})
+    monitor = LMCMonitor(_reference(), submodule="model", n_points=3, save_dir=str(tmp_path))
+    _fit(tmp_path, [other, cb, monitor], max_epochs=1)
+    assert other._alignments == ["not ours"]
+    assert monitor.results[-1]["rebasin_source"] == "ReBasinAlign"
+
+
+def test_fit_end_work_is_numbered_as_the_last_epoch(tmp_path):
+    """After the loop Lightning's counter is one past the last epoch: an alignment or a curve made at fit end
+    belongs to the last epoch (0-based, as in the loggers' rows and the demo's epochs.csv), not to the next."""
+    align = ReBasinAlign(_reference(), submodule="model", mode="copy", every_n_epochs=0, at_fit_end=True)
+    monitor = LMCMonitor(_reference(), submodule="model", data=_loaders()[1], every_n_epochs=0, n_points=3)
+    _fit(tmp_path, [align, monitor], max_epochs=2)
+    assert [r["epoch"] for r in align.history] == [1]
+    assert monitor.results[-1]["epoch"] == 1 and monitor.history[-1]["epoch"] == 1.0

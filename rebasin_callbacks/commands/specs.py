@@ -104,11 +104,20 @@ def _read_spec(args: argparse.Namespace, model: nn.Module) -> Any:
 
 
 def load_spec(args: argparse.Namespace, model: nn.Module, example: Tensor) -> Any:
-    """``--spec`` (checked against the model) or a spec traced from ``example``; boundary warnings printed."""
-    from rebasin_callbacks.trace import SpecCheckError, UntraceableModelError, check_spec, trace_spec
+    """``--spec`` (checked against the model) or a spec traced from ``example``; boundary warnings printed.
+
+    Both go through the library's one resolver (:func:`rebasin_callbacks.spec_source.resolve_spec`); the
+    command adds what a command line needs: the file's entries checked one by one for a one-line message,
+    the hand-written spec verified in float64 before any work, every failure an exit status.
+    """
+    from rebasin_callbacks.spec_source import resolve_spec
+    from rebasin_callbacks.trace import SpecCheckError, UntraceableModelError, check_spec
 
     if args.spec:
-        spec = _read_spec(args, model)
+        try:
+            spec = resolve_spec(model, _read_spec(args, model), purpose="nothing to align")
+        except ValueError as exc:  # no permutation groups
+            raise CommandError(f"--spec {args.spec}: {exc}", EXIT_MISMATCH) from None
         try:  # a hand-written spec is verified before any work: a wrong one would change the model's function
             check_spec(model, spec, example)
         except SpecCheckError as exc:
@@ -117,14 +126,12 @@ def load_spec(args: argparse.Namespace, model: nn.Module, example: Tensor) -> An
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            spec = trace_spec(model, example)
+            spec = resolve_spec(model, None, example, purpose="nothing to align")
         except UntraceableModelError as exc:
             raise CommandError(f"--arch {args.arch}: {exc}; write a spec by hand and pass --spec") from None
+        except ValueError as exc:  # no permutation groups
+            raise CommandError(f"--arch {args.arch}: {exc}", EXIT_MISMATCH) from None
     for w in caught:
         if "trace_spec" in str(w.message):
             print(f"note: {w.message}")
-    if len(spec) == 0:
-        raise CommandError(
-            f"--arch {args.arch}: no permutation groups found: nothing to align", EXIT_MISMATCH
-        )
     return spec

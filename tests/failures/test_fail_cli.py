@@ -401,6 +401,14 @@ def test_a_spec_naming_a_missing_key_is_a_mismatch(rebasin, ckpts):
     assert code == EXIT_MISMATCH and "9.weight" in err and "Traceback" not in err, err
 
 
+def test_a_spec_that_permutes_nothing_is_a_mismatch_in_one_line(rebasin, ckpts):
+    (ckpts / "s.json").write_text('{"axes_to_perm": {"1.weight": [null, null]}}')
+    code, out, err = rebasin("align", "a.pt", "b.ckpt", *BASE, "--spec", "s.json", "--out", "c.pt")
+    assert code == EXIT_MISMATCH and "no permutation groups" in err, (out, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (ckpts / "c.pt").exists()
+
+
 # ------------------------------------------------------------------ every input file
 def test_a_whole_pickled_model_gets_one_plain_line_saying_what_to_save(rebasin, ckpts):
     torch.save(_mlp(), ckpts / "whole.pt")

@@ -100,3 +100,24 @@ def test_monitor_with_target_free_val_batches_fails_in_the_sanity_check(tmp_path
     with pytest.raises(TypeError, match="no targets"):
         _trainer(tmp_path, [monitor]).fit(net, DataLoader(_data(), batch_size=8), val)
     assert net.steps == 0
+
+
+@pytest.mark.parametrize("cls", [ReBasinAlign, LMCMonitor])
+def test_spec_without_groups_or_not_fitting_fails_at_setup(tmp_path, cls):
+    """A given spec is resolved against the aligned module at setup: one that permutes nothing, or names a
+    key the module lacks, stops the fit before the first step, naming the problem."""
+    from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
+
+    empty = PermutationSpec.from_axes({"0.weight": (None, None)})
+    wrong = PermutationSpec.from_axes({"0.weight": ("P", None), "9.weight": (None, "P")})
+    kwargs = {"data": "train"} if cls is LMCMonitor else {}
+    for spec, error, words in [
+        (empty, ValueError, "no permutation groups"),
+        (wrong, SpecMismatchError, "9.weight"),
+    ]:
+        net = Net()
+        with pytest.raises(error, match=words):
+            _trainer(tmp_path, [cls(Net().model, submodule="model", spec=spec, **kwargs)]).fit(
+                net, DataLoader(_data(), batch_size=8)
+            )
+        assert net.steps == 0
