@@ -40,6 +40,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "reset_bn_stats",
     ),
     "matching": ("weight_matching",),
+    "merge": ("MergeEvaluation", "MergeResult", "average_models", "evaluate_merge", "merge"),
     "permute": (
         "identity_permutations",
         "invert_permutation",
@@ -104,6 +105,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the same names, imported eagerly
         reset_bn_stats,
     )
     from rebasin_callbacks.matching import weight_matching
+    from rebasin_callbacks.merge import MergeEvaluation, MergeResult, average_models, evaluate_merge, merge
     from rebasin_callbacks.permute import (
         identity_permutations,
         invert_permutation,
@@ -137,6 +139,8 @@ __all__ = [
     "CosineCost",
     "L2Cost",
     "LMCResult",
+    "MergeEvaluation",
+    "MergeResult",
     "MidCost",
     "PermutationSpec",
     "PermutedView",
@@ -151,15 +155,18 @@ __all__ = [
     "TraceRule",
     "UntraceableModelError",
     "align",
+    "average_models",
     "barrier_and_auc",
     "check_compatible",
     "check_spec",
+    "evaluate_merge",
     "evaluate_model",
     "identity_permutations",
     "interpolate",
     "interpolate_state_dict",
     "invert_permutation",
     "lmc_curve",
+    "merge",
     "permute",
     "permute_state_dict",
     "plot_lmc",

@@ -25,6 +25,7 @@ __all__ = ["COMMANDS", "build_parser", "main", "plain_text"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "align": ("rebasin_callbacks.commands.align", "align checkpoint A to checkpoint B"),
     "lmc": ("rebasin_callbacks.commands.lmc", "linear mode connectivity of two checkpoints"),
+    "merge": ("rebasin_callbacks.commands.merge", "merge N checkpoints into one model, aligned to one basin"),
     "spec": ("rebasin_callbacks.commands.spec", "trace and print an architecture's permutation spec"),
     "demo": (
         "rebasin_callbacks.demo",

@@ -38,7 +38,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     8: ("matching", "rebasin"),
     9: ("costs",),
     10: ("refine",),
-    11: ("align", "incremental"),
+    11: ("align", "incremental", "merge_matching", "merge"),
     12: ("lightning_guards", "lightning_spec", "commands.errors"),
     13: (
         "lightning_weights",
@@ -55,9 +55,11 @@ LAYERS: dict[int, tuple[str, ...]] = {
     18: (
         "lightning",
         "lightning_fusion",
+        "lightning_merge",
         "avalanche",
         "commands.__init__",
         "commands.align",
+        "commands.merge",
         "commands.lmc",
         "commands.spec",
         "cli",
@@ -73,6 +75,11 @@ ALLOWED: dict[tuple[str, str], str] = {
         "lightning_fusion",
     ): "ReBasinFusion is re-exported where the Lightning callbacks are imported",
     ("demo", "lightning"): "the demo is a Lightning run: it drives the callbacks it shows",
+    ("merge", "align"): "two models with equal weights: the merge objective is align's, so merge calls it",
+    (
+        "merge",
+        "merge_matching",
+    ): "merge's algorithms (star, MergeMany, the joint refinement), a module of their own",
 }
 
 

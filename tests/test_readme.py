@@ -35,7 +35,12 @@ def _run(code: str, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_every_python_block_is_tested() -> None:
-    markers = ("from rebasin_callbacks import align", "LMCMonitor(", "ReBasinPlugin(")
+    markers = (
+        "from rebasin_callbacks import align",
+        "from rebasin_callbacks import merge",
+        "LMCMonitor(",
+        "ReBasinPlugin(",
+    )
     assert len(_blocks("python")) == len(markers)
     for marker in markers:
         _python_block(marker)
@@ -50,6 +55,15 @@ def test_quickstart_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     x = ns["test"].tensors[0][:64]
     torch.testing.assert_close(ns["aligned"](x), ns["model_a"](x), rtol=1e-4, atol=1e-5)
     assert (tmp_path / "lmc.png").stat().st_size > 0
+
+
+def test_merge_block_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ns = _run(_python_block("from rebasin_callbacks import merge"), "merge", tmp_path, monkeypatch)
+    result, evaluation = ns["result"], ns["evaluation"]
+    assert len(result.perms) == 3 and result.cycle_error() == 0.0
+    # a merge worth the name: far above chance, and closer to the models than their plain average
+    assert evaluation.merged["accuracy"] > 0.6, evaluation.summary()
+    assert result.history["distance"][-1] < result.history["distance"][0]
 
 
 def test_lightning_block_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
