@@ -29,6 +29,8 @@ __all__ = [
     "perm_to_matrix",
     "axis_index",
     "permute_optimizer_state",
+    "compose_permutations",
+    "invert_permutations",
 ]
 
 Perms = Mapping[str, Tensor]
@@ -73,6 +75,69 @@ def invert_permutation(perm: Tensor) -> Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
+
+
+def compose_permutations(spec: PermutationSpec, first: Perms, then: Perms) -> dict[str, Tensor]:
+    """The permutations that do ``first`` and then ``then``: ``permute`` with them equals ``permute`` with
+    ``first`` followed by ``permute`` with ``then`` (groups left out of either are the identity).
+
+    Group by group (``first[g][then[g]]``) except inside block groups (attention heads, groups of
+    channels): a unit group at block position ``i`` after the blocks moved takes ``first``'s permutation of
+    the block that landed there, so it is read back from the composed index of the whole axis.
+
+    Example:
+        >>> import torch
+        >>> from rebasin_callbacks import trace_spec
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+        >>> spec = trace_spec(mlp, torch.randn(3, 2))
+        >>> p = random_permutations(spec, 0)
+        >>> all(torch.equal(q, torch.arange(4)) for q in compose_permutations(spec, p, invert_permutations(spec, p)).values())
+        True
+    """
+    _require_sizes(spec)
+    full = [
+        {g: q.cpu() for g, q in {**identity_permutations(spec), **perms}.items()} for perms in (first, then)
+    ]
+    _check_perms(spec, full[0])
+    _check_perms(spec, full[1])
+    blocks = {h: full[0][h][full[1][h]] for h in spec.block_groups}
+
+    def index(key: str, axis: int) -> Tensor:
+        a = axis_index(spec, key, axis, full[0], torch.device("cpu"))
+        b = axis_index(spec, key, axis, full[1], torch.device("cpu"))
+        return a[b]  # type: ignore[index]
+
+    return _from_axis_indices(spec, index, blocks)
+
+
+def invert_permutations(spec: PermutationSpec, perms: Perms) -> dict[str, Tensor]:
+    """The permutations that undo ``perms``: ``compose_permutations(spec, perms, inverse)`` is the identity."""
+    _require_sizes(spec)
+    full = {g: q.cpu() for g, q in {**identity_permutations(spec), **perms}.items()}
+    _check_perms(spec, full)
+    blocks = {h: invert_permutation(full[h]) for h in spec.block_groups}
+
+    def index(key: str, axis: int) -> Tensor:
+        return invert_permutation(axis_index(spec, key, axis, full, torch.device("cpu")))  # type: ignore[arg-type]
+
+    return _from_axis_indices(spec, index, blocks)
+
+
+def _from_axis_indices(spec: PermutationSpec, index, blocks: dict[str, Tensor]) -> dict[str, Tensor]:  # noqa: ANN001
+    """Per-group permutations whose axis indices are ``index(key, axis)``, with the block groups given: a
+    unit group's permutation is read from its first axis, after the block level is taken off."""
+    out = dict(blocks)
+    for g, pairs in spec.perm_to_axes.items():
+        if g in out:
+            continue
+        key, axis = pairs[0]
+        full = index(key, axis)
+        outer = axis_index(spec, key, axis, blocks, torch.device("cpu"), level="blocks")
+        units = full if outer is None else invert_permutation(outer)[full]
+        start, stop = next((s, e) for grp, s, e in spec.axis_blocks(key, axis) if grp == g)
+        k = (stop - start) // spec.sizes[g]
+        out[g] = (units[start:stop:k] - start) // k
+    return out
 
 
 def perm_to_matrix(perm: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -161,3 +161,20 @@ def test_grouped_query_attention_is_a_boundary_never_wrong():
     for key in ("q.weight", "kv.weight", "proj.weight"):
         assert spec.axes_to_perm[key][0 if key != "proj.weight" else 1] is None
     assert check_spec(model, spec, x) < 1e-9
+
+
+def test_compose_and_invert_with_head_groups():
+    from rebasin_callbacks.permute import compose_permutations, invert_permutations
+
+    torch.manual_seed(0)
+    model, x = _vit(), torch.randn(2, 1, 28, 28)
+    spec = _trace(model, x)
+    p1, p2 = random_permutations(spec, 1), random_permutations(spec, 2)
+    state = model.state_dict()
+    twice = permute_state_dict(permute_state_dict(state, spec, p1), spec, p2)
+    once = permute_state_dict(state, spec, compose_permutations(spec, p1, p2))
+    groupwise = permute_state_dict(state, spec, {g: p1[g][p2[g]] for g in p1})
+    assert all(torch.equal(twice[k], once[k]) for k in state)
+    assert not all(torch.equal(twice[k], groupwise[k]) for k in state)  # heads make it more than groupwise
+    back = permute_state_dict(permute_state_dict(state, spec, p1), spec, invert_permutations(spec, p1))
+    assert all(torch.equal(back[k], state[k]) for k in state)
