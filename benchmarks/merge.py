@@ -109,7 +109,7 @@ def pairwise_wm_cycle_error(models: list[nn.Module], spec) -> float:
         for j in range(n)
         if i != j
     }
-    return cycle_error(lambda i, j: table[(i, j)], n)
+    return cycle_error(lambda i, j: table[(i, j)], n, spec)
 
 
 def run_set(

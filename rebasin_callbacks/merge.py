@@ -51,12 +51,13 @@ from rebasin_callbacks.merge_matching import (
     compose,
     cycle_error,
     distance_to_mean,
+    invert,
     mean_state,
     merge_many,
     refine_joint,
     star,
 )
-from rebasin_callbacks.permute import identity_permutations, invert_permutation, permute
+from rebasin_callbacks.permute import identity_permutations, permute
 from rebasin_callbacks.spec import PermutationSpec, SpecMismatchError
 from rebasin_callbacks.utils import (
     check_compatible,
@@ -149,12 +150,12 @@ class MergeResult:
 
     def pairwise(self, i: int, j: int) -> dict[str, Tensor]:
         """The permutations that bring model ``i`` into model ``j``'s frame (through the shared frame)."""
-        return compose(self.perms[i], {g: invert_permutation(p) for g, p in self.perms[j].items()})
+        return compose(self.spec, self.perms[i], invert(self.spec, self.perms[j]))
 
     def cycle_error(self) -> float:
         """Fraction of units that do not return to themselves around the triangles of :meth:`pairwise`
         (0 by construction; NaN for fewer than 3 models)."""
-        return cycle_error(self.pairwise, len(self.perms))
+        return cycle_error(self.pairwise, len(self.perms), self.spec)
 
     def evaluate(
         self, data: Iterable[Any], loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, *,

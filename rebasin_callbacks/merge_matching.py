@@ -41,8 +41,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from rebasin_callbacks.matching import weight_matching
 from rebasin_callbacks.permute import (
+    compose_permutations,
     identity_permutations,
-    invert_permutation,
+    invert_permutations,
     perm_to_matrix,
     permute_state_dict,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "refine_joint",
     "to_frame_of",
     "compose",
+    "invert",
     "mean_state",
     "distance_to_mean",
 ]
@@ -66,16 +68,24 @@ State = Mapping[str, Tensor]
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def compose(first: Mapping[str, Tensor], then: Mapping[str, Tensor]) -> Perms:
+def compose(spec: PermutationSpec, first: Mapping[str, Tensor], then: Mapping[str, Tensor]) -> Perms:
     """The permutations that do ``first`` and then ``then`` (``permute`` twice equals ``permute`` once with
-    these: ``new[i] = old[first[then[i]]]``)."""
-    return {g: first[g][then[g]] for g in first}
+    these), exact with block groups (:func:`~rebasin_callbacks.permute.compose_permutations`), on
+    ``first``'s device."""
+    device = next(iter(first.values())).device if first else torch.device("cpu")
+    return {g: q.to(device) for g, q in compose_permutations(spec, first, then).items()}
 
 
-def to_frame_of(perms: Sequence[Mapping[str, Tensor]], i: int = 0) -> list[Perms]:
+def invert(spec: PermutationSpec, perms: Mapping[str, Tensor]) -> Perms:
+    """The permutations that undo ``perms`` (exact with block groups), on their device."""
+    device = next(iter(perms.values())).device if perms else torch.device("cpu")
+    return {g: q.to(device) for g, q in invert_permutations(spec, perms).items()}
+
+
+def to_frame_of(spec: PermutationSpec, perms: Sequence[Mapping[str, Tensor]], i: int = 0) -> list[Perms]:
     """The same alignment expressed in model ``i``'s frame (its permutations become the identity)."""
-    back = {g: invert_permutation(p) for g, p in perms[i].items()}
-    return [compose(p, back) for p in perms]
+    back = invert(spec, perms[i])
+    return [compose(spec, p, back) for p in perms]
 
 
 def mean_state(states: Sequence[State], weights: Sequence[float]) -> dict[str, Tensor]:
@@ -163,7 +173,7 @@ def merge_many(
             history.append(distance_to_mean(aligned, weights, keys))
         if not changed:
             break
-    return to_frame_of(perms)
+    return to_frame_of(spec, perms)
 
 
 def _sq_dist(a: State, b: State, keys: Sequence[str]) -> float:
@@ -379,7 +389,7 @@ def _key(perms: Sequence[Mapping[str, Tensor]]) -> tuple:
     return tuple((i, g, p.numpy().tobytes()) for i, ps in enumerate(perms) for g, p in sorted(ps.items()))
 
 
-def cycle_error(pairwise: Callable[[int, int], Mapping[str, Tensor]], n: int) -> float:
+def cycle_error(pairwise: Callable[[int, int], Mapping[str, Tensor]], n: int, spec: PermutationSpec) -> float:
     """The fraction of units that do not come back to themselves around the triangles ``i -> j -> k -> i``
     of the pairwise permutations ``pairwise(i, j)`` (maps model ``i`` into model ``j``'s frame): 0 for
     permutations composed through one frame, typically above 0 for independent pairwise matchings."""
@@ -390,7 +400,7 @@ def cycle_error(pairwise: Callable[[int, int], Mapping[str, Tensor]], n: int) ->
                 if len({i, j, k}) < 3:
                     continue
                 pij, pjk, pki = pairwise(i, j), pairwise(j, k), pairwise(k, i)
-                loop = compose(compose(pij, pjk), pki)
+                loop = compose(spec, compose(spec, pij, pjk), pki)
                 for p in loop.values():
                     wrong += int((p != torch.arange(p.numel())).sum())
                     total += p.numel()

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,12 @@ from rebasin_callbacks import (
     average_models,
     cli,
     evaluate_merge,
-    invert_permutation,
     merge,
     permute,
     random_permutations,
     trace_spec,
 )
-from rebasin_callbacks.merge_matching import compose, distance_to_mean, merge_many
+from rebasin_callbacks.merge_matching import compose, distance_to_mean, invert, merge_many
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +82,7 @@ def test_three_planted_permutations_are_recovered_exactly(method):
     data = _task(128, image=True) if method == "data" else None
     result = merge(models, spec=spec, method=method, data=data, steps=5, progress=False)
     for i, p in enumerate(planted):  # model i into model 0's frame: undo p_i, then apply p_0
-        expected = compose({g: invert_permutation(v) for g, v in p.items()}, planted[0])
+        expected = compose(spec, invert(spec, p), planted[0])
         assert all(torch.equal(result.perms[i][g], expected[g]) for g in spec.groups), (method, i)
         assert _states_equal(result.models[i], models[0])
     for k, v in result.merged.state_dict().items():  # the average of three equal models (round-off only)
@@ -368,3 +368,26 @@ def test_cli_help_and_usage_errors_do_not_import_torch(argv, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                             env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert "TORCH False" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_planted_frame_recovered_with_attention_head_groups():
+    """Heads moved as blocks: the frame change composes whole axes (a unit group inside moved heads is not
+    composed group by group), so three head-permuted copies of a ViT land exactly on model 0."""
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    base = VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2, num_heads=4,
+        mlp_ratio=2.0, global_pool="avg", class_token=False,
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 1, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = trace_spec(base, x)
+    assert spec.block_groups, "the ViT's spec should move heads as blocks"
+    models = [permute(base, spec, random_permutations(spec, seed)) for seed in (1, 2, 3)]
+    result = merge(models, spec=spec, method="merge_many", progress=False)
+    for i in range(3):
+        assert _states_equal(result.models[i], models[0]), i
+    assert result.cycle_error() == 0.0
