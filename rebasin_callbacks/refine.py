@@ -321,7 +321,14 @@ def _prepare(problem: Problem, plan: Plan, rb: ReBasin, score: Scorer, best: flo
     run = Run(problem, plan, rb, opt, score, rb.base_state())
     run.penalty = _ENTROPY_WEIGHT * abs(best) if plan.method == "entropy" else 0.0
     closed_form = getattr(problem.cost_fn, "closed_form_gradient", None)
-    if plan.method == "ste" and closed_form is not None and problem.score_fn is problem.cost_fn:
+    # The closed form has no gradient for block groups (heads): with any, the straight-through step runs
+    # through autograd so whole heads move too (on trained ViT pairs this went below weight matching).
+    if (
+        plan.method == "ste"
+        and closed_form is not None
+        and problem.score_fn is problem.cost_fn
+        and not problem.spec.block_groups
+    ):
         shared = None if problem.matcher is None else problem.matcher.problem
         run.gradient = closed_form(problem.model, problem.reference, problem.spec, shared)
     return run

@@ -178,3 +178,33 @@ def test_compose_and_invert_with_head_groups():
     assert not all(torch.equal(twice[k], groupwise[k]) for k in state)  # heads make it more than groupwise
     back = permute_state_dict(permute_state_dict(state, spec, p1), spec, invert_permutations(spec, p1))
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_data_free_refinement_gives_heads_a_gradient():
+    # The closed-form L2 step has no gradient for block groups: with heads in the spec the straight-through
+    # step runs by autograd, so the head scores get one and whole heads can move.
+    from rebasin_callbacks.align import ALIGN_START, _plan
+    from rebasin_callbacks.costs import L2Cost, cost_hints
+    from rebasin_callbacks.permute import identity_permutations
+    from rebasin_callbacks.rebasin import ReBasin
+    from rebasin_callbacks.refine import Problem, _prepare, _start, _step_ste
+
+    torch.manual_seed(0)
+    model, x = _vit(), torch.randn(2, 1, 28, 28)
+    spec = _trace(model, x)
+    perms = identity_permutations(spec)
+    perms["P_blocks.0.attn.heads"] = torch.tensor([2, 3, 0, 1])
+    planted = permute(model, spec, perms)
+    cost = L2Cost()
+    plan = _plan(ALIGN_START, cost_hints(cost), init="identity", lr="auto", method="auto", steps=1,
+                 early_stopping=None, polish=False)  # fmt: skip
+    problem = Problem(planted, model, spec, cost)
+    rb = ReBasin(planted, spec, init=identity_permutations(spec), settings=plan.settings.merged(seed=0))
+    score, _, best, _ = _start(problem, identity_permutations(spec), rb)
+    run = _prepare(problem, plan, rb, score, best)
+    assert run.gradient is None  # no closed form: it would leave the heads out
+    run.opt.zero_grad(set_to_none=True)
+    _step_ste(run, 1, None)
+    bucket, i = rb._where["P_blocks.0.attn.heads"]
+    grad = rb.scores[bucket].grad
+    assert grad is not None and grad[i].abs().max() > 0
