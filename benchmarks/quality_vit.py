@@ -11,15 +11,18 @@ basin by
 * ``align mid flat`` / ``align mid heads``: ``align(cost="mid")`` (only with ``--mid``: slow on a CPU).
 
 ``--family resnext`` runs the same methods (one spec: no attention) on two ResNeXt bottlenecks (grouped
-3x3 convolutions with 8 groups, GroupNorm). Recurrent layers have their own: ``quality_recurrent.py``.
+3x3 convolutions with 8 groups, GroupNorm); ``--family mixer`` on a tiny timm ``MlpMixer`` (LayerNorm,
+token- and channel-mixing MLPs, 4 blocks, width 64). Recurrent layers have their own: ``quality_recurrent.py``.
 
 Reported per pair and method: the loss barrier on the test split along the straight line, and wall time.
-Trained models are cached under ``.data/vit/`` so a second run only measures.
+Trained models are cached under ``.data/vit/`` so a second run only measures. ``--smoke`` runs one pair
+trained on a few hundred images, uncached (a check that the script works, not a measurement).
 
 Usage::
 
     REBASIN_DATA=/path/to/torchvision/data python benchmarks/quality_vit.py --seeds 2 --epochs 1
     python benchmarks/quality_vit.py --train-only --seeds 3   # train and cache the models
+    python benchmarks/quality_vit.py --family mixer --smoke
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from rebasin_callbacks.align import align
 from rebasin_callbacks.data import mnist
@@ -42,6 +45,7 @@ from rebasin_callbacks.lmc import lmc_curve
 from rebasin_callbacks.matching import weight_matching
 from rebasin_callbacks.permute import permute
 from rebasin_callbacks.trace import trace_spec
+from rebasin_callbacks.utils import l2_distance
 
 CACHE = Path(__file__).resolve().parent.parent / ".data" / "vit"
 
@@ -85,11 +89,21 @@ class SmallResNeXt(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-FAMILIES = {"vit": make_vit, "resnext": SmallResNeXt}
+def make_mixer() -> nn.Module:
+    """A tiny timm MLP-Mixer (LayerNorm, token- and channel-mixing MLPs): patch 7 on 28x28, 16 tokens."""
+    from timm.models.mlp_mixer import MlpMixer
+
+    return MlpMixer(
+        num_classes=10, img_size=28, in_chans=1, patch_size=7, num_blocks=4, embed_dim=64,
+        mlp_ratio=(2.0, 2.0),
+    )  # fmt: skip
+
+
+FAMILIES = {"vit": make_vit, "resnext": SmallResNeXt, "mixer": make_mixer}
 FAMILY = "vit"  # set by --family
 
 
-def train(seed: int, data: TensorDataset, epochs: int) -> nn.Module:
+def train(seed: int, data: Dataset, epochs: int) -> nn.Module:
     torch.manual_seed(seed)
     model = FAMILIES[FAMILY]()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
@@ -103,9 +117,11 @@ def train(seed: int, data: TensorDataset, epochs: int) -> nn.Module:
     return model.eval()
 
 
-def trained(seed: int, data: TensorDataset, epochs: int) -> nn.Module:
-    """The model of ``seed``, from the cache when it is there."""
+def trained(seed: int, data: Dataset, epochs: int, cache: bool = True) -> nn.Module:
+    """The model of ``seed``, from the cache when it is there (``cache=False``: trained, never stored)."""
     path = CACHE / f"{FAMILY}_s{seed}_e{epochs}.pt"
+    if not cache:
+        return train(seed, data, epochs)
     if path.exists():
         model = FAMILIES[FAMILY]()
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -156,7 +172,13 @@ def evaluate_pair(pair: int, a: nn.Module, b: nn.Module, data, test_loader, meth
         )
         label = method if FAMILY == "vit" else method.replace(" heads", "")  # one spec without attention
         rows.append(
-            {"pair": pair, "method": label, "loss_barrier": curve.barriers["loss"], "seconds": seconds}
+            {
+                "pair": pair,
+                "method": label,
+                "loss_barrier": curve.barriers["loss"],
+                "seconds": seconds,
+                "l2": float(l2_distance(rebased, a)),  # what the data-free methods minimise
+            }
         )
         print(
             f"pair {pair} {label:16s} loss barrier {curve.barriers['loss']:.4f}  {seconds:.2f} s", flush=True
@@ -179,7 +201,7 @@ def markdown(rows: list[dict], methods, command: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=2, help="pairs: seeds (0, 1), (2, 3), ...")
     p.add_argument("--epochs", type=int, default=1)
@@ -188,17 +210,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="*", help="only these methods (default: all, with --mid the mid ones)")
     p.add_argument("--pairs", type=int, nargs="*", help="only these pairs (default: all)")
     p.add_argument(
-        "--family", choices=sorted(FAMILIES), default="vit", help="resnext: no attention, one spec"
+        "--family", choices=sorted(FAMILIES), default="vit", help="resnext, mixer: no attention, one spec"
     )
+    p.add_argument("--smoke", action="store_true", help="one pair trained on a few hundred images, uncached")
     args = p.parse_args(argv)
     global FAMILY
     FAMILY = args.family
     torch.set_num_threads(1)
-    data = mnist(train=True)
-    models = [trained(s, data, args.epochs) for s in range(2 * args.seeds)]
+    data: Dataset = mnist(train=True)
+    test: Dataset = mnist(train=False)
+    if args.smoke:
+        args.seeds = 1
+        data, test = Subset(data, range(256)), Subset(test, range(128))
+    models = [trained(s, data, args.epochs, cache=not args.smoke) for s in range(2 * args.seeds)]
     if args.train_only:
-        return
-    test = mnist(train=False)
+        return []
     test_loader = DataLoader(test, batch_size=1000)
     methods = args.methods or list(METHODS) + (list(MID) if args.mid else [])
     if FAMILY != "vit":  # no attention: one spec
@@ -208,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += evaluate_pair(pair, models[2 * pair], models[2 * pair + 1], data, test_loader, methods)
     labels = list(dict.fromkeys(r["method"] for r in rows))
     print(markdown(rows, labels, "python benchmarks/quality_vit.py " + " ".join(argv or sys.argv[1:])))
+    return rows
 
 
 if __name__ == "__main__":
