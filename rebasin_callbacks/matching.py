@@ -469,7 +469,7 @@ class L2Gradient:
         self.problem = problem
         self.a = a
         self.gram: dict[str, Tensor] = {}
-        # Block groups (heads) get no gradient: they move by weight matching's block solve (align's polish).
+        # Block groups (heads) get no gradient here: align's refinement uses autograd when a spec has any.
         # A group inside moved blocks has a Gram matrix that depends on which block sits where: recomputed.
         self.moving: set[str] = set()
         for g, terms in self.problem.terms.items():
