@@ -1,0 +1,89 @@
+"""Window attention (Swin): window partition / reverse, per-head relative position bias, PatchMerging."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from rebasin_callbacks.permute import permute, random_permutations
+from rebasin_callbacks.spec import PermutationSpec
+from rebasin_callbacks.trace import SpecCheckError, check_spec, trace_spec
+from rebasin_callbacks.utils import l2_distance
+
+timm = pytest.importorskip("timm")
+
+
+def _swin(img_size: int = 32) -> nn.Module:
+    from timm.models.swin_transformer import SwinTransformer
+
+    # 8x8 tokens, windows of 4: stage 0 has a shifted block (mask); a 24 input pads 6x6 tokens to 8x8
+    return SwinTransformer(
+        img_size=img_size, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+        num_classes=5,
+    ).eval()  # fmt: skip
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> tuple[PermutationSpec, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = trace_spec(model, x)
+    return spec, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("img_size", [32, 24])
+def test_swin_is_traced_through_windows_and_keeps_the_function(img_size: int) -> None:
+    torch.manual_seed(0)
+    model, x = _swin(img_size), torch.randn(2, 3, img_size, img_size)
+    spec, messages = _trace(model, x)
+    assert not messages, messages  # no boundary left, nothing dropped by the float64 check
+    assert spec.check_error is not None and spec.check_error < 1e-12
+    assert spec.coverage(model.state_dict()) > 0.99  # 0.54 before windows were followed
+    h = "P_layers.0.blocks.1.attn.heads"  # the shifted block: its mask is shared by the heads
+    assert h in spec.block_groups and spec.sizes[h] == 2
+    assert spec.block_axes["layers.0.blocks.1.attn.relative_position_bias_table"] == (None, ((h, 1),))
+    assert spec.axes_to_perm["layers.0.blocks.1.attn.relative_position_bias_table"] == (None, None)
+    # PatchMerging: 4 tokens concatenated, one shared permutation on the 4 blocks
+    c = spec.axes_to_perm["layers.1.downsample.reduction.weight"][1]
+    assert isinstance(c, tuple) and len(c) == 4 and len(set(c)) == 1 and c[0] is not None
+    for only_heads in (True, False):
+        perms = random_permutations(spec, 3)
+        if only_heads:
+            perms = {g: p for g, p in perms.items() if g in spec.block_groups}
+        assert not torch.equal(perms[h], torch.arange(2))
+        moved = permute(model, spec, perms)
+        assert l2_distance(moved, model) > 0
+        torch.testing.assert_close(moved(x), model(x), atol=1e-5, rtol=1e-5)
+    assert PermutationSpec.from_json(spec.to_json()) == spec
+
+
+def test_heads_moved_without_their_bias_columns_are_caught() -> None:
+    torch.manual_seed(0)
+    model, x = _swin(), torch.randn(2, 3, 32, 32)
+    spec, _ = _trace(model, x)
+    key = "layers.0.blocks.1.attn.relative_position_bias_table"
+    wrong = {k: v for k, v in spec.block_axes.items() if k != key}  # heads move, their bias stays
+    broken = PermutationSpec.from_axes(
+        spec.axes_to_perm, model.state_dict(), sizes=spec.sizes, block_axes=wrong
+    )
+    with pytest.raises(SpecCheckError) as err:
+        check_spec(model, broken, x)
+    assert "P_layers.0.blocks.1.attn.heads" in err.value.failing
+
+
+def test_patch_merging_blocks_with_different_permutations_are_caught() -> None:
+    torch.manual_seed(0)
+    model, x = _swin(), torch.randn(2, 3, 32, 32)
+    spec, _ = _trace(model, x)
+    axes = dict(spec.axes_to_perm)
+    key = "layers.1.downsample.reduction.weight"
+    out, blocks = axes[key]
+    axes[key] = (
+        out,
+        (blocks[0], blocks[1], blocks[2], spec.sizes[blocks[3]]),
+    )  # the 4th token's channels left in place
+    broken = PermutationSpec.from_axes(axes, model.state_dict(), sizes=spec.sizes, block_axes=spec.block_axes)
+    with pytest.raises(SpecCheckError):
+        check_spec(model, broken, x)
