@@ -87,3 +87,30 @@ def test_patch_merging_blocks_with_different_permutations_are_caught() -> None:
     broken = PermutationSpec.from_axes(axes, model.state_dict(), sizes=spec.sizes, block_axes=spec.block_axes)
     with pytest.raises(SpecCheckError):
         check_spec(model, broken, x)
+
+
+class _RollPad(nn.Module):
+    """Channels last: roll / pad over positions keep the channels; over the channels they do not."""
+
+    def __init__(self, channel_dim_moves: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.moves = nn.Linear(3, 6), nn.Linear(6, 2), channel_dim_moves
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)  # (B, H, W, 6)
+        if self.moves:
+            h = torch.nn.functional.pad(torch.roll(h, 1, dims=-1), (0, 0, 1, 0))[..., 1:, :]
+            return self.b(torch.nn.functional.pad(h, (1, 0))[..., 1:])
+        h = torch.nn.functional.pad(torch.roll(h, shifts=(1, 2), dims=(1, 2)), (0, 0, 1, 0, 0, 1))
+        return self.b(h)
+
+
+@pytest.mark.parametrize("moves", [False, True])
+def test_roll_and_pad_keep_channels_only_off_the_channel_dim(moves: bool) -> None:
+    torch.manual_seed(0)
+    model, x = _RollPad(moves).eval(), torch.randn(2, 4, 4, 3)
+    spec, messages = _trace(model, x)
+    assert spec.groups == ([] if moves else ["P_a"])
+    assert bool(messages) == moves  # rolling / padding the channels is a reported boundary
+    moved = permute(model, spec, random_permutations(spec, 0))
+    torch.testing.assert_close(moved(x), model(x))
