@@ -114,3 +114,37 @@ def test_roll_and_pad_keep_channels_only_off_the_channel_dim(moves: bool) -> Non
     assert bool(messages) == moves  # rolling / padding the channels is a reported boundary
     moved = permute(model, spec, random_permutations(spec, 0))
     torch.testing.assert_close(moved(x), model(x))
+
+
+def test_weight_matching_recovers_a_planted_swin_permutation() -> None:
+    from rebasin_callbacks.matching import weight_matching
+
+    torch.manual_seed(0)
+    model, x = _swin(), torch.randn(2, 3, 32, 32)
+    spec, _ = _trace(model, x)
+    planted = permute(model, spec, random_permutations(spec, 1))  # heads, bias columns, units all moved
+    assert l2_distance(planted, model) > 1
+    back = permute(planted, spec, weight_matching(planted, model, spec))
+    assert l2_distance(back, model) < 1e-6
+    torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_soft_application_with_hard_matrices_equals_permute() -> None:
+    # the relaxation (ReBasin) moves the bias table's columns with the head matrices, as permute does
+    from rebasin_callbacks.permute import perm_to_matrix, permute_state_dict
+    from rebasin_callbacks.rebasin import apply_soft_permutations
+
+    torch.manual_seed(0)
+    model, x = _swin(), torch.randn(2, 3, 32, 32)
+    spec, _ = _trace(model, x)
+    perms = random_permutations(spec, 7)
+    perms["P_layers.0.blocks.1.attn.heads"] = torch.tensor([1, 0])  # 2 heads: make sure they swap
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    hard = permute_state_dict(state, spec, perms)
+    soft = apply_soft_permutations(
+        state, spec, {g: perm_to_matrix(p, torch.float64) for g, p in perms.items()}
+    )
+    key = "layers.0.blocks.1.attn.relative_position_bias_table"
+    assert not torch.equal(hard[key], state[key])
+    for k in spec.axes_to_perm:
+        torch.testing.assert_close(soft[k], hard[k], atol=1e-12, rtol=0)
