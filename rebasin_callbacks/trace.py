@@ -248,8 +248,8 @@ _ATTENTION_FORWARDS: tuple[Callable, ...] | None = None  # found once timm is im
 
 
 def _timm_attr(module: str, path: str) -> Any:
-    """``module.path`` (``"Class.forward"``, a function) of an imported timm, or None where it has none."""
-    if "timm" not in sys.modules:
+    """``module.path`` (``"Class.forward"``, a function) of an imported timm (or torchvision), or None."""
+    if module.split(".")[0] not in sys.modules:
         return None
     try:
         found: Any = importlib.import_module(module)
@@ -276,6 +276,21 @@ _POSITION_ONLY_FUNCTIONS: tuple[tuple[str, str, int], ...] = (
     ("timm.models.swin_transformer", "window_reverse", -1),
     ("timm.models.swin_transformer", "window_partition", -1),
 )
+
+
+# torchvision's Swin (v1) as fx-wrapped functions: (module, name) -> the walker's method for it
+_WINDOW_FUNCTIONS: tuple[tuple[str, str, str], ...] = (
+    ("torchvision.models.swin_transformer", "shifted_window_attention", "tv_window_attention"),
+    ("torchvision.models.swin_transformer", "_get_relative_position_bias", "tv_relative_position_bias"),
+    ("torchvision.models.swin_transformer", "_patch_merging_pad", "tv_patch_merging"),
+)
+
+
+def _window_function(fn: Any) -> str | None:
+    for module, name, method in _WINDOW_FUNCTIONS:
+        if fn is not None and _timm_attr(module, name) is fn:
+            return method
+    return None
 
 
 def _position_only_dim(fn: Any) -> int | None:
@@ -356,6 +371,8 @@ class _Walker:
         # channel groups (grouped convolutions, GroupNorm): (name, number of groups, the labels whose
         # blocks of channels they move together); resolved into block groups when the spec is assembled
         self.channel_groups: list[tuple[str, int, list[DimLabel]]] = []
+        # relative position bias values -> the table they were read from (torchvision's Swin)
+        self.bias_tables: dict[fx.Node, str] = {}
         self.modules = dict(gm.named_modules())
         # tied tensors (one tensor under several names) must get one permutation: bind them to one key
         self.alias: dict[str, str] = {}
@@ -1143,7 +1160,77 @@ class _Walker:
         dim = _position_only_dim(fn)
         if dim is not None and self.is_tensor(x):
             return self.position_only(node, x, dim, name)
+        method = _window_function(fn)
+        if method is not None and self.is_tensor(x):
+            return getattr(self, method)(node, x)
         return self.generic(node, f"function {name}")
+
+    def _state_key(self, a: Any) -> str | None:
+        """The state_dict key a ``get_attr`` argument reads (None for anything computed)."""
+        if isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target) in self.state:
+            return self.alias.get(str(a.target), str(a.target))
+        return None
+
+    def tv_relative_position_bias(self, node: fx.Node, table: Any) -> Any:
+        """torchvision's ``(L, heads)`` table -> ``(1, heads, N, N)``: rows are positions (fixed); the head
+        columns move only with whole heads, which the attention using it decides."""
+        self.sp.fix([self.lab(a) for a in list(node.args) + list(node.kwargs.values())])  # table, index
+        key = self._state_key(table)
+        if key is not None:
+            self.fix_param(key)
+            self.bias_tables[node] = key
+        return self.none_like(self.shapes.get(node))
+
+    def tv_patch_merging(self, node: fx.Node, x: Any) -> Any:
+        """torchvision's ``(..., H, W, C) -> (..., H/2, W/2, 4C)``: 4 tokens concatenated, one permutation."""
+        lx, sx, so = list(self.lab(x)), self.shape(x), self.shape(node)
+        if sx is None or so is None or len(sx) != len(so) or so[-1] != 4 * sx[-1]:
+            return self.boundary(node, "function _patch_merging_pad with unexpected shapes")
+        self.cut(node, lx[:-1], "function _patch_merging_pad moves a channel dim")
+        tiled = self._tiles_channels([lx[-1]])
+        return (None,) * (len(so) - 1) + (Blocks(tiled * 4) if tiled is not None else None,)
+
+    def tv_window_attention(self, node: fx.Node, x: Any) -> Any:
+        """torchvision's ``shifted_window_attention`` (Swin v1): as :meth:`window_attention`, on
+        ``(B, H, W, C)``, with the weights passed as arguments. Swin v2 (a logit scale) stays a boundary."""
+        names = ["qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads"]
+        qkv_w, proj_w, bias, _, num_heads = (self.arg(node, i + 1, n) for i, n in enumerate(names))
+        qkv_b, proj_b = self.arg(node, 9, "qkv_bias"), self.arg(node, 10, "proj_bias")
+        keys = {"qkv.weight": self._state_key(qkv_w), "proj.weight": self._state_key(proj_w)}
+        keys |= {"qkv.bias": self._state_key(qkv_b), "proj.bias": self._state_key(proj_b)}
+        shape = self.shape(qkv_w)
+        if (
+            self.arg(node, 11, "logit_scale") is not None
+            or not isinstance(num_heads, int)
+            or keys["qkv.weight"] is None
+            or keys["proj.weight"] is None
+            or (qkv_b is not None and keys["qkv.bias"] is None)
+            or (proj_b is not None and keys["proj.bias"] is None)
+            or shape is None
+            or shape[0] % (3 * num_heads)
+        ):
+            return self.boundary(node, "function shifted_window_attention not understood")
+        lx, head_dim = self.lab(x), shape[0] // (3 * num_heads)
+        qk, v = self.heads(node.name, num_heads, head_dim)
+        qkv_out = Blocks(tuple((s, head_dim) for s in qk + qk + v))
+        self.bind(keys["qkv.weight"], 1, lx[-1])  # type: ignore[arg-type]
+        for k in ("qkv.weight", "qkv.bias"):
+            if keys[k] is not None:
+                self.bind(keys[k], 0, qkv_out)  # type: ignore[arg-type]
+        self.bind(keys["proj.weight"], 1, Blocks(tuple((s, head_dim) for s in v)))  # type: ignore[arg-type]
+        out = self.param(keys["proj.weight"])[0]  # type: ignore[arg-type,index]
+        if keys["proj.bias"] is not None:
+            out = self.bind(keys["proj.bias"], 0, out)
+        self.sp.fix(self.lab(bias))
+        table = self.bias_tables.get(bias) if isinstance(bias, fx.Node) else None
+        if table is not None:  # heads move with their bias columns; an unknown bias keeps them in place
+            axes: dict[str, tuple[int, ...]] = {keys["qkv.weight"]: (0, 3), keys["proj.weight"]: (1, 1)}  # type: ignore[dict-item]
+            if keys["qkv.bias"] is not None:
+                axes[keys["qkv.bias"]] = (0, 3)
+            axes[table] = (1, 1, 1)
+            prefix = keys["qkv.weight"].rsplit(".", 2)[0]  # type: ignore[union-attr]
+            self.head_group(f"P_{prefix}.heads", num_heads, head_dim, axes)
+        return tuple(lx[:-1]) + (out,)
 
     def position_only(self, node: fx.Node, x: Any, dim: int, name: str) -> Any:
         """A function that only moves positions (windows): the channel dim keeps its label; any other

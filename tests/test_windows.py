@@ -148,3 +148,44 @@ def test_soft_application_with_hard_matrices_equals_permute() -> None:
     assert not torch.equal(hard[key], state[key])
     for k in spec.axes_to_perm:
         torch.testing.assert_close(soft[k], hard[k], atol=1e-12, rtol=0)
+
+
+def _tv_swin(v2: bool = False) -> nn.Module:
+    tv = pytest.importorskip("torchvision.models.swin_transformer")
+    kwargs = {"block": tv.SwinTransformerBlockV2, "downsample_layer": tv.PatchMergingV2} if v2 else {}
+    return tv.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=5,
+        **kwargs,
+    ).eval()  # fmt: skip
+
+
+def test_torchvision_swin_is_traced_through_its_window_functions() -> None:
+    torch.manual_seed(0)
+    model, x = _tv_swin(), torch.randn(2, 3, 32, 32)
+    spec, messages = _trace(model, x)
+    assert not messages, messages
+    assert spec.coverage(model.state_dict()) > 0.99  # 0.63 before
+    h = "P_features.1.1.attn.heads"
+    assert spec.block_axes["features.1.1.attn.relative_position_bias_table"] == (None, ((h, 1),))
+    assert spec.axes_to_perm["features.1.1.attn.relative_position_index"] == (None,)
+    perms = random_permutations(spec, 0)
+    perms[h] = torch.tensor([1, 0])
+    torch.testing.assert_close(permute(model, spec, perms)(x), model(x), atol=1e-5, rtol=1e-5)
+    wrong = {
+        k: v for k, v in spec.block_axes.items() if k != "features.1.1.attn.relative_position_bias_table"
+    }
+    broken = PermutationSpec.from_axes(
+        spec.axes_to_perm, model.state_dict(), sizes=spec.sizes, block_axes=wrong
+    )
+    with pytest.raises(SpecCheckError) as err:
+        check_spec(model, broken, x)
+    assert h in err.value.failing
+
+
+def test_torchvision_swin_v2_attention_stays_a_boundary_never_wrong() -> None:
+    torch.manual_seed(0)
+    model, x = _tv_swin(v2=True), torch.randn(2, 3, 32, 32)
+    spec, messages = _trace(model, x)
+    assert any("shifted_window_attention not understood" in m for m in messages)
+    assert not any("dropped groups" in m for m in messages)  # nothing wrong had to be removed
+    assert not spec.block_groups
