@@ -189,3 +189,17 @@ def test_torchvision_swin_v2_attention_stays_a_boundary_never_wrong() -> None:
     assert any("shifted_window_attention not understood" in m for m in messages)
     assert not any("dropped groups" in m for m in messages)  # nothing wrong had to be removed
     assert not spec.block_groups
+
+
+def test_align_on_swin_keeps_the_function_and_finds_a_planted_permutation() -> None:
+    from rebasin_callbacks import align
+
+    torch.manual_seed(0)
+    model, x = _swin(), torch.randn(2, 3, 32, 32)
+    spec, _ = _trace(model, x)
+    planted = permute(model, spec, random_permutations(spec, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = align(planted, model, spec=spec, steps=5, progress=False, seed=0)
+    assert l2_distance(result.model, model) < 1e-5
+    torch.testing.assert_close(result.model(x), planted(x), atol=1e-5, rtol=1e-5)
