@@ -247,8 +247,8 @@ def _standard_attention_forwards() -> tuple[Callable, ...]:
 _ATTENTION_FORWARDS: tuple[Callable, ...] | None = None  # found once timm is imported
 
 
-def _timm_attr(module: str, path: str) -> Any:
-    """``module.path`` (``"Class.forward"``, a function) of an imported timm (or torchvision), or None."""
+def _imported_attr(module: str, path: str) -> Any:
+    """``module.path`` (``"Class.forward"``, a function) of an imported package (timm, torchvision), or None."""
     if module.split(".")[0] not in sys.modules:
         return None
     try:
@@ -266,7 +266,7 @@ def _window_attention_forwards() -> tuple[Callable, ...]:
     """The ``forward`` of Swin's ``WindowAttention`` (timm): a standard attention whose scores get a
     relative position bias (a table with one column per head) and a shifted-window mask broadcast over
     the heads (``mask.view(1, num_win, 1, N, N)``), so heads may move as units with the table's columns."""
-    found = _timm_attr("timm.models.swin_transformer", "WindowAttention.forward")
+    found = _imported_attr("timm.models.swin_transformer", "WindowAttention.forward")
     return (found,) if callable(found) else ()
 
 
@@ -288,14 +288,14 @@ _WINDOW_FUNCTIONS: tuple[tuple[str, str, str], ...] = (
 
 def _window_function(fn: Any) -> str | None:
     for module, name, method in _WINDOW_FUNCTIONS:
-        if fn is not None and _timm_attr(module, name) is fn:
+        if fn is not None and _imported_attr(module, name) is fn:
             return method
     return None
 
 
 def _position_only_dim(fn: Any) -> int | None:
     for module, name, dim in _POSITION_ONLY_FUNCTIONS:
-        if fn is not None and _timm_attr(module, name) is fn:
+        if fn is not None and _imported_attr(module, name) is fn:
             return dim
     return None
 
