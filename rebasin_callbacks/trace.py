@@ -247,10 +247,84 @@ def _standard_attention_forwards() -> tuple[Callable, ...]:
 _ATTENTION_FORWARDS: tuple[Callable, ...] | None = None  # found once timm is imported
 
 
+def _imported_attr(module: str, path: str) -> Any:
+    """``module.path`` (``"Class.forward"``, a function) of an imported package (timm, torchvision), or None."""
+    if module.split(".")[0] not in sys.modules:
+        return None
+    try:
+        found: Any = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - a timm without that module
+        return None
+    for part in path.split("."):
+        found = vars(found).get(part) if isinstance(found, type) else getattr(found, part, None)
+        if found is None:
+            return None
+    return found
+
+
+def _window_attention_forwards() -> tuple[Callable, ...]:
+    """The ``forward`` of Swin's ``WindowAttention`` (timm): a standard attention whose scores get a
+    relative position bias (a table with one column per head) and a shifted-window mask broadcast over
+    the heads (``mask.view(1, num_win, 1, N, N)``), so heads may move as units with the table's columns."""
+    found = _imported_attr("timm.models.swin_transformer", "WindowAttention.forward")
+    return (found,) if callable(found) else ()
+
+
+# Functions that only rearrange positions (window partition / reverse): they keep the channel dim (the
+# value, counted from the end) and never mix channels; timm marks them untraceable, so they are fx leaves.
+_POSITION_ONLY_FUNCTIONS: tuple[tuple[str, str, int], ...] = (
+    ("timm.models.swin_transformer", "window_reverse", -1),
+    ("timm.models.swin_transformer", "window_partition", -1),
+)
+
+
+# torchvision's Swin (v1) as fx-wrapped functions: (module, name) -> the walker's method for it
+_WINDOW_FUNCTIONS: tuple[tuple[str, str, str], ...] = (
+    ("torchvision.models.swin_transformer", "shifted_window_attention", "tv_window_attention"),
+    ("torchvision.models.swin_transformer", "_get_relative_position_bias", "tv_relative_position_bias"),
+    ("torchvision.models.swin_transformer", "_patch_merging_pad", "tv_patch_merging"),
+)
+
+
+def _window_function(fn: Any) -> str | None:
+    for module, name, method in _WINDOW_FUNCTIONS:
+        if fn is not None and _imported_attr(module, name) is fn:
+            return method
+    return None
+
+
+def _position_only_dim(fn: Any) -> int | None:
+    for module, name, dim in _POSITION_ONLY_FUNCTIONS:
+        if fn is not None and _imported_attr(module, name) is fn:
+            return dim
+    return None
+
+
 def _is_norm_of(m: Any, size: int) -> bool:
     if isinstance(m, nn.Identity):
         return True
     return isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (size,)
+
+
+def _window_pattern_of(m: nn.Module) -> str | None:
+    forward = getattr(type(m), "forward", None)
+    if forward is None or forward not in _window_attention_forwards():
+        return None
+    qkv, proj, heads = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
+    table = m._parameters.get("relative_position_bias_table")  # not getattr: fx returns a proxy while tracing
+    if not (
+        isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 0
+    ):
+        return None
+    width, rest = divmod(qkv.out_features, 3)
+    if rest or width % heads or proj.in_features != width:
+        return None
+    if not (isinstance(table, Tensor) and table.ndim == 2 and table.shape[1] == heads):
+        return None
+    own = {n for n, _ in m.named_parameters()}
+    if not own <= {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "relative_position_bias_table"}:
+        return None  # a parameter this layout does not know about: traced op by op instead
+    return "timm_window_attention"
 
 
 def _pattern_of(m: nn.Module) -> str | None:
@@ -263,7 +337,7 @@ def _pattern_of(m: nn.Module) -> str | None:
     does not understand become boundaries."""
     forward = getattr(type(m), "forward", None)
     if forward is None or forward not in _standard_attention_forwards():
-        return None
+        return _window_pattern_of(m)
     qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
     heads, head_dim = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
     if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)):
@@ -297,6 +371,8 @@ class _Walker:
         # channel groups (grouped convolutions, GroupNorm): (name, number of groups, the labels whose
         # blocks of channels they move together); resolved into block groups when the spec is assembled
         self.channel_groups: list[tuple[str, int, list[DimLabel]]] = []
+        # relative position bias values -> the table they were read from (torchvision's Swin)
+        self.bias_tables: dict[fx.Node, str] = {}
         self.modules = dict(gm.named_modules())
         # tied tensors (one tensor under several names) must get one permutation: bind them to one key
         self.alias: dict[str, str] = {}
@@ -445,6 +521,10 @@ class _Walker:
                 space = self.sp.resolve(labels[gi[0]])
                 assert isinstance(space, int)
                 out[gj[0]] = Repeat(space, math.prod(in_shape[k] for k in gi[1:]))
+            elif len(gj) == 1 and (tiled := self._tiles_channels([labels[k] for k in gi])) is not None:
+                # (H, W, C) -> H * W * C with H, W free of channels (Swin's PatchMerging): H * W
+                # consecutive copies of the channel blocks, all moved by the same permutation
+                out[gj[0]] = Blocks(tiled * math.prod(in_shape[k] for k in gi[:-1]))
             else:
                 self.cut(
                     node,
@@ -452,6 +532,15 @@ class _Walker:
                     f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits or merges a channel dim",
                 )
         return tuple(out)
+
+    def _tiles_channels(self, labels: list[DimLabel]) -> tuple[tuple[int | None, int], ...] | None:
+        """The blocks of the last merged dim when every dim before it carries no channel (else None)."""
+        *rest, last = [self.sp.resolve(lab) for lab in labels]
+        if any(lab is not None for lab in rest):
+            return None
+        if isinstance(last, int):
+            return ((last, self.sp.size[last]),)
+        return last.parts if isinstance(last, Blocks) else None
 
     def _flattens_channels(self, labels: list[DimLabel]) -> bool:
         """Whether merged dims are one channel space followed by dims that carry none."""
@@ -641,18 +730,19 @@ class _Walker:
         return qk, v
 
     def head_group(
-        self, name: str, num_heads: int, head_dim: int, axes: Mapping[str, tuple[int, int]]
+        self, name: str, num_heads: int, head_dim: int, axes: Mapping[str, tuple[int, ...]]
     ) -> None:
         """A group permuting whole heads: ``axes[key] = (axis, segments)`` has ``segments`` consecutive blocks
-        of ``num_heads * head_dim`` entries (q, k, v) on that axis, each made of one block per head."""
+        of ``num_heads * head_dim`` entries (q, k, v) on that axis, each made of one block per head;
+        ``(axis, segments, block)`` gives a block length other than ``head_dim`` (1: one entry per head)."""
         if num_heads < 2:
             return
         entries: dict[str, tuple[Any, ...]] = {}
-        for key, (axis, segments) in axes.items():
+        for key, (axis, segments, *block) in axes.items():
             if key not in self.state or self.alias.get(key, key) != key:
                 return  # a tied tensor: one permutation for several names is not followed at this level
-            ndim = self.state[key].ndim
-            entries[key] = tuple(((name, head_dim),) * segments if ax == axis else None for ax in range(ndim))
+            ndim, n = self.state[key].ndim, block[0] if block else head_dim
+            entries[key] = tuple(((name, n),) * segments if ax == axis else None for ax in range(ndim))
         self.head_groups[name] = (num_heads, entries)
 
     def timm_attention(self, node: fx.Node, m: nn.Module) -> Any:
@@ -688,6 +778,35 @@ class _Walker:
             self.head_group(
                 f"P_{t}.heads", num_heads, head_dim, {k: v for k, v in axes.items() if k in self.state}
             )
+        return tuple(lx[:-1]) + (out,)
+
+    def window_attention(self, node: fx.Node, m: nn.Module) -> Any:
+        """Swin's window attention: a standard attention (qkv -> heads -> proj) plus a relative position
+        bias with one column per head and a window mask shared by all heads. Within-head units move like
+        timm's ``Attention``; whole heads move with the bias table's columns (the mask needs nothing)."""
+        x = node.args[0] if node.args else node.kwargs.get("x")
+        lx, t = self.lab(x), str(node.target)
+        num_heads = int(m.num_heads)  # type: ignore[arg-type]
+        head_dim = int(m.qkv.out_features) // (3 * num_heads)  # type: ignore[union-attr,operator,arg-type]
+        qk, v = self.heads(t, num_heads, head_dim)
+        qkv_out = Blocks(tuple((s, head_dim) for s in qk + qk + v))
+        self.bind(f"{t}.qkv.weight", 1, lx[-1])
+        self.bind(f"{t}.qkv.weight", 0, qkv_out)
+        if f"{t}.qkv.bias" in self.state:
+            self.bind(f"{t}.qkv.bias", 0, qkv_out)
+        self.bind(f"{t}.proj.weight", 1, Blocks(tuple((s, head_dim) for s in v)))
+        out = self.param(f"{t}.proj.weight")[0]  # type: ignore[index]
+        if f"{t}.proj.bias" in self.state:
+            out = self.bind(f"{t}.proj.bias", 0, out)
+        table = f"{t}.relative_position_bias_table"
+        self.fix_param(table)  # its rows are positions; its columns move only with whole heads (below)
+        mask = node.args[1] if len(node.args) > 1 else node.kwargs.get("mask")
+        self.sp.fix(self.lab(mask))  # (windows, N, N): positions only, broadcast over the heads
+        axes: dict[str, tuple[int, ...]] = {f"{t}.qkv.weight": (0, 3), f"{t}.qkv.bias": (0, 3)}
+        axes |= {f"{t}.proj.weight": (1, 1), table: (1, 1, 1)}
+        self.head_group(
+            f"P_{t}.heads", num_heads, head_dim, {k: a for k, a in axes.items() if k in self.state}
+        )
         return tuple(lx[:-1]) + (out,)
 
     def multihead_attention(self, node: fx.Node, m: nn.MultiheadAttention) -> Any:
@@ -811,8 +930,11 @@ class _Walker:
             return self.apply_rule(node, rule, x, f"module {type(m).__name__}", m)
         if not self.is_tensor(x) and not isinstance(m, nn.MultiheadAttention):
             return self.boundary(node, f"module {type(m).__name__} on a non-tensor input")
-        if _pattern_of(m) == "timm_attention":
+        pattern = _pattern_of(m)
+        if pattern == "timm_attention":
             return self.timm_attention(node, m)
+        if pattern == "timm_window_attention":
+            return self.window_attention(node, m)
         handler = _module_handler(type(m))
         if handler is not None:
             return handler(self, node, m, x)
@@ -1035,7 +1157,92 @@ class _Walker:
         handler = _FUNCTION_HANDLERS.get(fn)
         if handler is not None:
             return handler(self, node, fn, x)
+        dim = _position_only_dim(fn)
+        if dim is not None and self.is_tensor(x):
+            return self.position_only(node, x, dim, name)
+        method = _window_function(fn)
+        if method is not None and self.is_tensor(x):
+            return getattr(self, method)(node, x)
         return self.generic(node, f"function {name}")
+
+    def _state_key(self, a: Any) -> str | None:
+        """The state_dict key a ``get_attr`` argument reads (None for anything computed)."""
+        if isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target) in self.state:
+            return self.alias.get(str(a.target), str(a.target))
+        return None
+
+    def tv_relative_position_bias(self, node: fx.Node, table: Any) -> Any:
+        """torchvision's ``(L, heads)`` table -> ``(1, heads, N, N)``: rows are positions (fixed); the head
+        columns move only with whole heads, which the attention using it decides."""
+        self.sp.fix([self.lab(a) for a in list(node.args) + list(node.kwargs.values())])  # table, index
+        key = self._state_key(table)
+        if key is not None:
+            self.fix_param(key)
+            self.bias_tables[node] = key
+        return self.none_like(self.shapes.get(node))
+
+    def tv_patch_merging(self, node: fx.Node, x: Any) -> Any:
+        """torchvision's ``(..., H, W, C) -> (..., H/2, W/2, 4C)``: 4 tokens concatenated, one permutation."""
+        lx, sx, so = list(self.lab(x)), self.shape(x), self.shape(node)
+        if sx is None or so is None or len(sx) != len(so) or so[-1] != 4 * sx[-1]:
+            return self.boundary(node, "function _patch_merging_pad with unexpected shapes")
+        self.cut(node, lx[:-1], "function _patch_merging_pad moves a channel dim")
+        tiled = self._tiles_channels([lx[-1]])
+        return (None,) * (len(so) - 1) + (Blocks(tiled * 4) if tiled is not None else None,)
+
+    def tv_window_attention(self, node: fx.Node, x: Any) -> Any:
+        """torchvision's ``shifted_window_attention`` (Swin v1): as :meth:`window_attention`, on
+        ``(B, H, W, C)``, with the weights passed as arguments. Swin v2 (a logit scale) stays a boundary."""
+        names = ["qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads"]
+        qkv_w, proj_w, bias, _, num_heads = (self.arg(node, i + 1, n) for i, n in enumerate(names))
+        qkv_b, proj_b = self.arg(node, 9, "qkv_bias"), self.arg(node, 10, "proj_bias")
+        keys = {"qkv.weight": self._state_key(qkv_w), "proj.weight": self._state_key(proj_w)}
+        keys |= {"qkv.bias": self._state_key(qkv_b), "proj.bias": self._state_key(proj_b)}
+        shape = self.shape(qkv_w)
+        if (
+            self.arg(node, 11, "logit_scale") is not None
+            or not isinstance(num_heads, int)
+            or keys["qkv.weight"] is None
+            or keys["proj.weight"] is None
+            or (qkv_b is not None and keys["qkv.bias"] is None)
+            or (proj_b is not None and keys["proj.bias"] is None)
+            or shape is None
+            or shape[0] % (3 * num_heads)
+        ):
+            return self.boundary(node, "function shifted_window_attention not understood")
+        lx, head_dim = self.lab(x), shape[0] // (3 * num_heads)
+        qk, v = self.heads(node.name, num_heads, head_dim)
+        qkv_out = Blocks(tuple((s, head_dim) for s in qk + qk + v))
+        self.bind(keys["qkv.weight"], 1, lx[-1])  # type: ignore[arg-type]
+        for k in ("qkv.weight", "qkv.bias"):
+            if keys[k] is not None:
+                self.bind(keys[k], 0, qkv_out)  # type: ignore[arg-type]
+        self.bind(keys["proj.weight"], 1, Blocks(tuple((s, head_dim) for s in v)))  # type: ignore[arg-type]
+        out = self.param(keys["proj.weight"])[0]  # type: ignore[arg-type,index]
+        if keys["proj.bias"] is not None:
+            out = self.bind(keys["proj.bias"], 0, out)
+        self.sp.fix(self.lab(bias))
+        table = self.bias_tables.get(bias) if isinstance(bias, fx.Node) else None
+        if table is not None:  # heads move with their bias columns; an unknown bias keeps them in place
+            axes: dict[str, tuple[int, ...]] = {keys["qkv.weight"]: (0, 3), keys["proj.weight"]: (1, 1)}  # type: ignore[dict-item]
+            if keys["qkv.bias"] is not None:
+                axes[keys["qkv.bias"]] = (0, 3)
+            axes[table] = (1, 1, 1)
+            prefix = keys["qkv.weight"].rsplit(".", 2)[0]  # type: ignore[union-attr]
+            self.head_group(f"P_{prefix}.heads", num_heads, head_dim, axes)
+        return tuple(lx[:-1]) + (out,)
+
+    def position_only(self, node: fx.Node, x: Any, dim: int, name: str) -> Any:
+        """A function that only moves positions (windows): the channel dim keeps its label; any other
+        dim that carried a channel is fixed (its entries are rearranged)."""
+        lx, sx, so = list(self.lab(x)), self.shape(x), self.shape(node)
+        if sx is None or so is None or not sx or not so or sx[dim] != so[dim]:
+            return self.boundary(node, f"function {name} with unexpected shapes")
+        d = dim % len(sx)
+        self.cut(node, [lab for i, lab in enumerate(lx) if i != d], f"function {name} moves a channel dim")
+        out: list[DimLabel] = [None] * len(so)
+        out[dim % len(so)] = lx[d]
+        return tuple(out)
 
     def cat(self, node: fx.Node) -> Any:
         tensors = self.arg(node, 0, "tensors")
@@ -1159,8 +1366,31 @@ def _pool(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
 def _resize(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
     # interpolation and padding change spatial dims (padding: the last len(pad) // 2 dims)
     sx = w.shape(x)
-    k = len(w.arg(node, 1, "pad", ())) // 2 if fn is F.pad else (len(sx) - 2 if sx else 0)
+    if fn is F.pad:
+        pad, lx = w.arg(node, 1, "pad", ()), w.lab(x)
+        if sx and isinstance(pad, (list, tuple)) and len(pad) % 2 == 0:
+            # pad's pairs start at the last dim: a dim whose pair is a literal (0, 0) keeps its entries
+            # (Swin pads H and W by traced amounts, never C); any other pair moves them
+            padded = {len(sx) - 1 - i // 2 for i, p in enumerate(pad) if not (isinstance(p, int) and p == 0)}
+            if w.shape(node) is None or len(w.shape(node)) != len(sx) or min(padded, default=0) < 0:  # type: ignore[arg-type]
+                return w.boundary(node, "padding with unexpected shapes")
+            w.cut(node, [lx[d] for d in sorted(padded)], "padding a channel dim")
+            return tuple(None if d in padded else lab for d, lab in enumerate(lx))
+        k = len(pad) // 2
+    else:
+        k = len(sx) - 2 if sx else 0
     return w.spatial(node, x, max(k, 1))
+
+
+def _roll(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
+    # a cyclic shift along the given dims (Swin's shifted windows): the other dims keep their channels
+    dims, lx, sx = w.arg(node, 2, "dims"), w.lab(x), w.shape(x)
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not sx or not isinstance(dims, (list, tuple)) or not dims or not all(isinstance(d, int) for d in dims):
+        return w.boundary(node, "roll of the flattened tensor")
+    rolled = {d % len(sx) for d in dims}
+    w.cut(node, [lx[d] for d in sorted(rolled)], "roll along a channel dim")
+    return tuple(None if d in rolled else lab for d, lab in enumerate(lx))
 
 
 def _f_linear(w: _Walker, node: fx.Node, fn: Any, x: Any) -> Any:
@@ -1220,6 +1450,7 @@ _FUNCTION_HANDLERS: dict[Any, Handler] = {
     torch.stack: _stack,
     **dict.fromkeys(_SPATIAL_FUNCS, _pool),
     **dict.fromkeys((F.interpolate, F.upsample, F.pad), _resize),
+    torch.roll: _roll,
     F.linear: _f_linear,
     **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d), _f_conv),
     **dict.fromkeys((F.batch_norm, F.instance_norm), _f_batch_norm),

@@ -134,12 +134,18 @@ class _ChannelsLastFlatten(nn.Module):
         return self.fc(self.conv(x).permute(0, 2, 3, 1).flatten(1))  # (H, W, C): channels innermost
 
 
-def test_flatten_with_channels_innermost_is_a_boundary():
+def test_flatten_with_channels_innermost_tiles_the_channel_group():
+    # (H, W, C) -> H * W * C: H * W consecutive copies of the channels, all moved by one permutation
     net, x = _ChannelsLastFlatten(), torch.randn(2, 3, 6, 6)
-    with pytest.warns(UserWarning, match="boundar"):
-        spec = trace_spec(net, x)
-    assert spec.axes_to_perm["conv.weight"][0] is None and spec.axes_to_perm["fc.weight"] == (None, None)
-    assert len(spec) == 0  # nothing left to permute: the conv's channels end inside the flatten
+    spec = _quiet_trace(net, x)
+    assert spec.axes_to_perm["conv.weight"][0] == "P_conv"
+    assert spec.axes_to_perm["fc.weight"] == (None, ("P_conv",) * 16)
+    _assert_preserved(net, spec, x)
+    wrong = dict(spec.axes_to_perm)
+    wrong["fc.weight"] = (None, ("P_conv",) * 15 + (6,))  # the last position's channels left in place
+    broken = PermutationSpec.from_axes(wrong, net.state_dict(), sizes=spec.sizes)
+    with pytest.raises(SpecCheckError):
+        check_spec(net, broken, x)
 
 
 def test_groupnorm_groups_move_whole_and_inside():
@@ -615,7 +621,7 @@ class _Ndtr(nn.Module):
 
 class _Shift(nn.Module):
     def forward(self, x):
-        return torch.roll(x, shifts=(1, 1), dims=(2, 3))  # mixes positions, never channels
+        return torch.flip(x, dims=(2, 3))  # mixes positions, never channels (an op the tracer does not know)
 
 
 def _hidden_groups(model, x):
@@ -655,7 +661,7 @@ def test_registered_channel_preserving_and_boundary_modules():
     x = torch.randn(2, 3, 7, 7)
     assert _hidden_groups(model, x) == []
     try:
-        register_channel_preserving(_Shift, "a spatial roll moves positions, not channels")
+        register_channel_preserving(_Shift, "a spatial flip moves positions, not channels")
         spec = _quiet_trace(model, x)
         assert spec.groups == ["P_0"]
         _assert_preserved(model, spec, x)

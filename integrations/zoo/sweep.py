@@ -280,15 +280,21 @@ _LIMITS = [
     "- **Flatten of a spatial map into a Linear** (VGG, AlexNet classifiers): the Linear's input axis is C*H*W; "
     "a permutation of C would act on it as a block permutation, which the spec format cannot express, so the "
     "last conv's channels are fixed (the classifier's hidden units are still permuted).",
-    "- **Reshapes that split or merge a channel dim** (channel shuffle, window attention and relative position "
-    "bias in Swin, GLU-style chunks inside one projection, ghost modules that slice a concatenation): fixed.",
+    "- **Reshapes that split or merge a channel dim** (channel shuffle, the window / block attention of gcvit, "
+    "NesT and MaxViT, GLU-style chunks inside one projection, ghost modules that slice a concatenation): fixed. "
+    "Merging positions into an innermost channel dim (Swin's `PatchMerging`: 4 tokens concatenated) is followed: "
+    "the copies share one permutation.",
     "- **Attention**: timm's standard `Attention` (recognised by its forward and the attributes its layout reads, "
     "not by its class name) and `nn.MultiheadAttention` are understood as units: a block group permutes whole "
     "heads (q, k, v, their biases, `proj`'s input), composed with per-head query/key and value permutations, and "
     "the residual stream goes through qkv / proj; with an attention mask (which may differ per head) or per-head "
     "attention weights returned, heads stay in place. Grouped-query attention is only written op by op, where "
-    "the per-head reshapes are boundaries (never a wrong permutation). Other attention variants (Swin's window "
-    "attention, LeViT, NesT, MaxViT) are traced op by op; their qkv / proj inner axes become boundaries, the "
+    "the per-head reshapes are boundaries (never a wrong permutation). Swin's window attention (timm's "
+    "`WindowAttention`, torchvision's `shifted_window_attention`, v1) is a unit too: heads move with their column "
+    "of the relative position bias table (the shifted-window mask is shared by all heads); window partition / "
+    "reverse, `torch.roll` and padding of positions keep the channels (torchvision's Swin v2, with a per-head "
+    "logit scale and a bias MLP, stays a boundary). Other attention variants (LeViT, NesT, MaxViT, gcvit) are "
+    "traced op by op; their qkv / proj inner axes become boundaries, the "
     "residual stream stays permuted when the model's reshapes allow it. An attention mask or bias passed to "
     "`scaled_dot_product_attention` is tied to the heads of q / k / v like a broadcast `+`.",
     "- **Untraceable submodules** (data-dependent control flow) become leaves and boundaries; a model whose own "
