@@ -8,7 +8,9 @@ basin by
 * ``wm flat``: weight matching with the spec without head groups (units move inside a head only);
 * ``wm heads``: weight matching with the spec that permutes whole heads too (``trace_spec``'s default);
 * ``align heads``: :func:`rebasin_callbacks.align`, data-free, from the spec with heads;
-* ``align mid flat`` / ``align mid heads``: ``align(cost="mid")`` (only with ``--mid``: slow on a CPU).
+* ``align mid flat`` / ``align mid heads``: ``align(cost="mid")`` (only with ``--mid``: slow on a CPU);
+  on request (``--methods``): ``align mid500 heads`` (500 steps, early stopping after 200) and
+  ``align rnd heads`` (``cost="rnd"``).
 
 ``--family resnext`` runs the same methods (one spec: no attention) on two ResNeXt bottlenecks (grouped
 3x3 convolutions with 8 groups, GroupNorm); ``--family mixer`` on a tiny timm ``MlpMixer`` (LayerNorm,
@@ -148,8 +150,10 @@ def rebase(method: str, model: nn.Module, reference: nn.Module, specs: dict, loa
     if method.startswith("wm"):
         return permute(model, spec, weight_matching(model, reference, spec, seed=seed))
     kwargs: dict = {"spec": spec, "seed": seed, "progress": False}
-    if " mid " in method:
-        kwargs.update(cost="mid", data=loader, loss_fn=F.cross_entropy)
+    if " mid" in method or " rnd " in method:
+        kwargs.update(cost=method.split()[1][:3], data=loader, loss_fn=F.cross_entropy)
+    if " mid500 " in method:  # more steps, more patience
+        kwargs.update(steps=500, early_stopping=200)
     return align(model, reference, **kwargs).model
 
 
