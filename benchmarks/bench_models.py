@@ -4,11 +4,21 @@ a LightningModule around any network with seeded synthetic CIFAR-size images."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["mlp", "small_vgg", "BasicBlock", "SmallResNet", "lit_classifier", "synthetic_images"]
+__all__ = [
+    "mlp",
+    "small_vgg",
+    "BasicBlock",
+    "SmallResNet",
+    "lit_classifier",
+    "synthetic_images",
+    "train_classifier",
+]
 
 
 def mlp(width: int = 512) -> nn.Module:
@@ -106,3 +116,28 @@ def lit_classifier(net: nn.Module, lr: float = 0.05, momentum: float = 0.9) -> n
             return torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum)
 
     return LitClassifier()
+
+
+def train_classifier(
+    make: Callable[[], nn.Module],
+    seed: int,
+    data: torch.utils.data.Dataset,
+    epochs: int,
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+) -> nn.Module:
+    """``make()`` built under ``seed`` and trained with cross-entropy for ``epochs`` (batches of 128, shuffled by
+    a generator of the same seed; Adam 1e-3 unless ``optimizer`` builds another), returned in eval mode: the
+    one training loop of the trained-pair benchmarks, so a seed gives the same model in each."""
+    torch.manual_seed(seed)
+    model = make()
+    opt = optimizer(model.parameters()) if optimizer else torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()

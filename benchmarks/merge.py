@@ -38,7 +38,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -51,7 +50,7 @@ from rebasin_callbacks.merge_matching import cycle_error
 from rebasin_callbacks.trace import trace_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared models
-from bench_models import SmallResNet, mlp, small_vgg  # noqa: E402
+from bench_models import SmallResNet, mlp, small_vgg, train_classifier  # noqa: E402
 
 METHODS = ("naive", "star", "merge_many", "data_free", "data")
 CACHE = Path(__file__).resolve().parent.parent / ".data" / "merge"
@@ -69,20 +68,6 @@ def head(data: TensorDataset, n: int) -> TensorDataset:
     return TensorDataset(*(t[:n] for t in data.tensors))
 
 
-def train(make: Callable[[], nn.Module], seed: int, data: TensorDataset, epochs: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = make()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = DataLoader(data, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
-
-
 def trained(
     name: str, make: Callable[[], nn.Module], seed: int, data: TensorDataset, args: argparse.Namespace
 ) -> nn.Module:
@@ -92,7 +77,7 @@ def trained(
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    model = train(make, seed, data, args.epochs)
+    model = train_classifier(make, seed, data, args.epochs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(model.state_dict(), tmp)

@@ -45,6 +45,9 @@ from rebasin_callbacks.permute import permute
 from rebasin_callbacks.trace import trace_spec
 from rebasin_callbacks.utils import l2_distance
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import train_classifier  # noqa: E402
+
 CACHE = Path(__file__).resolve().parent.parent / ".data" / "recurrent"
 METHODS = ("naive", "wm", "align")
 MID = ("align mid",)
@@ -68,20 +71,6 @@ class RowLSTM(nn.Module):
         return self.fc(out[:, -1])
 
 
-def train(seed: int, data, epochs: int, hidden: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = RowLSTM(hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    loader = DataLoader(data, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
-
-
 def trained(seed: int, data, epochs: int, hidden: int, cache: bool) -> nn.Module:
     """The model of ``seed``, from the cache when it is there."""
     path = CACHE / f"lstm{hidden}_s{seed}_e{epochs}.pt"
@@ -90,7 +79,9 @@ def trained(seed: int, data, epochs: int, hidden: int, cache: bool) -> nn.Module
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     t0 = time.perf_counter()
-    model = train(seed, data, epochs, hidden)
+    model = train_classifier(
+        lambda: RowLSTM(hidden), seed, data, epochs, lambda p: torch.optim.Adam(p, lr=2e-3)
+    )
     if cache:
         from rebasin_callbacks.io import atomic_torch_save
 
