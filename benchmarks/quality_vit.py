@@ -49,6 +49,9 @@ from rebasin_callbacks.permute import permute
 from rebasin_callbacks.trace import trace_spec
 from rebasin_callbacks.utils import l2_distance
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import train_classifier  # noqa: E402
+
 CACHE = Path(__file__).resolve().parent.parent / ".data" / "vit"
 
 
@@ -106,17 +109,13 @@ FAMILY = "vit"  # set by --family
 
 
 def train(seed: int, data: Dataset, epochs: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = FAMILIES[FAMILY]()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    loader = DataLoader(data, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
+    return train_classifier(
+        FAMILIES[FAMILY],
+        seed,
+        data,
+        epochs,
+        lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.01),
+    )
 
 
 def trained(seed: int, data: Dataset, epochs: int, cache: bool = True) -> nn.Module:
