@@ -68,7 +68,3 @@ __all__ = [
     "fit_to_shape",
     "make_loader",
 ]
-
-# the names of the two checkpoint helpers before the split, for subcommands written against them
-_read_checkpoint = read_checkpoint
-_load_checkpoint = load_checkpoint
