@@ -18,6 +18,7 @@ __all__ = [
     "lit_classifier",
     "synthetic_images",
     "train_classifier",
+    "head",
 ]
 
 
@@ -141,3 +142,10 @@ def train_classifier(
             F.cross_entropy(model(x), y).backward()
             opt.step()
     return model.eval()
+
+
+def head(data: torch.utils.data.TensorDataset, n: int) -> torch.utils.data.TensorDataset:
+    """The first ``n`` examples (all when ``n`` is 0 or more than there are); slicing, not a slow Subset."""
+    if not n or n >= len(data):
+        return data
+    return torch.utils.data.TensorDataset(*(t[:n] for t in data.tensors))

@@ -50,7 +50,7 @@ from rebasin_callbacks.merge_matching import cycle_error
 from rebasin_callbacks.trace import trace_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared models
-from bench_models import SmallResNet, mlp, small_vgg, train_classifier  # noqa: E402
+from bench_models import SmallResNet, head, mlp, small_vgg, train_classifier  # noqa: E402
 
 METHODS = ("naive", "star", "merge_many", "data_free", "data")
 CACHE = Path(__file__).resolve().parent.parent / ".data" / "merge"
@@ -60,12 +60,6 @@ def makers(smoke: bool) -> dict[str, Callable[[], nn.Module]]:
     if smoke:
         return {"mlp": lambda: mlp(16), "vgg_bn": lambda: small_vgg(4), "resnet_bn": lambda: SmallResNet(4)}
     return {"mlp": lambda: mlp(256), "vgg_bn": lambda: small_vgg(16), "resnet_bn": SmallResNet}
-
-
-def head(data: TensorDataset, n: int) -> TensorDataset:
-    if not n or n >= len(data):
-        return data
-    return TensorDataset(*(t[:n] for t in data.tensors))
 
 
 def trained(

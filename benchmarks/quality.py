@@ -50,7 +50,7 @@ from rebasin_callbacks.trace import trace_spec
 from rebasin_callbacks.utils import l2_distance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared models
-from bench_models import SmallResNet, mlp, small_vgg  # noqa: E402
+from bench_models import SmallResNet, head, mlp, small_vgg  # noqa: E402
 
 METHODS = (
     "wm", "align l2", "align l2 ste", "align mid", "align rnd",
@@ -65,11 +65,6 @@ def makers(smoke: bool) -> dict[str, Callable[[], nn.Module]]:
 
 
 # ------------------------------------------------------------------------------------------------ training
-def head(data: TensorDataset, n: int) -> TensorDataset:
-    """The first ``n`` examples (all when ``n`` is 0 or more than there are); slicing, not a slow Subset."""
-    if not n or n >= len(data):
-        return data
-    return TensorDataset(*(t[:n] for t in data.tensors))
 
 
 def train(
